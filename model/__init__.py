@@ -1,0 +1,1 @@
+from fusedlis.model.config import LlamaConfig
