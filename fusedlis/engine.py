@@ -1,0 +1,201 @@
+"""`fusedlis.Engine`: load a model (one GPU, several under torchrun, or the CPU reference) and generate."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from fusedlis.model import KVCache, LlamaForCausalLM, load_model, resolve_checkpoint
+from fusedlis.sampling import sample
+from fusedlis.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output: generated ids, text (when a tokenizer exists) and per-token latencies (s).
+
+    `latencies_s[0]` is the time to first token (the prompt's prefill); later entries are decode steps.
+    """
+
+    token_ids: list[int]
+    text: str | None
+    latencies_s: list[float]
+    prompt_tokens: int
+    finish_reason: str = "length"
+    extra: dict = field(default_factory=dict)
+
+
+def _dist_env() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed or torchrun/srun variables; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    ws = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    return rank, ws
+
+
+class Engine:
+    """Latency-oriented decode engine.
+
+    Use `Engine.from_pretrained(path_or_preset, device=...)`, then `generate(prompts, ...)`. On CPU it runs the
+    torch reference path with a KV cache. Under torchrun/srun (WORLD_SIZE > 1) each rank loads its tensor-parallel
+    shard; every rank must call `generate` with the same arguments and gets the same result.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer | None, *, max_batch_size: int,
+                 max_seq_len: int) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.device = next(model.parameters()).device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.cache = KVCache.allocate(self.config, model.tp.size, max_batch_size, max_seq_len, model.dtype,
+                                      self.device)
+        model.rope(max_seq_len, self.device)
+        eos = set(self.config.eos_token_id)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_ids = eos
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, kernels: str | None = None, max_batch_size: int = 64,
+                        max_seq_len: int = 8192, random_weights: bool = False, seed: int = 0,
+                        progress: bool = True) -> "Engine":
+        """Build an engine from a checkpoint directory or preset (`"tiny"` is embedded).
+
+        Defaults: device "cuda" when available else "cpu"; dtype bfloat16 on GPU, float32 on CPU; kernels
+        "triton" on GPU, "torch" on CPU. With WORLD_SIZE > 1 (torchrun/srun) the process group is initialised
+        (NCCL on GPU, gloo on CPU) and the model is split across all ranks.
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        on_gpu = device.type == "cuda"
+        dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        kernels = kernels or ("triton" if on_gpu else "torch")
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError("max_batch_size must be >= 1 and max_seq_len >= 2")
+        rank, world = _dist_env()
+        if world > 1:
+            import torch.distributed as dist
+
+            if on_gpu:
+                local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+                torch.cuda.set_device(local)
+                device = torch.device("cuda", local)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if on_gpu else "gloo")
+        config, ckpt = resolve_checkpoint(path_or_preset)
+        max_seq_len = min(max_seq_len, config.max_position_embeddings)
+        model = load_model(path_or_preset, dtype=dtype, device=device, tp_rank=rank, tp_size=world,
+                           kernels=kernels, random_weights=random_weights, seed=seed,
+                           progress=progress and rank == 0)
+        tok = load_tokenizer(ckpt, config.vocab_size, config.bos_token_id, config.eos_token_id)
+        return cls(model, tok, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+    # ------------------------------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts must be a list of strings or a list of token-id lists")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer; this model has none: pass token ids")
+                ids = self.tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+            out.append(ids)
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_at_eos: bool = True) -> list[GenerationResult]:
+        """Generate up to `max_new_tokens` per prompt (greedy when temperature == 0).
+
+        Prompts are strings (needs a tokenizer) or token-id lists. Each prompt is prefilled on its own, then all
+        are decoded together, one token per step, until EOS or `max_new_tokens`.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        seqs = self._encode(prompts)
+        if len(seqs) > self.max_batch_size:
+            raise ValueError(f"{len(seqs)} prompts exceed max_batch_size={self.max_batch_size}")
+        longest = max(len(s) for s in seqs)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"({self.max_seq_len})")
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        B = len(seqs)
+        out: list[list[int]] = [[] for _ in range(B)]
+        lat: list[list[float]] = [[] for _ in range(B)]
+        done = [False] * B
+        reason = ["length"] * B
+        next_tok = torch.empty(B, dtype=torch.long, device=self.device)
+        for b, ids in enumerate(seqs):
+            t0 = time.perf_counter()
+            logits = self._prefill(b, ids)
+            next_tok[b] = sample(logits, temperature, top_p, gen)[0]
+            self._sync()
+            lat[b].append(time.perf_counter() - t0)
+        lens = torch.tensor([len(s) for s in seqs], device=self.device)
+        for step in range(max_new_tokens):
+            toks = next_tok.tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                out[b].append(toks[b])
+                if stop_at_eos and toks[b] in self.eos_ids:
+                    done[b], reason[b] = True, "eos"
+                elif len(out[b]) >= max_new_tokens:
+                    done[b] = True
+            if all(done):
+                break
+            t0 = time.perf_counter()
+            logits = self._decode(next_tok, lens)
+            next_tok = sample(logits, temperature, top_p, gen)
+            self._sync()
+            dt = time.perf_counter() - t0
+            lens += 1
+            for b in range(B):
+                if not done[b]:
+                    lat[b].append(dt)
+        results = []
+        for b in range(B):
+            text = self.tokenizer.decode(out[b]) if self.tokenizer is not None else None
+            results.append(GenerationResult(out[b], text, lat[b], len(seqs[b]), reason[b]))
+        return results
+
+    def _prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run one prompt into cache row `slot`; returns last-position logits [1, vocab]."""
+        t = torch.tensor(ids, device=self.device)
+        x = t.view(1, -1)
+        if slot > 0:  # the model writes cache rows 0..B-1, so place the prompt in row `slot`
+            cache = KVCache([k[slot:slot + 1] for k in self.cache.k], [v[slot:slot + 1] for v in self.cache.v])
+        else:
+            cache = self.cache
+        return self.model(x, kv_cache=cache, last_only=True)[:, -1]
+
+    def _decode(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """One decode step for every row: token b at position lens[b]; returns logits [B, vocab]."""
+        B = tokens.shape[0]
+        return self.model(tokens.view(B, 1), lens.view(B, 1), kv_cache=self.cache, last_only=True)[:, -1]
