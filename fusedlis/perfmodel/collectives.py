@@ -1,0 +1,232 @@
+"""Alpha-beta-gamma cost models of all-reduce (and point-to-point) over a two-level cluster.
+
+`N` nodes of `g` GPUs; ranks are node-major (rank = node * g + local). Each algorithm returns a `Cost` whose
+`latency` holds the alpha terms, `bandwidth` the beta terms, `reduction` the gamma terms, and `inter` the part of
+latency + bandwidth spent on the inter-node link (0 on one node).
+
+Flat algorithms (ring, tree, rd, rabenseifner, oneshot, twoshot) treat the GPUs as one group: a step whose
+partners are all inside one node uses NVLink, any other step is charged at the network link. `nvrar` is the
+hierarchical scheme (reduce-scatter in the node, recursive doubling between same-local-rank GPUs of different
+nodes on 1/g of the data, all-gather in the node). `nccl` is min(ring, tree) with NCCL's link parameters.
+The tree is NCCL-style pipelined (bandwidth term 2*m*beta, not 2*m*beta*log p).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from fusedlis.perfmodel.hardware import Hardware
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Seconds, split by term. `total` is their sum; `inter` is a subset of latency + bandwidth."""
+
+    latency: float = 0.0
+    bandwidth: float = 0.0
+    reduction: float = 0.0
+    inter: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.latency + self.bandwidth + self.reduction
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.latency + o.latency, self.bandwidth + o.bandwidth, self.reduction + o.reduction,
+                    self.inter + o.inter)
+
+    def scale(self, k: float) -> "Cost":
+        return Cost(self.latency * k, self.bandwidth * k, self.reduction * k, self.inter * k)
+
+
+ZERO = Cost()
+
+
+def _check(nodes: int, gpn: int, nbytes: float) -> None:
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be an integer >= 1, got {nodes!r}")
+    if not isinstance(gpn, int) or gpn < 1:
+        raise ValueError(f"gpus_per_node must be an integer >= 1, got {gpn!r}")
+    if not (nbytes >= 0 and math.isfinite(nbytes)):
+        raise ValueError(f"nbytes must be a finite number >= 0, got {nbytes!r}")
+
+
+def _pow2_floor(p: int) -> int:
+    return 1 << (p.bit_length() - 1)
+
+
+def _step(hw: Hardware, impl: str, intra: bool, n_alpha: float, beta_bytes: float, gamma_bytes: float) -> Cost:
+    a, b = (hw.intra if intra else hw.inter).params(impl)
+    lat, bw = n_alpha * a, beta_bytes * b
+    return Cost(lat, bw, gamma_bytes * hw.gamma, 0.0 if intra else lat + bw)
+
+
+def _intra_distance(d: int, gpn: int) -> bool:
+    # Partner r ^ d stays in r's node for every r iff the aligned block of 2d ranks fits in a node.
+    return gpn % (2 * d) == 0
+
+
+def _nonpow2_fold(hw: Hardware, impl: str, nodes: int, gpn: int, m: float) -> Cost:
+    """Extra steps of recursive doubling / halving when p is not a power of two: fold in, then send back."""
+    p = nodes * gpn
+    if p == _pow2_floor(p):
+        return ZERO
+    intra = nodes == 1
+    return _step(hw, impl, intra, 1, m, m) + _step(hw, impl, intra, 1, m, 0)
+
+
+def ring(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """Ring reduce-scatter + all-gather: 2(p-1) steps of m/p bytes."""
+    _check(nodes, gpn, m)
+    p = nodes * gpn
+    if p == 1:
+        return ZERO
+    return _step(hw, impl, nodes == 1, 2 * (p - 1), 2 * (p - 1) / p * m, (p - 1) / p * m)
+
+
+def tree(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """Pipelined binary-tree reduce + broadcast: 2 alphas per level, 2m bytes over the slowest link used."""
+    _check(nodes, gpn, m)
+    if nodes * gpn == 1:
+        return ZERO
+    li, le = math.ceil(math.log2(gpn)), math.ceil(math.log2(nodes))
+    c = _step(hw, impl, True, 2 * li, 0, 0) + _step(hw, impl, False, 2 * le, 0, 0)
+    return c + _step(hw, impl, nodes == 1, 0, 2 * m, m)
+
+
+def recursive_doubling(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """Recursive doubling: log2(p) exchange-and-add steps of the full message."""
+    _check(nodes, gpn, m)
+    p2 = _pow2_floor(nodes * gpn)
+    c = _nonpow2_fold(hw, impl, nodes, gpn, m)
+    d = 1
+    while d < p2:
+        c = c + _step(hw, impl, nodes == 1 or _intra_distance(d, gpn), 1, m, m)
+        d *= 2
+    return c
+
+
+def rabenseifner(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """Recursive-halving reduce-scatter + recursive-doubling all-gather: 2 log2(p) steps, 2(p-1)/p m bytes."""
+    _check(nodes, gpn, m)
+    p2 = _pow2_floor(nodes * gpn)
+    c = _nonpow2_fold(hw, impl, nodes, gpn, m)
+    d = 1
+    while d < p2:
+        part = m * d / p2
+        intra = nodes == 1 or _intra_distance(d, gpn)
+        c = c + _step(hw, impl, intra, 1, part, part) + _step(hw, impl, intra, 1, part, 0)
+        d *= 2
+    return c
+
+
+def _direct(hw: Hardware, impl: str, nodes: int, gpn: int, n_alpha: int, intra_bytes: float,
+            inter_bytes: float) -> tuple[float, float, float]:
+    """One all-to-all style phase: NVLink and network traffic flow at once; returns (latency, bw, inter)."""
+    ai, bi = hw.intra.params(impl)
+    ae, be = hw.inter.params(impl)
+    if nodes == 1:
+        return n_alpha * ai, intra_bytes * bi, 0.0
+    t_i, t_e = intra_bytes * bi, inter_bytes * be
+    return n_alpha * ae, max(t_i, t_e), n_alpha * ae + (t_e if t_e >= t_i else 0.0)
+
+
+def oneshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """One-shot: every rank reads the whole message from every peer and reduces locally (1 step)."""
+    _check(nodes, gpn, m)
+    p = nodes * gpn
+    if p == 1:
+        return ZERO
+    lat, bw, inter = _direct(hw, impl, nodes, gpn, 1, (gpn - 1) * m, (p - gpn) * m)
+    return Cost(lat, bw, (p - 1) * m * hw.gamma, inter)
+
+
+def twoshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """Two-shot: direct reduce-scatter (each rank reduces m/p) then direct all-gather (2 steps)."""
+    _check(nodes, gpn, m)
+    p = nodes * gpn
+    if p == 1:
+        return ZERO
+    lat, bw, inter = _direct(hw, impl, nodes, gpn, 2, 2 * (gpn - 1) * m / p, 2 * (p - gpn) * m / p)
+    return Cost(lat, bw, (p - 1) / p * m * hw.gamma, inter)
+
+
+def nvrar(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
+    """Hierarchical NVRAR: intra-node reduce-scatter, inter-node recursive doubling on m/g, intra all-gather."""
+    _check(nodes, gpn, m)
+    c = ZERO
+    if gpn > 1:
+        f = (gpn - 1) / gpn * m
+        c = _step(hw, impl, True, 1, f, f) + _step(hw, impl, True, 1, f, 0)
+    if nodes > 1:
+        rd = recursive_doubling(hw, nodes, 1, m / gpn, impl)
+        # recursive_doubling(nodes, 1) charges every step at the network link already.
+        c = c + rd
+    return c
+
+
+def nccl(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "nccl") -> Cost:
+    """NCCL stand-in: the cheaper of ring and tree with NCCL's link parameters."""
+    return min(ring(hw, nodes, gpn, m, "nccl"), tree(hw, nodes, gpn, m, "nccl"), key=lambda c: c.total)
+
+
+ALGORITHMS: dict[str, Callable[..., Cost]] = {
+    "ring": ring, "tree": tree, "rd": recursive_doubling, "rabenseifner": rabenseifner,
+    "oneshot": oneshot, "twoshot": twoshot, "nvrar": nvrar, "nccl": nccl,
+}
+ALIASES = {"recursive_doubling": "rd", "recursive-doubling": "rd", "one-shot": "oneshot", "one_shot": "oneshot",
+           "two-shot": "twoshot", "two_shot": "twoshot", "rab": "rabenseifner"}
+
+
+def resolve(name: str) -> str:
+    """Canonical algorithm name; ValueError listing the known ones."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in ALGORITHMS:
+        raise ValueError(f"unknown all-reduce algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
+    return key
+
+
+def allreduce(algo: str, hw: Hardware, nodes: int, gpus_per_node: int, nbytes: float) -> Cost:
+    """Cost of one all-reduce of `nbytes` over `nodes` x `gpus_per_node` GPUs with algorithm `algo`.
+
+    `nccl` uses the profile's NCCL link parameters, every other algorithm the custom (NVSHMEM-kernel) ones.
+    """
+    return ALGORITHMS[resolve(algo)](hw, nodes, gpus_per_node, nbytes)
+
+
+def allgather(algo: str, hw: Hardware, nodes: int, gpus_per_node: int, nbytes: float) -> Cost:
+    """Cost of an all-gather whose gathered output is `nbytes`: the all-gather half of the matching scheme.
+
+    Ring-like schemes move (p-1)/p of the output; modelled as the all-reduce's cost minus its
+    reduce-scatter half, i.e. half the latency and bandwidth terms and no reduction.
+    """
+    c = allreduce(algo, hw, nodes, gpus_per_node, nbytes)
+    return Cost(c.latency / 2, c.bandwidth / 2, 0.0, c.inter / 2)
+
+
+def p2p(hw: Hardware, nbytes: float, *, inter: bool, impl: str = "nccl") -> Cost:
+    """One point-to-point send of `nbytes` (pipeline stage boundary)."""
+    if not (nbytes >= 0 and math.isfinite(nbytes)):
+        raise ValueError(f"nbytes must be a finite number >= 0, got {nbytes!r}")
+    return _step(hw, impl, not inter, 1, nbytes, 0)
+
+
+def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> float:
+    """Bytes one GPU puts on its links for one all-reduce of `nbytes` (wire volume, not time)."""
+    algo = resolve(algo)
+    p, g = nodes * gpus_per_node, gpus_per_node
+    if p == 1:
+        return 0.0
+    lg = math.ceil(math.log2(p))
+    if algo in ("ring", "rabenseifner", "twoshot"):
+        return 2 * (p - 1) / p * nbytes
+    if algo == "rd":
+        return lg * nbytes
+    if algo in ("tree", "nccl"):
+        return 2 * nbytes
+    if algo == "oneshot":
+        return (p - 1) * nbytes
+    return 2 * (g - 1) / g * nbytes + math.ceil(math.log2(nodes)) * nbytes / g  # nvrar

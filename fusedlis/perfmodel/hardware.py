@@ -1,0 +1,221 @@
+"""Hardware profiles for the performance model: built-in clusters and custom JSON/YAML files.
+
+A profile describes one GPU model, how many GPUs share a node, and two link classes: `intra` (NVLink inside a
+node) and `inter` (the network between nodes, per GPU). Each link class has a latency `alpha_us` per message
+step and a bandwidth per direction per GPU; optional `nccl_alpha_us` / `nccl_bandwidth_GBps` describe what NCCL
+reaches on that link (NCCL uses few channels at decode sizes, so it sees less bandwidth than a custom kernel).
+
+File format (JSON, or YAML if PyYAML is installed), human units:
+
+    {"name": "my-cluster", "gpu": "H100 SXM", "gpus_per_node": 8,
+     "hbm_GBps": 3350, "peak_TFLOPs": 989, "memory_GB": 80,
+     "kernel_overhead_us": 5.0, "reduce_GBps": 1100,
+     "intra": {"alpha_us": 3.0, "bandwidth_GBps": 450, "nccl_alpha_us": 6.0, "nccl_bandwidth_GBps": 200},
+     "inter": {"alpha_us": 5.0, "bandwidth_GBps": 50},
+     "sources": ["..."]}
+
+`reduce_GBps` (bytes of one operand reduced per second) is optional: it defaults to a third of `hbm_GBps`
+(a reduction reads two operands and writes one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ProfileError(ValueError):
+    """A hardware profile is unknown or malformed; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """One link class. `alpha` in seconds per message step, `beta` in seconds per byte (per direction per GPU)."""
+
+    alpha: float
+    beta: float
+    nccl_alpha: float
+    nccl_beta: float
+
+    @classmethod
+    def make(cls, alpha_us: float, bandwidth_GBps: float, nccl_alpha_us: float | None = None,
+             nccl_bandwidth_GBps: float | None = None) -> "Link":
+        na = alpha_us if nccl_alpha_us is None else nccl_alpha_us
+        nb = bandwidth_GBps if nccl_bandwidth_GBps is None else nccl_bandwidth_GBps
+        return cls(alpha_us * 1e-6, 1.0 / (bandwidth_GBps * 1e9), na * 1e-6, 1.0 / (nb * 1e9))
+
+    def params(self, impl: str) -> tuple[float, float]:
+        """(alpha, beta) for `impl` ("nccl" or "custom")."""
+        return (self.nccl_alpha, self.nccl_beta) if impl == "nccl" else (self.alpha, self.beta)
+
+    def to_json(self) -> dict[str, float]:
+        return {"alpha_us": self.alpha * 1e6, "bandwidth_GBps": 1e-9 / self.beta,
+                "nccl_alpha_us": self.nccl_alpha * 1e6, "nccl_bandwidth_GBps": 1e-9 / self.nccl_beta}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A cluster profile in SI units (bytes, seconds, FLOP/s). Build with `get_hardware` or `load_profile`."""
+
+    name: str
+    gpu: str
+    gpus_per_node: int
+    hbm_bw: float  # bytes/s a streaming kernel reaches
+    peak_flops: float  # dense bf16 FLOP/s
+    memory_bytes: float
+    kernel_overhead: float  # s per kernel: launch plus ramp-up, the intercept of time-vs-bytes
+    gamma: float  # s per byte reduced
+    intra: Link
+    inter: Link
+    sources: tuple[str, ...] = field(default=())
+
+    def with_(self, **kw: Any) -> "Hardware":
+        """A copy with some fields replaced (e.g. `hw.with_(gpus_per_node=4)`)."""
+        return dataclasses.replace(self, **kw)
+
+    def to_json(self) -> dict[str, Any]:
+        """The file form, readable back by `load_profile`."""
+        return {
+            "name": self.name, "gpu": self.gpu, "gpus_per_node": self.gpus_per_node,
+            "hbm_GBps": self.hbm_bw / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
+            "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
+            "reduce_GBps": 1e-9 / self.gamma, "intra": self.intra.to_json(), "inter": self.inter.to_json(),
+            "sources": list(self.sources),
+        }
+
+
+def _hw(name: str, gpu: str, gpn: int, hbm_GBps: float, tflops: float, mem_GB: float, overhead_us: float,
+        intra: Link, inter: Link, sources: list[str]) -> Hardware:
+    return Hardware(name, gpu, gpn, hbm_GBps * 1e9, tflops * 1e12, mem_GB * 1e9, overhead_us * 1e-6,
+                    3.0 / (hbm_GBps * 1e9), intra, inter, tuple(sources))
+
+
+# Latencies (alpha) are not datasheet values. NVLink alphas come from the 2xH200 all-reduce table in
+# /work/shared/notes/gpu-facts.md (fit in docs/perfmodel.md); network alphas are typical small-message
+# NCCL / GPU-initiated put latencies and should be replaced by `fusedlis calibrate` or a measured profile.
+_ALPHA_NOTE = ("alpha values are estimates (NVLink: fit to measured 2xH200 all-reduce, gpu-facts.md; "
+               "network: typical NCCL/NVSHMEM small-message latency), not datasheet numbers")
+
+BUILTIN: dict[str, Hardware] = {
+    "h100-ndr": _hw(
+        "h100-ndr", "H100 SXM5 80GB", 8, 3350, 989, 80, 6.0,
+        Link.make(3.0, 450, 6.0, 200), Link.make(5.0, 50, 10.0, 45),
+        ["NVIDIA H100 datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16, NVLink 900 GB/s bidirectional",
+         "NVIDIA DGX H100 user guide: 8 GPUs/node, 8x ConnectX-7 NDR 400 Gb/s (one per GPU)", _ALPHA_NOTE]),
+    "h200-ndr": _hw(
+        "h200-ndr", "H200 SXM 141GB", 8, 4800, 989, 141, 6.0,
+        Link.make(3.0, 450, 6.0, 200), Link.make(5.0, 50, 10.0, 45),
+        ["NVIDIA H200 datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16, NVLink 900 GB/s bidirectional",
+         "NVIDIA HGX H200 reference: 8 GPUs/node, 8x NDR 400 Gb/s", _ALPHA_NOTE]),
+    "a100-slingshot": _hw(
+        "a100-slingshot", "A100 SXM4 40GB", 4, 1555, 312, 40, 6.0,
+        Link.make(4.0, 300, 8.0, 150), Link.make(4.0, 25, 15.0, 22),
+        ["NVIDIA A100 datasheet: 1,555 GB/s HBM2 (40GB), 312 TFLOP/s dense BF16",
+         "NERSC Perlmutter architecture: 4 A100/node, NVLink3 (4 links per GPU pair, 100 GB/s/direction/pair), "
+         "4x HPE Slingshot-11 NICs at 200 Gb/s per node (one per GPU)", _ALPHA_NOTE]),
+    "gh200-ndr": _hw(
+        "gh200-ndr", "GH200 (H100 96GB HBM3)", 1, 4000, 989, 96, 6.0,
+        Link.make(3.0, 450, 6.0, 200), Link.make(5.0, 50, 10.0, 45),
+        ["NVIDIA GH200 datasheet: 96 GB HBM3 at 4 TB/s, H100 compute (989 TFLOP/s dense BF16)",
+         "TACC Vista (Cornell CVW 'Vista system components'): 1 GH200 per node, NDR InfiniBand; "
+         "400 Gb/s per node assumed", _ALPHA_NOTE]),
+}
+ALIASES = {"h100": "h100-ndr", "h200": "h200-ndr", "a100": "a100-slingshot", "perlmutter": "a100-slingshot",
+           "gh200": "gh200-ndr", "vista": "gh200-ndr"}
+
+
+def list_hardware() -> list[str]:
+    """Names of the built-in profiles."""
+    return sorted(BUILTIN)
+
+
+def get_hardware(name_or_path: str) -> Hardware:
+    """A built-in profile by name (or alias), or a profile file (`.json`, `.yaml`, `.yml`) by path."""
+    key = name_or_path.lower()
+    if key in BUILTIN or key in ALIASES:
+        return BUILTIN[ALIASES.get(key, key)]
+    p = Path(name_or_path)
+    if p.suffix.lower() in (".json", ".yaml", ".yml") or p.exists():
+        return load_profile(p)
+    raise ProfileError(f"unknown hardware {name_or_path!r}: use one of {', '.join(list_hardware())} "
+                       f"(aliases {', '.join(sorted(ALIASES))}) or a path to a .json/.yaml profile")
+
+
+def _num(d: dict, key: str, where: str, *, required: bool = True, default: float | None = None,
+         positive: bool = True) -> float | None:
+    if key not in d:
+        if required:
+            raise ProfileError(f"{where}: missing field {key!r}")
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ProfileError(f"{where}: field {key!r} must be a finite number, got {v!r}")
+    if positive and v <= 0:
+        raise ProfileError(f"{where}: field {key!r} must be > 0, got {v!r}")
+    if not positive and v < 0:
+        raise ProfileError(f"{where}: field {key!r} must be >= 0, got {v!r}")
+    return float(v)
+
+
+def _link(d: Any, where: str) -> Link:
+    if not isinstance(d, dict):
+        raise ProfileError(f"{where}: must be an object with alpha_us and bandwidth_GBps")
+    return Link.make(_num(d, "alpha_us", where, positive=False), _num(d, "bandwidth_GBps", where),
+                     _num(d, "nccl_alpha_us", where, required=False, positive=False),
+                     _num(d, "nccl_bandwidth_GBps", where, required=False))
+
+
+def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
+    """Validate a profile dict (file form) and build a `Hardware`. Errors name `source` and the field."""
+    if not isinstance(d, dict):
+        raise ProfileError(f"{source}: top level must be an object")
+    gpn = d.get("gpus_per_node")
+    if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
+        raise ProfileError(f"{source}: field 'gpus_per_node' must be an integer >= 1, got {gpn!r}")
+    hbm = _num(d, "hbm_GBps", source)
+    for k in ("intra", "inter"):
+        if k not in d:
+            raise ProfileError(f"{source}: missing field {k!r}")
+    sources = d.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise ProfileError(f"{source}: field 'sources' must be a list of strings")
+    return Hardware(
+        name=str(d.get("name", Path(source).stem)), gpu=str(d.get("gpu", "unknown")), gpus_per_node=gpn,
+        hbm_bw=hbm * 1e9, peak_flops=_num(d, "peak_TFLOPs", source) * 1e12,
+        memory_bytes=_num(d, "memory_GB", source, required=False, default=80.0) * 1e9,
+        kernel_overhead=_num(d, "kernel_overhead_us", source, required=False, default=5.0, positive=False) * 1e-6,
+        gamma=1.0 / (_num(d, "reduce_GBps", source, required=False, default=hbm / 3.0) * 1e9),
+        intra=_link(d["intra"], f"{source}: field 'intra'"), inter=_link(d["inter"], f"{source}: field 'inter'"),
+        sources=tuple(sources))
+
+
+def load_profile(path: str | Path) -> Hardware:
+    """Read a JSON or YAML profile file; `ProfileError` names the file and the bad field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProfileError(f"hardware profile {str(p)!r} does not exist")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError as e:
+            raise ProfileError(f"{p}: reading YAML needs PyYAML (pip install pyyaml); or write the profile as JSON") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ProfileError(f"{p}: not valid YAML: {e}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{p}: not valid JSON: {e}") from e
+    return profile_from_dict(data, str(p))
+
+
+def save_profile(hw: Hardware, path: str | Path) -> None:
+    """Write `hw` as a JSON profile."""
+    Path(path).write_text(json.dumps(hw.to_json(), indent=2) + "\n")

@@ -1,0 +1,213 @@
+"""Step latency of prefill and decode per layout: roofline compute + kernel overhead + communication.
+
+Every kernel costs `hw.kernel_overhead + max(bytes / hbm_bw, flops / peak_flops)` (the intercept-plus-slope
+form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication is not overlapped with
+compute. Pipeline stages run one after another for a single batch (no micro-batching), so PP does not shorten
+a token's latency; it only cuts weights per GPU and communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fusedlis.perfmodel import collectives as coll
+from fusedlis.perfmodel.hardware import Hardware
+from fusedlis.perfmodel.volume import Layout, ModelShape, Volume, step_volume
+
+# rmsnorm, qkv GEMM, rope+cache write, attention, o GEMM (+all-reduce), rmsnorm, gate_up+SwiGLU, down (+AR)
+KERNELS_PER_LAYER = 8
+# embedding, final rmsnorm, lm_head GEMM, sampling
+KERNELS_PER_STEP = 4
+
+
+@dataclass
+class StepTime:
+    """Seconds of one step, by part. `comm` holds all-reduce, all-gather and stage-boundary sends."""
+
+    compute: float = 0.0
+    overhead: float = 0.0
+    comm: float = 0.0
+    comm_inter: float = 0.0
+    volume: Volume | None = None
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.overhead + self.comm
+
+    @property
+    def comm_share(self) -> float:
+        return self.comm / self.total if self.total > 0 else 0.0
+
+
+def _kernel(hw: Hardware, nbytes: float, flops: float) -> float:
+    return max(nbytes / hw.hbm_bw, flops / hw.peak_flops)
+
+
+def _local_kv_heads(shape: ModelShape, tp: int) -> int:
+    # KV heads are replicated when tp exceeds their number.
+    return max(1, shape.num_key_value_heads // tp)
+
+
+def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: int, context: float,
+                  prefill: bool, dtype_bytes: int = 2) -> float:
+    """Roofline seconds of one decoder layer's kernels on one GPU (no overhead, no communication).
+
+    `context` is the attended length: the KV length in decode, the prompt length in prefill (causal).
+    """
+    b = dtype_bytes
+    h, hd = shape.hidden_size, shape.head_dim
+    hq, hkv = shape.num_attention_heads // tp, _local_kv_heads(shape, tp)
+    inter = shape.intermediate_size // tp
+    t = 0.0
+    for n_in, n_out in ((h, (hq + 2 * hkv) * hd), (hq * hd, h), (h, 2 * inter), (inter, h)):
+        t += _kernel(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out)
+    kv_width = 2 * hkv * hd
+    if prefill:
+        # causal: each of `context` positions attends to half the prompt on average
+        flops = 4.0 * batch * context * (context / 2) * hq * hd
+        t += _kernel(hw, tokens * (2 * hq * hd + kv_width) * b + tokens * kv_width * b, flops)
+    else:
+        flops = 4.0 * batch * context * hq * hd
+        t += _kernel(hw, batch * context * kv_width * b + 2 * batch * hq * hd * b, flops)
+    t += 2 * _kernel(hw, 2 * tokens * h * b, 0)  # two rmsnorms
+    t += _kernel(hw, tokens * (hq + 2 * hkv) * hd * b * 2, 0)  # rope + cache write
+    return t
+
+
+def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, context: float, prefill: bool,
+              allreduce: str = "nccl", dtype_bytes: int = 2) -> StepTime:
+    """One forward step: decode (1 new token per sequence, `context` cached) or prefill (`context` prompt tokens).
+
+    `allreduce` names the TP all-reduce algorithm (`collectives.ALGORITHMS`); stage boundaries use NCCL
+    send/recv when it is "nccl", custom puts otherwise.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if context < (1 if prefill else 0):
+        raise ValueError(f"context must be >= {1 if prefill else 0}, got {context}")
+    layout.check(shape, hw.gpus_per_node)
+    algo = coll.resolve(allreduce)
+    impl = "nccl" if algo == "nccl" else "custom"
+    tokens = int(batch * context) if prefill else batch
+    tp, pp, L = layout.tp, layout.pp, shape.num_hidden_layers
+    nodes, gpn = layout.tp_grid(hw.gpus_per_node)
+    vol = step_volume(shape, layout, tokens, batch, dtype_bytes)
+    st = StepTime(volume=vol)
+
+    st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes)
+    h, v, b = shape.hidden_size, shape.vocab_size, dtype_bytes
+    emb = _kernel(hw, tokens * h * b * 2, 0)
+    head = _kernel(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h)
+    st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
+    st.overhead = hw.kernel_overhead * (L * KERNELS_PER_LAYER + KERNELS_PER_STEP)
+
+    if tp > 1:
+        ar = coll.allreduce(algo, hw, nodes, gpn, vol.allreduce_bytes).scale(vol.allreduce_count)
+        ag = coll.allgather(algo, hw, nodes, gpn, vol.allgather_bytes)
+        st.comm += ar.total + ag.total
+        st.comm_inter += ar.inter + ag.inter
+        st.detail["allreduce"] = ar.total
+        st.detail["allgather"] = ag.total
+    if pp > 1:
+        act = tokens * h * b
+        p2p = 0.0
+        for s in range(1, pp):
+            cross = layout.boundary_crosses_node(s, hw.gpus_per_node)
+            c = coll.p2p(hw, 2 * act, inter=cross, impl=impl)
+            p2p += c.total
+            st.comm_inter += c.inter
+        back = coll.p2p(hw, batch * 8, inter=layout.boundary_crosses_node(pp - 1, hw.gpus_per_node) or
+                        layout.gpus > hw.gpus_per_node, impl=impl)
+        p2p += back.total
+        st.comm_inter += back.inter
+        st.comm += p2p
+        st.detail["p2p"] = p2p
+    return st
+
+
+def memory_per_gpu(shape: ModelShape, layout: Layout, batch: int, max_len: int, dtype_bytes: int = 2) -> float:
+    """Bytes of weights + KV cache on the most loaded GPU (a stage with ceil(L/pp) layers, embedding and head)."""
+    layers = -(-shape.num_hidden_layers // layout.pp)
+    lin = sum(shape.layer_linear_params().values()) // layout.tp
+    emb = shape.vocab_size * shape.hidden_size // layout.tp
+    # with pp > 1 the embedding and the head live on different stages
+    n_emb = 1 if (layout.pp > 1 or shape.tie_word_embeddings) else 2
+    weights = (layers * lin + n_emb * emb) * dtype_bytes
+    kv = batch * max_len * layers * 2 * _local_kv_heads(shape, layout.tp) * shape.head_dim * dtype_bytes
+    return float(weights + kv)
+
+
+@dataclass
+class Prediction:
+    """One (layout, all-reduce, batch) point of `predict`."""
+
+    layout: Layout
+    allreduce: str
+    batch: int
+    decode: StepTime  # at the mean context prompt + gen/2
+    prefill: StepTime
+    memory_bytes: float
+    fits: bool
+
+    @property
+    def token_latency(self) -> float:
+        """Seconds between two generated tokens of one sequence."""
+        return self.decode.total
+
+    @property
+    def ttft(self) -> float:
+        """Time to first token: the prefill step of the whole batch."""
+        return self.prefill.total
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second over the batch (no pipeline micro-batching)."""
+        return self.batch / self.decode.total
+
+
+def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: list[str], batches: list[int],
+            prompt: int, gen: int, dtype_bytes: int = 2, memory_fraction: float = 0.9) -> list[Prediction]:
+    """Every combination of layout x all-reduce x batch. Layouts with tp == 1 get one row (no all-reduce)."""
+    if prompt < 1 or gen < 1:
+        raise ValueError(f"prompt and gen must be >= 1, got {prompt}, {gen}")
+    out = []
+    for lay in layouts:
+        algos = allreduces if lay.tp > 1 else [allreduces[0]]
+        for algo in algos:
+            for bsz in batches:
+                dec = step_time(shape, lay, hw, batch=bsz, context=prompt + gen / 2, prefill=False,
+                                allreduce=algo, dtype_bytes=dtype_bytes)
+                pre = step_time(shape, lay, hw, batch=bsz, context=prompt, prefill=True, allreduce=algo,
+                                dtype_bytes=dtype_bytes)
+                mem = memory_per_gpu(shape, lay, bsz, prompt + gen, dtype_bytes)
+                out.append(Prediction(lay, coll.resolve(algo), bsz, dec, pre, mem,
+                                      mem <= memory_fraction * hw.memory_bytes))
+    return out
+
+
+def recommend(preds: list[Prediction]) -> list[str]:
+    """One line per batch size: the fastest fitting layout for decode and why."""
+    lines = []
+    for bsz in sorted({p.batch for p in preds}):
+        rows = [p for p in preds if p.batch == bsz]
+        fit = [p for p in rows if p.fits] or rows
+        best = min(fit, key=lambda p: p.token_latency)
+        why = [f"batch {bsz}: use {best.layout.name}" + (f" with {best.allreduce}" if best.layout.tp > 1 else "")
+               + f": {best.token_latency * 1e3:.2f} ms/token, TTFT {best.ttft * 1e3:.1f} ms"]
+        if not best.fits:
+            why.append("(no layout fits in GPU memory; needs more GPUs)")
+        others = {}
+        for p in fit:
+            if p.layout != best.layout and (p.layout not in others or p.token_latency <
+                                             others[p.layout].token_latency):
+                others[p.layout] = p
+        for p in sorted(others.values(), key=lambda p: p.token_latency)[:2]:
+            reason = (f"communication is {p.decode.comm_share:.0%} of its step"
+                      if p.decode.comm_share > 0.3 else
+                      f"its {p.layout.pp} stages run one after another" if p.layout.pp > best.layout.pp else
+                      "each layer's weight reads are split over fewer GPUs")
+            why.append(f"{p.token_latency / best.token_latency:.2f}x slower with {p.layout.name}: {reason}")
+        why.append(f"{best.layout.name} spends {best.decode.comm_share:.0%} of a decode step communicating")
+        lines.append("; ".join(why))
+    return lines
