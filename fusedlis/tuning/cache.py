@@ -94,13 +94,13 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse and validate a cache file. Missing file -> empty cache; bad file -> `CacheFormatError`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         return empty()
     except OSError as e:
         raise CacheFormatError(f"cannot read {p}: {e}") from e
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheFormatError(f"{p} is not valid JSON: {e}") from e
     return validate(data)
