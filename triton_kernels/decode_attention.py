@@ -1,0 +1,213 @@
+"""Decode attention (one query token per sequence) over the paged-free KV cache, flash-decoding style.
+
+Pass 1 (`_decode_attention_kernel`): one program per (sequence, kv head, KV split). It loads all the
+q heads of its GQA group at once, so each K/V row is read from HBM exactly once, runs an online softmax
+over its slice of positions and writes an fp32 partial output and its log-sum-exp.
+Pass 2 (`_decode_attention_reduce_kernel`): one program per (sequence, q head) merges the splits.
+Cache layout: `[max_batch, Hkv, max_seq_len, D]`; sequence b uses cache row b and positions
+`[0, seq_lens[b])`. Splits are sized from max_seq_len (no host sync on seq_lens), so programs whose slice
+lies past a sequence's length exit after writing an empty partial.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedlis import tuning
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scale,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+                             GROUP, SPLIT_LEN, NUM_SPLITS,
+                             D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = hkv * GROUP + offs_g
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    # exp2-based softmax: fold log2(e) into the scale.
+    qk_scale = scale * 1.4426950408889634
+
+    kv_base = b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for s in range(start, end, BLOCK_N):
+        pos = s + offs_n
+        mask_n = pos < end
+        kv_off = kv_base + pos[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_rows = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + out_rows, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_attention_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS, stride_ob, stride_oh, H,
+                                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < D
+    rows = (b.to(tl.int64) * H + h) * NUM_SPLITS + offs_s
+    lse = tl.load(lse_ptr + rows, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    wgt = tl.where(mask_s & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
+    o = tl.load(o_part_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
+                other=0.0)
+    den = tl.sum(wgt, axis=0)
+    res = tl.sum(o * wgt[:, None], axis=0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+             res.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def decode_attention_key(B: int, Hq: int, Hkv: int, D: int, S: int, dtype: torch.dtype) -> dict:
+    """Shape key passed to `fusedlis.tuning.lookup("decode_attention", key)`; S is max_seq_len."""
+    return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "dtype": dtype}
+
+
+def decode_attention_default_config(key: dict) -> dict:
+    """Heuristic: about 4 programs per SM across (batch, kv head, split), splits of >= BLOCK_N rows."""
+    B, Hkv, S = int(key["B"]), int(key["Hkv"]), int(key["S"])
+    sms = int(key.get("sms", 132))
+    block_n = 64 if int(key.get("D", 128)) <= 128 else 32
+    max_splits = max(1, triton.cdiv(S, block_n * 2))
+    splits = max(1, min(max_splits, triton.cdiv(4 * sms, B * Hkv), 128))
+    return {"NUM_SPLITS": splits, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+
+
+def decode_attention_configs(key: dict) -> list[dict]:
+    """The search space the tuner sweeps for `key` (always contains the default)."""
+    S = int(key["S"])
+    base = decode_attention_default_config(key)
+    out = [base]
+    for bn in (32, 64, 128):
+        for nw in (4, 8):
+            for mult in (0.5, 1, 2):
+                splits = max(1, min(int(base["NUM_SPLITS"] * mult), triton.cdiv(S, bn), 256))
+                cfg = {"NUM_SPLITS": splits, "BLOCK_N": bn, "num_warps": nw, "num_stages": 2}
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+_PARTIALS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _partials(device, n_rows: int, D: int):
+    key = (device.type, device.index, D)
+    o, lse = _PARTIALS.get(key, (None, None))
+    if o is None or lse.numel() < n_rows:
+        o = torch.empty((max(n_rows, 4096), D), dtype=torch.float32, device=device)
+        lse = torch.empty(max(n_rows, 4096), dtype=torch.float32, device=device)
+        _PARTIALS[key] = (o, lse)
+    return o, lse
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, *, config: dict | None = None) -> torch.Tensor:
+    """Softmax attention of q[B, Hq, D] over cache positions `[0, seq_lens[b])`; returns o[B, Hq, D].
+
+    GQA: q head h reads kv head h // (Hq // Hkv). seq_lens must be >= 1 and <= max_seq_len (not checked
+    on the device). The fp32 partials buffer is shared per device: no concurrent launches on two streams.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decode_attention: {name} must be a tensor")
+        if t.device != q.device:
+            raise ValueError(f"decode_attention: {name} on {t.device}, q on {q.device}")
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: q must be [B,Hq,D], caches [Bmax,Hkv,S,D] of one shape; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, Hq, D = q.shape
+    _, Hkv, S, Dc = k_cache.shape
+    if Dc != D or k_cache.shape[0] < B or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} incompatible with cache {tuple(k_cache.shape)}")
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"decode_attention: q/k_cache/v_cache must share fp16/bf16/fp32, got "
+                        f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
+    if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"decode_attention: seq_lens must be [B] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("decode_attention: q needs unit stride along D; caches must be contiguous")
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    if config is None:
+        key = decode_attention_key(B, Hq, Hkv, D, S, q.dtype)
+        config = tuning.lookup("decode_attention", key)
+        if config is None:
+            key["sms"] = torch.cuda.get_device_properties(q.device).multi_processor_count \
+                if q.device.type == "cuda" else 132
+            config = decode_attention_default_config(key)
+    block_n = int(config["BLOCK_N"])
+    splits = max(1, min(int(config["NUM_SPLITS"]), triton.cdiv(S, block_n)))
+    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    splits = triton.cdiv(S, split_len)
+    group = Hq // Hkv
+    o_part, lse = _partials(q.device, B * Hq * splits, D)
+    block_d = triton.next_power_of_2(D)
+    _decode_attention_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, seq_lens, o_part, lse, float(scale),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        group, split_len, splits,
+        D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
+        IEEE=q.dtype == torch.float32,
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    _decode_attention_reduce_kernel[(B, Hq)](
+        o_part, lse, out, splits, out.stride(0), out.stride(1), Hq,
+        D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain-torch reference of `decode_attention` (fp32 math, float64 for float64 inputs)."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(seq_lens[b])
+        k = k_cache[b, :, :L].to(ct).repeat_interleave(Hq // Hkv, dim=0)  # [Hq, L, D]
+        v = v_cache[b, :, :L].to(ct).repeat_interleave(Hq // Hkv, dim=0)
+        s = torch.einsum("hd,hld->hl", q[b].to(ct), k) * scale
+        out[b] = torch.einsum("hl,hld->hd", torch.softmax(s, dim=-1), v).to(q.dtype)
+    return out

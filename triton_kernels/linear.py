@@ -1,0 +1,349 @@
+"""Decode GEMM `y = x @ w.T` for small M, with split-K and fused epilogues (residual add, SwiGLU).
+
+Decode GEMMs (M <= 256 rows of activations against a [N, K] weight) are bound by reading the weight
+from HBM once. The kernel tiles N and splits K across programs so that enough programs are in flight to
+saturate HBM even when N is small; each program streams its [BLOCK_N, BLOCK_K] weight tiles with
+16-byte vector loads along K and accumulates in fp32. Two inner products are offered:
+
+* ``USE_DOT=False`` (GEMV style): elementwise multiply-accumulate into a [BLOCK_M, BLOCK_N, BLOCK_K]
+  fp32 register tile, reduced over K once at the end; best for M of 1-4.
+* ``USE_DOT=True``: ``tl.dot`` on [BLOCK_M>=16, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles (tensor cores).
+
+With SPLIT_K > 1, each program writes its fp32 partial tile to a workspace and bumps a per-tile
+arrival counter; the last program to arrive sums the partials in split order (deterministic), applies
+the epilogue and resets the counter, so the whole op is one launch (no memset, no second kernel).
+The workspace is per device and shared: do not run two split-K launches concurrently on different
+streams of one device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedlis import tuning
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, y_ptr, res_ptr, ws_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wn, stride_ym, stride_rm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+):
+    # M-tiles vary fastest so that programs sharing a weight tile run together (weight read once via L2).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    if SWIGLU:
+        u_ptrs = w_ptr + (offs_n + N)[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWIGLU:
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if SWIGLU:
+            acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            if SWIGLU:
+                u = tl.load(u_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k_lo + kk + offs_k) < K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if SWIGLU:
+                u = tl.load(u_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                if SWIGLU:
+                    acc_u = tl.dot(x, tl.trans(u), acc_u, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+                if SWIGLU:
+                    acc_u = tl.dot(x.to(u.dtype), tl.trans(u), acc_u)
+        else:
+            xf = x.to(tl.float32)[:, None, :]
+            acc3 += xf * w.to(tl.float32)[None, :, :]
+            if SWIGLU:
+                acc3_u += xf * u.to(tl.float32)[None, :, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        if SWIGLU:
+            u_ptrs += BLOCK_K
+
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+        if SWIGLU:
+            acc_u = tl.sum(acc3_u, axis=2)
+
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        # Partials: [SPLIT_K, M, N] (gate) then, for SwiGLU, [SPLIT_K, M, N] (up) after it.
+        MN = M * N
+        ws_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * MN + ws_off, acc, mask=mask_mn)
+        if SWIGLU:
+            tl.store(ws_ptr + (SPLIT_K + pid_k) * MN + ws_off, acc_u, mask=mask_mn)
+        # All threads' partial stores must be issued before the (single-thread) release atomic.
+        tl.debug_barrier()
+        tile = pid_n * tl.num_programs(0) + pid_m
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(ws_ptr + s * MN + ws_off, mask=mask_mn, other=0.0, cache_modifier=".cg")
+            if SWIGLU:
+                acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    acc_u += tl.load(ws_ptr + (SPLIT_K + s) * MN + ws_off, mask=mask_mn, other=0.0,
+                                     cache_modifier=".cg")
+            _linear_epilogue(acc, acc_u if SWIGLU else acc, y_ptr, res_ptr, offs_m, offs_n, mask_mn,
+                             stride_ym, stride_rm, SWIGLU, HAS_RES)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        _linear_epilogue(acc, acc_u if SWIGLU else acc, y_ptr, res_ptr, offs_m, offs_n, mask_mn,
+                         stride_ym, stride_rm, SWIGLU, HAS_RES)
+
+
+@triton.jit
+def _linear_epilogue(acc, acc_u, y_ptr, res_ptr, offs_m, offs_n, mask_mn, stride_ym, stride_rm,
+                     SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    if HAS_RES:
+        r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask_mn)
+        acc += r.to(tl.float32)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs
+
+def _num_sms(device: torch.device | None = None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def linear_key(M: int, N: int, K: int, dtype: torch.dtype, activation: str | None, residual: bool) -> dict:
+    """Shape key passed to `fusedlis.tuning.lookup("linear", key)`. N is the weight's row count."""
+    return {"M": M, "N": N, "K": K, "dtype": dtype, "activation": activation or "none",
+            "residual": bool(residual)}
+
+
+def _pick_split(tiles: int, K: int, block_k: int, M: int, N: int, sms: int) -> int:
+    max_split = max(1, K // (2 * block_k))  # keep >= 2 K-iterations per program
+    split = 1
+    while split * 2 <= max_split and tiles * split < 2 * sms:
+        split *= 2
+    # Partials cost 8 * SPLIT_K * M * N bytes (write + read); keep them small next to the weight bytes.
+    while split > 1 and 8 * split * M * N > 0.25 * N * K * 2:
+        split //= 2
+    return split
+
+
+def linear_default_config(key: dict) -> dict:
+    """Heuristic config for `key` (see `linear_key`), used when the tuner has no entry."""
+    M, N, K = int(key["M"]), int(key["N"]), int(key["K"])
+    n_cols = N // 2 if key.get("activation") == "swiglu" else N
+    sms = int(key.get("sms", 132))
+    if M <= 2:
+        cfg = {"USE_DOT": False, "BLOCK_M": _pow2(M), "BLOCK_N": 32 // _pow2(M) * 2 if M > 1 else 32,
+               "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
+    else:
+        bm = min(64, max(16, _pow2(M)))
+        cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128 if bm <= 32 else 64,
+               "num_warps": 4, "num_stages": 4}
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"])
+    cfg["SPLIT_K"] = _pick_split(tiles, K, cfg["BLOCK_K"], M, N, sms)
+    return cfg
+
+
+def linear_configs(key: dict) -> list[dict]:
+    """The search space the tuner sweeps for `key` (always contains the default)."""
+    M, N, K = int(key["M"]), int(key["N"]), int(key["K"])
+    n_cols = N // 2 if key.get("activation") == "swiglu" else N
+    sms = int(key.get("sms", 132))
+    out: list[dict] = []
+    shapes = []
+    if M <= 4:
+        for bn, bk, nw in ((16, 256, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (16, 512, 4)):
+            if _pow2(M) * bn * bk // (32 * nw) <= 128:
+                shapes.append((False, _pow2(M), bn, bk, nw, 1))
+    for bm in sorted({min(128, max(16, _pow2(M))), 16 if M > 16 else None} - {None}):
+        for bn, bk, nw, ns in ((64, 128, 4, 4), (32, 256, 4, 3), (128, 64, 4, 4), (64, 256, 8, 3)):
+            if bm >= 64 and bk > 128:
+                continue
+            shapes.append((True, bm, bn, bk, nw, ns))
+    for dot, bm, bn, bk, nw, ns in shapes:
+        tiles = triton.cdiv(M, bm) * triton.cdiv(n_cols, bn)
+        base = _pick_split(tiles, K, bk, M, N, sms)
+        for split in sorted({max(1, base // 2), base, base * 2}):
+            if split > 1 and K // split < bk:
+                continue
+            out.append({"USE_DOT": dot, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                        "num_warps": nw, "num_stages": ns})
+    default = linear_default_config(key)
+    if default not in out:
+        out.insert(0, default)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, n_floats: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device.type, device.index)
+    ws, cnt = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < n_floats:
+        ws = torch.empty(max(n_floats, 1 << 20), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < n_tiles:
+        # Counters are zero at rest: the last program of each tile resets its own.
+        cnt = torch.zeros(max(n_tiles, 1 << 14), dtype=torch.int32, device=device)
+    _WORKSPACE[key] = (ws, cnt)
+    return ws, cnt
+
+
+def _check_linear(x, w, residual, activation, out_dtype):
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError("linear: x and w must be torch.Tensor")
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"linear: x must be [M, K] and w [N, K], got x{tuple(x.shape)} w{tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: x has K={x.shape[1]} but w has K={w.shape[1]}")
+    if x.dtype not in _DTYPES or w.dtype not in _DTYPES:
+        raise TypeError(f"linear: x/w dtype must be fp16/bf16/fp32, got {x.dtype}/{w.dtype}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"linear: x dtype {x.dtype} != w dtype {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"linear: x on {x.device} but w on {w.device}")
+    if x.stride(1) != 1 or not w.is_contiguous():
+        raise ValueError("linear: x must have unit stride along K and w must be contiguous")
+    if activation not in (None, "swiglu"):
+        raise ValueError(f"linear: activation must be None or 'swiglu', got {activation!r}")
+    if activation == "swiglu":
+        if w.shape[0] % 2:
+            raise ValueError(f"linear: swiglu needs an even number of weight rows, got {w.shape[0]}")
+        if residual is not None:
+            raise ValueError("linear: residual is not supported with activation='swiglu'")
+    n_out = w.shape[0] // 2 if activation == "swiglu" else w.shape[0]
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError("linear: residual must be a tensor or None")
+        if residual.shape != (x.shape[0], n_out):
+            raise ValueError(f"linear: residual must be [{x.shape[0]}, {n_out}], got {tuple(residual.shape)}")
+        if residual.stride(1) != 1 or residual.device != x.device:
+            raise ValueError("linear: residual must have unit stride along N and sit on x's device")
+    if out_dtype is not None and out_dtype not in _DTYPES:
+        raise TypeError(f"linear: out_dtype must be fp16/bf16/fp32 or None, got {out_dtype}")
+    return n_out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,
+           activation: str | None = None, out_dtype: torch.dtype | None = None,
+           config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`y = x @ w.T (+ residual)`, or `silu(x @ gate.T) * (x @ up.T)` for a merged `[gate; up]` weight.
+
+    For decode (M <= 256); any M works but large M is better served by cuBLAS. `config` overrides the
+    tuned/default config (keys of `linear_default_config`; ``{"backend": "torch"}`` dispatches to
+    torch.matmul). `out` (optional, [M, N_out], unit stride along N) receives the result.
+    """
+    n_out = _check_linear(x, w, residual, activation, out_dtype)
+    M, K = x.shape
+    N = w.shape[0]
+    out_dtype = out_dtype or x.dtype
+    if config is None:
+        key = linear_key(M, N, K, x.dtype, activation, residual is not None)
+        config = tuning.lookup("linear", key)
+        if config is None:
+            key["sms"] = _num_sms(x.device)
+            config = linear_default_config(key)
+    if config.get("backend") == "torch":
+        return _linear_torch(x, w, residual, activation, out_dtype, out)
+    if out is None:
+        out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
+    elif out.shape != (M, n_out) or out.stride(1) != 1 or out.dtype != out_dtype:
+        raise ValueError(f"linear: out must be [{M}, {n_out}] {out_dtype} with unit stride along N")
+    if M == 0 or n_out == 0:
+        return out
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    split = max(1, int(config.get("SPLIT_K", 1)))
+    use_dot = bool(config.get("USE_DOT", bm >= 16))
+    if use_dot and bm < 16:
+        raise ValueError("linear: USE_DOT needs BLOCK_M >= 16")
+    # Each split covers a whole number of BLOCK_K steps; splits past K do no loads.
+    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_per_split)
+    grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn), split)
+    if split > 1:
+        ws, cnt = _workspace(x.device, split * M * N, grid[0] * grid[1])
+    else:
+        ws, cnt = out, out  # unused
+    res = residual if residual is not None else out
+    _linear_kernel[grid](
+        x, w, out, res, ws, cnt,
+        M, n_out, K, k_per_split,
+        x.stride(0), w.stride(0), out.stride(0), res.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=use_dot,
+        EVEN_K=(K % k_per_split == 0), SWIGLU=(activation == "swiglu"), HAS_RES=residual is not None,
+        IEEE=(x.dtype == torch.float32),
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
+    )
+    return out
+
+
+def _linear_torch(x, w, residual, activation, out_dtype, out):
+    y = torch.matmul(x, w.t())
+    if activation == "swiglu":
+        g, u = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(g) * u
+    if residual is not None:
+        y = y + residual
+    y = y.to(out_dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def linear_ref(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,
+               activation: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-torch reference of `linear` (fp32 math, or float64 for float64 inputs)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(ct) @ w.to(ct).t()
+    if activation == "swiglu":
+        g, u = y.chunk(2, dim=-1)
+        y = g * torch.sigmoid(g) * u
+    if residual is not None:
+        y = y + residual.to(ct)
+    return y.to(out_dtype or x.dtype)
