@@ -2,8 +2,9 @@
 
 Every kernel costs `hw.kernel_overhead + max(bytes / hbm_bw, flops / peak_flops)` (the intercept-plus-slope
 form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication is not overlapped with
-compute. Pipeline stages run one after another for a single batch (no micro-batching), so PP does not shorten
-a token's latency; it only cuts weights per GPU and communication.
+compute. In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
+a token's latency; it only cuts weights per GPU and communication. Prefill with PP sends each sequence of the
+batch through the pipe as a micro-batch.
 """
 
 from __future__ import annotations
@@ -149,16 +150,12 @@ class Prediction:
     prefill: StepTime
     memory_bytes: float
     fits: bool
+    ttft: float  # seconds until every sequence of the batch has its first token
 
     @property
     def token_latency(self) -> float:
         """Seconds between two generated tokens of one sequence."""
         return self.decode.total
-
-    @property
-    def ttft(self) -> float:
-        """Time to first token: the prefill step of the whole batch."""
-        return self.prefill.total
 
     @property
     def throughput(self) -> float:
@@ -181,8 +178,15 @@ def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: 
                 pre = step_time(shape, lay, hw, batch=bsz, context=prompt, prefill=True, allreduce=algo,
                                 dtype_bytes=dtype_bytes)
                 mem = memory_per_gpu(shape, lay, bsz, prompt + gen, dtype_bytes)
+                ttft = pre.total
+                if lay.pp > 1 and bsz > 1:
+                    # sequences flow through the stages as micro-batches: fill the pipe once, then one
+                    # stage time per further sequence
+                    one = step_time(shape, lay, hw, batch=1, context=prompt, prefill=True, allreduce=algo,
+                                    dtype_bytes=dtype_bytes).total
+                    ttft = min(ttft, one * (1 + (bsz - 1) / lay.pp))
                 out.append(Prediction(lay, coll.resolve(algo), bsz, dec, pre, mem,
-                                      mem <= memory_fraction * hw.memory_bytes))
+                                      mem <= memory_fraction * hw.memory_bytes, ttft))
     return out
 
 
@@ -209,5 +213,9 @@ def recommend(preds: list[Prediction]) -> list[str]:
                       "each layer's weight reads are split over fewer GPUs")
             why.append(f"{p.token_latency / best.token_latency:.2f}x slower with {p.layout.name}: {reason}")
         why.append(f"{best.layout.name} spends {best.decode.comm_share:.0%} of a decode step communicating")
+        first = min(fit, key=lambda p: p.ttft)
+        if first.ttft < 0.67 * best.ttft:
+            why.append(f"for time to first token prefer {first.layout.name} "
+                       f"({first.ttft * 1e3:.1f} ms vs {best.ttft * 1e3:.1f} ms)")
         lines.append("; ".join(why))
     return lines

@@ -1,0 +1,321 @@
+"""Measure this machine's GPUs and fit a hardware profile (`fusedlis calibrate`).
+
+What is measured (bf16, medians, CUDA graphs to hide launch gaps):
+- all-reduce latency over the visible GPUs for each size: NCCL, and fusedlis' own all-reduce
+  (`fusedlis.comm.AllReduce`) when it imports and runs, else torch symmetric-memory one-/two-shot;
+- device-to-device copy bandwidth (bytes read + written);
+- decode-shaped GEMMs (M=1, Llama 8B/70B TP=2 weights, rotated through >= 2 GB so L2 does not hold them);
+- a large GEMM's rate.
+
+Fits: `kernel_overhead` and `hbm_bw` from GEMM time = overhead + bytes / bw; NVLink (alpha, beta) for NCCL from
+its times with the ring model, and for custom kernels from theirs with the matching model, by least squares on
+relative error. gamma is taken from the copy bandwidth (a reduction moves 3 bytes per byte reduced).
+Inter-node terms and anything not measured come from the base profile. Fitting needs no GPU (`fit_link`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fusedlis.perfmodel import collectives as coll
+from fusedlis.perfmodel.hardware import Hardware, Link, get_hardware
+
+# (K, N) per GPU at TP=2, from Llama-3.1-8B and -70B: qkv, o, gate_up, down
+GEMM_SHAPES = [(4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096),
+               (8192, 5120), (4096, 8192), (8192, 28672), (14336, 8192)]
+
+
+# ---------------------------------------------------------------- fitting (CPU)
+def linear_coefficients(algo: str, nodes: int, gpus_per_node: int) -> tuple[float, float, float]:
+    """(c_alpha, c_beta, c_gamma) with cost = c_alpha*alpha + m*(c_beta*beta + c_gamma*gamma) on one link class.
+
+    Only valid where the algorithm is linear in its parameters (one node, or one GPU per node, and not the
+    min() of `nccl`).
+    """
+    if nodes > 1 and gpus_per_node > 1:
+        raise ValueError("linear coefficients need a single link class: nodes == 1 or gpus_per_node == 1")
+    if coll.resolve(algo) == "nccl":
+        raise ValueError("nccl is min(ring, tree): fit 'ring' or 'tree' instead")
+
+    def hw(alpha: float, beta: float, gamma: float) -> Hardware:
+        link = Link(alpha, beta, alpha, beta)
+        return Hardware("unit", "unit", gpus_per_node, 1.0, 1.0, 1.0, 0.0, gamma, link, link)
+
+    f = coll.ALGORITHMS[coll.resolve(algo)]
+    ca = f(hw(1.0, 0.0, 0.0), nodes, gpus_per_node, 1.0).total
+    cb = f(hw(0.0, 1.0, 0.0), nodes, gpus_per_node, 1.0).total
+    cg = f(hw(0.0, 0.0, 1.0), nodes, gpus_per_node, 1.0).total
+    return ca, cb, cg
+
+
+def fit_link(samples: list[tuple[str, int, float, float]], gamma: float, nodes: int = 1) -> tuple[float, float]:
+    """Least-squares (alpha, beta) in seconds, seconds/byte from (algo, gpus, bytes, seconds) samples.
+
+    Each sample's row is divided by its time so that small messages weigh as much as large ones (relative
+    error). alpha and beta are clamped to >= 0 and >= 1e-15 s/B.
+    """
+    import numpy as np
+
+    if len(samples) < 2:
+        raise ValueError("need at least 2 samples to fit alpha and beta")
+    rows, rhs = [], []
+    for algo, p, m, t in samples:
+        if t <= 0 or m <= 0:
+            raise ValueError(f"bad sample {algo} p={p} bytes={m} time={t}")
+        ca, cb, cg = linear_coefficients(algo, nodes, p // nodes)
+        rows.append([ca / t, m * cb / t])
+        rhs.append((t - m * cg * gamma) / t)
+    sol, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
+    return max(float(sol[0]), 0.0), max(float(sol[1]), 1e-15)
+
+
+def fit_gemm(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """(overhead seconds, bytes/s) from (bytes, seconds) GEMM samples, least squares on relative error."""
+    import numpy as np
+
+    if len(samples) < 2:
+        raise ValueError("need at least 2 GEMM samples")
+    a = np.array([[1.0 / t, b / t] for b, t in samples])
+    sol, *_ = np.linalg.lstsq(a, np.ones(len(samples)), rcond=None)
+    overhead, inv_bw = float(sol[0]), float(sol[1])
+    if inv_bw <= 0:
+        raise ValueError("GEMM times do not grow with bytes: cannot fit a bandwidth")
+    return max(overhead, 0.0), 1.0 / inv_bw
+
+
+# ---------------------------------------------------------------- measurement (GPU)
+def _time_graph(fn: Any, calls: int, replays: int = 7) -> float:
+    """Median seconds per call of `fn` captured `calls` times in one CUDA graph."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3 / calls)
+    return statistics.median(times)
+
+
+def _custom_allreduce(group: Any, max_bytes: int) -> tuple[str, Any]:
+    """(label, fn(tensor) -> None) for fusedlis' all-reduce, else torch symmetric memory; (None, None) if neither."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        from fusedlis.comm import AllReduce  # type: ignore[attr-defined]
+
+        ar = AllReduce(group=group, max_bytes=max_bytes)  # type: ignore[call-arg]
+        x = torch.randn(1024, dtype=torch.bfloat16, device="cuda")
+        ref = x.clone()
+        dist.all_reduce(ref, group=group)
+        y = ar.all_reduce(x.clone())
+        if not torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2):
+            raise RuntimeError("fusedlis AllReduce disagrees with NCCL")
+        return "fusedlis", lambda t: ar.all_reduce(t)
+    except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say so
+        err = f"{type(e).__name__}: {e}"
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        name = group.group_name if group is not None else dist.group.WORLD.group_name
+        buf = symm_mem.empty(max_bytes // 2, dtype=torch.bfloat16, device="cuda")
+        symm_mem.rendezvous(buf, name)
+        return f"torch-symm (fusedlis AllReduce unavailable: {err})", (buf, name)
+    except Exception as e2:  # noqa: BLE001
+        return f"none ({err}; torch symm: {e2})", None
+
+
+def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outdir: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    rows: list[dict[str, Any]] = []
+    x0 = torch.randn(max(sizes) // 2, dtype=torch.bfloat16, device="cuda")
+    dist.all_reduce(x0)
+    torch.cuda.synchronize()
+    for m in sizes:
+        x = x0[: m // 2]
+        t = _time_graph(lambda: dist.all_reduce(x), iters)
+        rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m, "us": t * 1e6})
+        dist.barrier()
+    label, custom = _custom_allreduce(None, max(sizes))
+    if rank == 0:
+        rows.append({"kind": "note", "impl": label})
+    if callable(custom):
+        for m in sizes:
+            x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
+            t = _time_graph(lambda: custom(x), iters)
+            rows.append({"kind": "allreduce", "impl": "fusedlis", "algo": "auto", "gpus": world, "bytes": m,
+                         "us": t * 1e6})
+            dist.barrier()
+    elif custom is not None:
+        buf, name = custom
+        for algo, op in (("oneshot", "one_shot_all_reduce"), ("twoshot", "two_shot_all_reduce_")):
+            for m in sizes:
+                x = buf[: m // 2]
+                x.normal_()
+                f = getattr(torch.ops.symm_mem, op)
+                t = _time_graph(lambda: f(x, "sum", name), iters)
+                rows.append({"kind": "allreduce", "impl": "torch-symm", "algo": algo, "gpus": world, "bytes": m,
+                             "us": t * 1e6})
+                dist.barrier()
+    if rank == 0:
+        Path(outdir, "rank0.json").write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _measure_single_gpu() -> list[dict[str, Any]]:
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    n = 1 << 29  # 1 GiB of bf16
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    t = _time_graph(lambda: dst.copy_(src), 5)
+    rows.append({"kind": "copy", "bytes": 2 * 2 * n, "us": t * 1e6, "GBps": 2 * 2 * n / t / 1e9})
+    del src, dst
+    for k, nn in GEMM_SHAPES:
+        wbytes = k * nn * 2
+        copies = max(2, math.ceil(2e9 / wbytes))
+        ws = [torch.randn(k, nn, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(1, nn, dtype=torch.bfloat16, device="cuda")
+        calls = max(copies, 20)
+        it = iter(range(10**9))
+        t = _time_graph(lambda: torch.matmul(x, ws[next(it) % copies], out=out), calls)
+        rows.append({"kind": "gemm", "M": 1, "K": k, "N": nn, "bytes": wbytes + 2 * (k + nn), "us": t * 1e6})
+        del ws
+    torch.cuda.empty_cache()
+    s = 8192
+    a = torch.randn(s, s, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(s, s, dtype=torch.bfloat16, device="cuda")
+    c = torch.empty(s, s, dtype=torch.bfloat16, device="cuda")
+    t = _time_graph(lambda: torch.matmul(a, b, out=c), 10)
+    rows.append({"kind": "peak", "M": s, "K": s, "N": s, "us": t * 1e6, "TFLOPs": 2 * s**3 / t / 1e12})
+    return rows
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(sizes: list[int], iters: int = 50, gpus: int | None = None) -> list[dict[str, Any]]:
+    """Run every measurement on the visible GPUs; returns raw rows (dicts with 'kind')."""
+    import json
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("calibrate needs CUDA GPUs; none are visible here")
+    n = torch.cuda.device_count() if gpus is None else gpus
+    if not 1 <= n <= torch.cuda.device_count():
+        raise ValueError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA devices are visible")
+    rows = [{"kind": "device", "name": torch.cuda.get_device_name(0), "gpus": n,
+             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
+    if n >= 2:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(_worker, args=(n, _free_port(), sizes, iters, d), nprocs=n, join=True)
+            rows += json.loads(Path(d, "rank0.json").read_text())
+    rows += _measure_single_gpu()
+    return rows
+
+
+def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Hardware:
+    """Fit a profile from raw rows (as `measure` returns or `read_raw_csv` reads); unmeasured fields from `base`."""
+    dev = next((r for r in rows if r.get("kind") == "device"), {})
+    copies = [r for r in rows if r.get("kind") == "copy"]
+    gemms = [(float(r["bytes"]), float(r["us"]) * 1e-6) for r in rows if r.get("kind") == "gemm"]
+    peaks = [float(r["TFLOPs"]) for r in rows if r.get("kind") == "peak"]
+    hw = base
+    notes = [f"calibrated {dev.get('date', '?')} on {dev.get('gpus', '?')} x {dev.get('name', '?')} "
+             f"by fusedlis calibrate; inter-node and unmeasured fields from {base.name}"]
+    if copies:
+        bw = statistics.median(float(r["GBps"]) for r in copies) * 1e9
+        hw = hw.with_(gamma=3.0 / bw)
+        notes.append(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write); gamma = 3 / copy bandwidth")
+    if len(gemms) >= 2:
+        ov, bw = fit_gemm(gemms)
+        hw = hw.with_(kernel_overhead=ov, hbm_bw=bw)
+        notes.append(f"decode GEMM fit: {ov * 1e6:.1f} us + bytes / {bw / 1e12:.2f} TB/s")
+    if peaks:
+        hw = hw.with_(peak_flops=max(peaks) * 1e12)
+        notes.append(f"8192^3 bf16 GEMM: {max(peaks):.0f} TFLOP/s")
+    ars = [r for r in rows if r.get("kind") == "allreduce" and int(r["gpus"]) >= 2]
+    intra = hw.intra
+    nccl = [("ring", int(r["gpus"]), float(r["bytes"]), float(r["us"]) * 1e-6) for r in ars if r["impl"] == "nccl"]
+    if len(nccl) >= 2:
+        a, b = fit_link(nccl, hw.gamma)
+        intra = Link(intra.alpha, intra.beta, a, b)
+        notes.append(f"NCCL NVLink fit (ring model): alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s")
+    custom = [(str(r["algo"]) if r["algo"] != "auto" else "twoshot", int(r["gpus"]), float(r["bytes"]),
+               float(r["us"]) * 1e-6) for r in ars if r["impl"] != "nccl"]
+    if len(custom) >= 2:
+        a, b = fit_link(custom, hw.gamma)
+        intra = Link(a, b, intra.nccl_alpha, intra.nccl_beta)
+        impls = sorted({str(r["impl"]) for r in ars if r["impl"] != "nccl"})
+        notes.append(f"custom NVLink fit ({', '.join(impls)}): alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s")
+    name = f"calibrated-{str(dev.get('name', 'gpu')).lower().replace(' ', '-')}"
+    return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
+
+
+def calibrate(base: str = "h200-ndr", sizes: list[int] | None = None, iters: int = 50,
+              gpus: int | None = None) -> tuple[Hardware, list[dict[str, Any]]]:
+    """Measure, then fit: returns (profile, raw rows). `gpus_per_node` stays the base profile's."""
+    sizes = sizes or [8192 << i for i in range(10)]
+    if any(m % 2 for m in sizes):
+        raise ValueError("all-reduce sizes must be even (bf16 elements)")
+    rows = measure(sizes, iters, gpus)
+    hw = profile_from_measurements(rows, get_hardware(base))
+    return hw.with_(gpu=str(rows[0]["name"])), rows
+
+
+RAW_FIELDS = ["kind", "impl", "algo", "gpus", "bytes", "us", "M", "K", "N", "GBps", "TFLOPs", "name", "date"]
+
+
+def write_raw_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Raw calibration rows as CSV (readable by `read_raw_csv`)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RAW_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_raw_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows written by `write_raw_csv` (empty fields dropped)."""
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
