@@ -1,0 +1,175 @@
+"""Launchers of the Triton all-reduce kernels (`comm/kernels.py`) on a `SymmetricWorkspace`."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import triton
+
+from fusedlis.comm import kernels as K
+from fusedlis.comm.plan import build_plan, cdiv, inter_slot_count
+from fusedlis.comm.symmetric import SymmetricWorkspace, nvshmem_device_library
+from fusedlis.comm.topology import Topology
+
+DEVICE_ALGORITHMS = ("one_shot", "two_shot", "nvrar")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_load_state = threading.local()
+_hook_installed = False
+
+
+def _nvshmem_load_hook(module, function, name, metadata_group, hash, *args, **kwargs) -> None:
+    # Kernels that call NVSHMEM device functions must be registered with NVSHMEM before their first launch.
+    if getattr(_load_state, "put", False):
+        import nvshmem.bindings as nb
+
+        nb.cumodule_init(int(module))
+
+
+def _install_hook() -> None:
+    global _hook_installed
+    if _hook_installed:
+        return
+    rt = triton.knobs.runtime
+    hk = getattr(rt, "kernel_load_end_hook", None)
+    if hk is not None and hasattr(hk, "add"):
+        hk.add(_nvshmem_load_hook)
+    else:
+        prev = hk
+
+        def chained(*a, **kw):
+            if prev is not None:
+                prev(*a, **kw)
+            _nvshmem_load_hook(*a, **kw)
+
+        rt.kernel_load_end_hook = chained
+    _hook_installed = True
+
+
+class DeviceAllReduce:
+    """One-shot / two-shot / NVRAR all-reduce kernels for one dtype and topology on a symmetric workspace.
+
+    Reserves its buffers, flags and a sequence channel in `ws` at construction (collective: build in the
+    same order on every rank). `max_elems` bounds the message length. `transport` for the inter-node rail
+    steps: "put" (NVSHMEM put-with-signal; needs an NVSHMEM workspace), "ptr" (peer stores; every rail
+    partner must be load/store reachable, e.g. logical nodes on one host) or "auto" (put when possible).
+    Calls are asynchronous; a timed-out wait surfaces through `ws.check()` / `ws.check_async()`.
+    """
+
+    def __init__(self, ws: SymmetricWorkspace, max_elems: int, dtype: torch.dtype = torch.bfloat16,
+                 topology: Topology | None = None, transport: str = "auto", max_blocks: int = 32,
+                 block: int = 1024, num_warps: int = 4, max_spins: int = 1 << 24, align: int = 8) -> None:
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
+        if max_elems < 1:
+            raise ValueError(f"max_elems must be >= 1, got {max_elems}")
+        self.ws, self.dtype, self.max_elems = ws, dtype, max_elems
+        self.topology = topology or ws.topology
+        if self.topology.world_size != ws.world_size:
+            raise ValueError(f"topology has {self.topology.world_size} ranks, workspace {ws.world_size}")
+        self.rank = ws.rank
+        g, m = self.topology.gpus_per_node, self.topology.num_nodes
+        self.G, self.M = g, m
+        self.node_base = self.topology.node(self.rank) * g
+        self.block, self.num_warps, self.max_blocks = block, num_warps, max_blocks
+        self.max_spins, self.align = max_spins, align
+        isz = torch.empty((), dtype=dtype).element_size()
+        self.itemsize = isz
+        for r in self.topology.node_ranks(self.topology.node(self.rank)):
+            if not ws.reachable[r]:
+                raise RuntimeError(f"rank {r} is in rank {self.rank}'s node but not load/store reachable")
+        # rail steps from the plan (they do not depend on the message length)
+        table = build_plan(self.topology, 0, "nvrar", align).ranks[self.rank].inter_table()
+        self.nsteps, self.nslot = len(table), inter_slot_count(m)
+        self.steps = torch.tensor([v for row in table for v in row] or [0], dtype=torch.int32, device=ws.device)
+        partners = {row[1] for row in table}
+        if transport == "auto":
+            transport = "put" if ws.uses_nvshmem and any(not ws.reachable[p] for p in partners) else "ptr"
+            if ws.uses_nvshmem and m > 1 and transport == "ptr":
+                transport = "put"  # exercise the inter-node transport even when peers are on one host
+        if transport not in ("put", "ptr"):
+            raise ValueError(f"transport must be 'auto', 'put' or 'ptr', got {transport!r}")
+        if transport == "put" and not ws.uses_nvshmem:
+            raise RuntimeError("transport='put' needs an NVSHMEM workspace")
+        if transport == "ptr" and any(not ws.reachable[p] for p in partners):
+            raise RuntimeError("transport='ptr' but some rail partners are not load/store reachable")
+        self.transport = transport
+        if transport == "put":
+            self._extern = {"libnvshmem_device": nvshmem_device_library()}
+            _install_hook()
+        # buffers: one-shot slots [2][G][max_elems]; hierarchical RS/AG [2][G][cap], work [2][NSLOT+1][cap],
+        # recv [2][NSLOT][cap]
+        self.cap = cdiv(cdiv(max_elems, g), align) * align
+        a = 256
+        self.os_off = ws.alloc_bytes(2 * g * max_elems * isz, a) if m == 1 else -1
+        self.rs_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz
+        self.work_off = ws.alloc_bytes(2 * (max(self.nslot, 1) + 1) * self.cap * isz, a) // isz
+        self.recv_off = ws.alloc_bytes(max(1, 2 * self.nslot * self.cap * isz), a) // isz
+        self.ag_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz
+        self.osf_off = ws.alloc_flags(max_blocks * g)
+        self.rsf_off = ws.alloc_flags(max_blocks * g)
+        self.inf_off = ws.alloc_flags(max(1, max_blocks * self.nslot))
+        self.agf_off = ws.alloc_flags(max_blocks * g)
+        self.ch = ws.alloc_channel()
+        self._ctr = ws.counters[self.ch:]
+
+    def _blocks(self, elems: int) -> tuple[int, int]:
+        nb = max(1, min(self.max_blocks, cdiv(elems, 2 * self.block)))
+        per_block = cdiv(cdiv(elems, nb), self.block) * self.block
+        return cdiv(max(elems, 1), per_block), per_block
+
+    def _check(self, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("x must be a tensor")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype}, this all-reduce was built for {self.dtype}")
+        if x.device.type != self.ws.device.type:
+            raise ValueError(f"x is on {x.device}, workspace on {self.ws.device}")
+        if not x.is_contiguous():
+            raise ValueError("x must be contiguous")
+        if x.numel() > self.max_elems:
+            raise ValueError(f"x has {x.numel()} elements, more than max_elems={self.max_elems}")
+        if out is None:
+            out = torch.empty_like(x)
+        elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError("out must be a contiguous tensor of x's shape and dtype")
+        return x.view(-1), out.view(-1)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar") -> torch.Tensor:
+        """Sum `x` over all ranks into `out` (new tensor if None; `out=x` is allowed). Returns out."""
+        xf, of = self._check(x, out)
+        result = of.view(x.shape)
+        n = xf.numel()
+        if n == 0:
+            return result
+        ws = self.ws
+        if algorithm == "one_shot":
+            if self.M != 1:
+                raise ValueError("one_shot is intra-node only (topology has several nodes)")
+            nb, per_block = self._blocks(n)
+            K._one_shot_kernel[(nb,)](
+                xf, of, n, ws.buffer, ws.flags, ws.peer_ptrs, ws.peer_flag_ptrs, self._ctr, ws.err,
+                self.os_off, self.max_elems, self.osf_off, self.rank, self.node_base, per_block, self.max_spins,
+                G=self.G, BLOCK=self.block, num_warps=self.num_warps)
+            return result
+        if algorithm not in ("two_shot", "nvrar"):
+            raise ValueError(f"algorithm must be one of {DEVICE_ALGORITHMS}, got {algorithm!r}")
+        if algorithm == "two_shot" and self.M != 1:
+            raise ValueError("two_shot is intra-node only (topology has several nodes); use 'nvrar'")
+        cs = cdiv(cdiv(n, self.G), self.align) * self.align
+        nb, per_block = self._blocks(cs)
+        put = self.transport == "put" and self.nsteps > 0
+        kw = dict(G=self.G, NSTEPS=self.nsteps, NSLOT=max(self.nslot, 1), BLOCK=self.block, USE_PUT=put,
+                  num_warps=self.num_warps)
+        if put:
+            kw["extern_libs"] = self._extern
+            _load_state.put = True
+        try:
+            K._hier_kernel[(nb,)](
+                xf, of, n, ws.buffer, ws.flags, ws.peer_ptrs, ws.peer_flag_ptrs, self._ctr, ws.err, self.steps,
+                self.rs_off, self.work_off, self.recv_off, self.ag_off, self.cap, cs,
+                self.rsf_off, self.inf_off, self.agf_off, self.rank, self.node_base, per_block, self.max_spins,
+                **kw)
+        finally:
+            _load_state.put = False
+        return result

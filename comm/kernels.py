@@ -1,0 +1,231 @@
+"""Triton all-reduce kernels on a `SymmetricWorkspace`: one-shot, two-shot and NVRAR (hierarchical).
+
+Protocol (same for every kernel):
+- Each launch reads its sequence number `seq = counters[ch] + 1` on the device; the last program to finish
+  (atomic ticket) stores it back. So calls need no host synchronisation and replay inside CUDA graphs.
+- Data goes to the receiver's symmetric buffer at parity `seq % 2` (double buffering); then the sender
+  raises the receiver's flag to `seq` (release, system scope; one flag per (program, sender)). The receiver
+  waits until its flag >= seq (acquire). A sender can be at most one call ahead of a receiver (every call
+  needs every rank's data), so two parities suffice and a flag that already shows seq+1 is fine.
+- Intra-node: peer stores through `nvshmem_ptr` / peer pointers. Inter-node (NVRAR rail steps): NVSHMEM
+  `putmem_signal_block` (signal SET to seq) when USE_PUT, else peer stores (logical nodes on one host).
+- Every wait is bounded (`max_spins` polls); a timeout writes (1<<62 | step<<32 | peer) into `err` with
+  compare-and-swap (first one wins) and the program carries on, so the launcher can raise a Python error naming rank and step.
+  Step numbers: 0 = one-shot exchange or reduce-scatter, 1.. = NVRAR rail steps, 99 = all-gather.
+- Every floating-point sum happens in a rank-independent order (local-rank order, or a + b for a pair),
+  in fp32, so all ranks return bitwise-identical results, as `simulate_all_reduce` does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language import core
+
+STEP_AG = 99
+OP_SEND, OP_RECV_ADD, OP_EXCHANGE, OP_RECV_COPY = 1, 2, 3, 4  # = plan.INTER_OPS
+NVSHMEM_SIGNAL_SET = 9  # NVSHMEM 3.4.5 (torch's docstring saying 0 is wrong)
+
+
+@core.extern
+def _putmem_signal_block(dst, src, nbytes, sig_addr, sig_val, sig_op, pe, _semantic=None):
+    # Block-scoped: Triton runs an extern call in every thread, which is what *_block functions need.
+    return core.extern_elementwise(
+        "", "", [dst, src, nbytes, sig_addr, sig_val, sig_op, pe],
+        {(core.dtype("int64"), core.dtype("int64"), core.dtype("int64"), core.dtype("int64"),
+          core.dtype("uint64"), core.dtype("int32"), core.dtype("int32")):
+         ("nvshmemx_putmem_signal_block", core.dtype("int32"))},
+        is_pure=False, _semantic=_semantic)
+
+
+@triton.jit
+def _ptr(table, idx, byte_off, dty: tl.constexpr):
+    """Element pointer `table[idx] + byte_off` (peer base addresses are int64)."""
+    return (tl.load(table + idx) + byte_off).to(tl.pointer_type(dty))
+
+
+@triton.jit
+def _signal(flag_table, peer, word, seq):
+    fp = (tl.load(flag_table + peer)).to(tl.pointer_type(tl.int64))
+    tl.atomic_xchg(fp + word, seq, sem="release", scope="sys")
+
+
+@triton.jit
+def _wait(flag_addr, seq, max_spins, err_ptr, step, peer):
+    v = tl.atomic_add(flag_addr, 0, sem="acquire", scope="sys")
+    n = 0
+    while (v < seq) & (n < max_spins):
+        v = tl.atomic_add(flag_addr, 0, sem="acquire", scope="sys")
+        n += 1
+    if v < seq:
+        tl.atomic_cas(err_ptr, 0, peer.to(tl.int64) | ((1 << 62) | (step << 32)))  # first timeout wins
+
+
+@triton.jit
+def _finish(ctr_ptr, seq):
+    t = tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if t == tl.num_programs(0) - 1:
+        tl.store(ctr_ptr + 1, 0)
+        tl.store(ctr_ptr, seq)
+
+
+@triton.jit
+def _one_shot_kernel(
+    x_ptr, out_ptr, N, buf_ptr, flag_ptr, peer_ptrs, peer_flag_ptrs, ctr_ptr, err_ptr,
+    data_off, cap, flag_off, rank, node_base, per_block, max_spins,
+    G: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Every rank stores its slice into slot [parity][local rank] of every node peer, then sums slots."""
+    pid = tl.program_id(0)
+    dty: tl.constexpr = x_ptr.dtype.element_ty
+    seq = tl.load(ctr_ptr) + 1
+    par = seq % 2
+    lr = rank - node_base
+    lo = pid * per_block
+    hi = tl.minimum(lo + per_block, N)
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < hi
+        v = tl.load(x_ptr + idx, mask=m)
+        for j in tl.static_range(G):
+            dst = _ptr(peer_ptrs, node_base + j, data_off, dty)
+            tl.store(dst + (par * G + lr) * cap + idx, v, mask=m)
+    tl.debug_barrier()
+    for j in tl.static_range(G):
+        _signal(peer_flag_ptrs, node_base + j, flag_off + pid * G + lr, seq)
+    for j in tl.static_range(G):
+        _wait(flag_ptr + flag_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
+    tl.debug_barrier()
+    buf = (buf_ptr + data_off).to(tl.pointer_type(dty), bitcast=True)
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < hi
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(G):
+            acc += tl.load(buf + (par * G + j) * cap + idx, mask=m, cache_modifier=".cg").to(tl.float32)
+        tl.store(out_ptr + idx, acc.to(dty), mask=m)
+    _finish(ctr_ptr, seq)
+
+
+@triton.jit
+def _hier_kernel(
+    x_ptr, out_ptr, N, buf_ptr, flag_ptr, peer_ptrs, peer_flag_ptrs, ctr_ptr, err_ptr, steps_ptr,
+    rs_off, work_off, recv_off, ag_off, cap, cs,
+    rsf_off, inf_off, agf_off, rank, node_base, per_block, max_spins,
+    G: tl.constexpr, NSTEPS: tl.constexpr, NSLOT: tl.constexpr, BLOCK: tl.constexpr, USE_PUT: tl.constexpr,
+):
+    """Two-shot (NSTEPS == 0) and NVRAR: reduce-scatter in the node, rail steps, all-gather in the node.
+
+    Program p handles chunk-relative elements [p*per_block, (p+1)*per_block) of every chunk.
+    Chunk j = [min(j*cs, N), min((j+1)*cs, N)) as in `plan.Chunking`.
+    """
+    pid = tl.program_id(0)
+    dty: tl.constexpr = x_ptr.dtype.element_ty
+    seq = tl.load(ctr_ptr) + 1
+    par = seq % 2
+    lr = rank - node_base
+    my_lo = tl.minimum(lr * cs, N)
+    my_len = tl.minimum(my_lo + cs, N) - my_lo
+    blo = pid * per_block
+    bhi = tl.minimum(blo + per_block, my_len)
+    local = buf_ptr.to(tl.pointer_type(dty), bitcast=True)
+    work = local + work_off  # element offsets from here on
+    # -- phase 1: reduce-scatter inside the node (or a copy when the node has one GPU)
+    if G > 1:
+        for j in tl.static_range(G):
+            c_lo = tl.minimum(j * cs, N)
+            c_hi = tl.minimum(c_lo + cs, N)
+            dst = _ptr(peer_ptrs, node_base + j, 0, dty) + rs_off + (par * G + lr) * cap
+            for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < c_hi - c_lo
+                tl.store(dst + idx, tl.load(x_ptr + c_lo + idx, mask=m), mask=m)
+        tl.debug_barrier()
+        for j in tl.static_range(G):
+            _signal(peer_flag_ptrs, node_base + j, rsf_off + pid * G + lr, seq)
+        for j in tl.static_range(G):
+            _wait(flag_ptr + rsf_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
+        tl.debug_barrier()
+        for off in range(blo, bhi, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            m = idx < bhi
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in tl.static_range(G):
+                acc += tl.load(local + rs_off + (par * G + j) * cap + idx, mask=m,
+                               cache_modifier=".cg").to(tl.float32)
+            tl.store(work + (par * (NSLOT + 1)) * cap + idx, acc.to(dty), mask=m)
+    else:
+        for off in range(blo, bhi, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            m = idx < bhi
+            tl.store(work + (par * (NSLOT + 1)) * cap + idx, tl.load(x_ptr + my_lo + idx, mask=m), mask=m)
+    # -- phase 2: rail steps (recursive doubling with fold-in / fold-out), table from the plan
+    for k in tl.static_range(NSTEPS):
+        op = tl.load(steps_ptr + 3 * k)
+        partner = tl.load(steps_ptr + 3 * k + 1)
+        slot = tl.load(steps_ptr + 3 * k + 2)
+        src = work + (par * (NSLOT + 1) + k) * cap
+        nxt = work + (par * (NSLOT + 1) + k + 1) * cap
+        if (op == 1) | (op == 3):  # SEND or EXCHANGE
+            if USE_PUT:
+                tl.debug_barrier()
+                nbytes = (tl.maximum(bhi - blo, 0) * (dty.primitive_bitwidth // 8)).to(tl.int64)
+                dst_sym = local + recv_off + (par * NSLOT + slot) * cap + blo
+                sig = flag_ptr + inf_off + pid * NSLOT + slot
+                _putmem_signal_block(dst_sym.to(tl.int64), (src + blo).to(tl.int64), nbytes,
+                                     sig.to(tl.int64), seq.to(tl.uint64), 9, partner.to(tl.int32))
+            else:
+                rdst = _ptr(peer_ptrs, partner, 0, dty) + recv_off + (par * NSLOT + slot) * cap
+                for off in range(blo, bhi, BLOCK):
+                    idx = off + tl.arange(0, BLOCK)
+                    m = idx < bhi
+                    tl.store(rdst + idx, tl.load(src + idx, mask=m), mask=m)
+                tl.debug_barrier()
+                _signal(peer_flag_ptrs, partner, inf_off + pid * NSLOT + slot, seq)
+        if op == 1:
+            for off in range(blo, bhi, BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < bhi
+                tl.store(nxt + idx, tl.load(src + idx, mask=m), mask=m)
+        else:
+            _wait(flag_ptr + inf_off + pid * NSLOT + slot, seq, max_spins, err_ptr, 1 + k, partner)
+            tl.debug_barrier()
+            rcv = local + recv_off + (par * NSLOT + slot) * cap
+            for off in range(blo, bhi, BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < bhi
+                r = tl.load(rcv + idx, mask=m, cache_modifier=".cg")
+                if op == 4:
+                    res = r
+                else:
+                    res = (tl.load(src + idx, mask=m).to(tl.float32) + r.to(tl.float32)).to(dty)
+                tl.store(nxt + idx, res, mask=m)
+    fin = work + (par * (NSLOT + 1) + NSTEPS) * cap
+    # -- phase 3: all-gather inside the node (or a copy out)
+    if G > 1:
+        for j in tl.static_range(G):
+            dst = _ptr(peer_ptrs, node_base + j, 0, dty) + ag_off + (par * G + lr) * cap
+            for off in range(blo, bhi, BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < bhi
+                tl.store(dst + idx, tl.load(fin + idx, mask=m), mask=m)
+        tl.debug_barrier()
+        for j in tl.static_range(G):
+            _signal(peer_flag_ptrs, node_base + j, agf_off + pid * G + lr, seq)
+        for j in tl.static_range(G):
+            _wait(flag_ptr + agf_off + pid * G + j, seq, max_spins, err_ptr, 99, node_base + j)
+        tl.debug_barrier()
+        for j in tl.static_range(G):
+            c_lo = tl.minimum(j * cs, N)
+            c_hi = tl.minimum(c_lo + cs, N)
+            srcj = local + ag_off + (par * G + j) * cap
+            for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < c_hi - c_lo
+                tl.store(out_ptr + c_lo + idx, tl.load(srcj + idx, mask=m, cache_modifier=".cg"), mask=m)
+    else:
+        for off in range(blo, bhi, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            m = idx < bhi
+            tl.store(out_ptr + my_lo + idx, tl.load(fin + idx, mask=m), mask=m)
+    _finish(ctr_ptr, seq)

@@ -1,0 +1,109 @@
+"""Flag/sequence protocol of the Triton all-reduce kernels, in the interpreter: ranks are forked processes
+sharing one memory region (peer pointers are valid in every process), spin-waits bounded."""
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+
+from fusedlis.comm.device import DeviceAllReduce
+from fusedlis.comm.symmetric import CommTimeoutError, SymmetricWorkspace
+from fusedlis.comm.topology import Topology
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter protocol test (CPU only)")
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+NBYTES, FLAGS = 1 << 20, 4096
+
+
+def _inputs(call, rank, n, dtype):
+    g = torch.Generator().manual_seed(1000 * call + rank)
+    return torch.randn(n, generator=g).to(dtype)
+
+
+def _rank_main(rank, world, gpn, cases, shared, results, status):
+    try:
+        ws = SymmetricWorkspace.from_shared(shared, rank, world, gpn, NBYTES, FLAGS)
+        ars = {}
+        for call, (alg, n, dtype) in enumerate(cases):
+            if dtype not in ars:
+                ars[dtype] = DeviceAllReduce(ws, 4096, dtype, Topology(world, gpn), block=64, max_blocks=4,
+                                             max_spins=200_000)
+            x = _inputs(call, rank, n, dtype)
+            out = torch.full_like(x, float("nan"))
+            inplace = call % 3 == 2
+            res = ars[dtype](x, out=x if inplace else out, algorithm=alg)
+            ws.check()
+            results[rank, call, :n] = res.double()
+        status[rank] = 1
+    except BaseException as e:  # report, never hang the parent
+        status[rank] = 2
+        print(f"rank {rank} failed: {type(e).__name__}: {e}", flush=True)
+        os._exit(1)
+
+
+def _run(world, gpn, cases):
+    ctx = mp.get_context("fork")
+    shared = torch.zeros(SymmetricWorkspace.shared_size(world, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
+    nmax = max(n for _, n, _ in cases)
+    results = torch.full((world, len(cases), nmax), float("nan"), dtype=torch.float64).share_memory_()
+    status = torch.zeros(world, dtype=torch.int32).share_memory_()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, gpn, cases, shared, results, status)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert status.tolist() == [1] * world, f"rank status {status.tolist()}"
+    for call, (alg, n, dtype) in enumerate(cases):
+        ref = sum(_inputs(call, r, n, dtype).double() for r in range(world))
+        out = results[:, call, :n]
+        err = ((out[0] - ref).norm() / ref.norm()).item()
+        assert err <= TOL[dtype], (call, alg, n, dtype, err)
+        for r in range(1, world):
+            assert torch.equal(out[r], out[0]), f"rank {r} differs from rank 0 (call {call} {alg})"
+
+
+def test_one_and_two_shot_single_node():
+    cases = [("one_shot", 1000, torch.float32), ("two_shot", 777, torch.float32), ("one_shot", 5, torch.float16),
+             ("two_shot", 1, torch.float32), ("two_shot", 4096, torch.float16), ("one_shot", 300, torch.float32)]
+    _run(2, 2, cases)
+
+
+def test_nvrar_three_logical_nodes_of_one():
+    """Non-power-of-two node count: fold-in / recursive doubling / fold-out through peer stores."""
+    cases = [("nvrar", 999, torch.float32), ("nvrar", 3, torch.float16), ("nvrar", 2048, torch.float32)]
+    _run(3, 1, cases)
+
+
+def test_nvrar_two_nodes_of_two():
+    cases = [("nvrar", 1001, torch.float32), ("nvrar", 64, torch.float16), ("nvrar", 7, torch.float32)]
+    _run(4, 2, cases)
+
+
+def _lonely_rank(shared, q):
+    ws = SymmetricWorkspace.from_shared(shared, 0, 2, 2, NBYTES, FLAGS)
+    ar = DeviceAllReduce(ws, 1024, torch.float32, block=64, max_spins=300)
+    ar(torch.randn(100), algorithm="two_shot")
+    try:
+        ws.check()
+        q.put("no error")
+    except CommTimeoutError as e:
+        q.put(str(e))
+
+
+def test_timeout_names_rank_and_step():
+    ctx = mp.get_context("fork")
+    shared = torch.zeros(SymmetricWorkspace.shared_size(2, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
+    q = ctx.Queue()
+    p = ctx.Process(target=_lonely_rank, args=(shared, q))
+    t0 = time.time()
+    p.start()
+    msg = q.get(timeout=120)
+    p.join(timeout=30)
+    assert "rank 0" in msg and "step 0" in msg and "rank 1" in msg, msg
+    assert time.time() - t0 < 120
