@@ -173,7 +173,7 @@ class LlamaConfig:
             "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
-            "torch_dtype": self.torch_dtype,
+            "torch_dtype": self.torch_dtype, "_name_or_path": self.name,
         }
         return d
 

@@ -1,0 +1,5 @@
+import sys
+
+from fusedlis.cli import main
+
+sys.exit(main())
