@@ -1,0 +1,266 @@
+"""Fused row-parallel GEMM + all-reduce vs unfused baselines, TP=2, CUDA-graph timed, side by side.
+
+    torchrun --nproc-per-node 2 bench/fused.py [--out bench/results] [--m 1,8,32,64,128] [--quick]
+
+Shapes (K per GPU -> N), Llama-3.1 TP=2 row-parallel layers: 8B o_proj 2048->4096, 8B down 7168->4096,
+70B o_proj 4096->8192, 70B down 7168->8192. Per (shape, M), each variant is captured `--reps` times in
+one CUDA graph (weights and inputs rotated through > L2-sized copies) and the graph is replayed; the
+time is the median replay / reps. Writes fused_<device>_<date>.csv and .png (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+SHAPES = {"8B_o": (2048, 4096), "8B_down": (7168, 4096), "70B_o": (4096, 8192), "70B_down": (7168, 8192)}
+
+
+def _rmsnorm_torch(h, w, eps):
+    hf = h.float()
+    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(h.dtype)
+
+
+def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf):
+    """name -> (setup() -> state, step(state, i)) ; every step is one layer call on copy i."""
+    import triton
+
+    from fusedlis.triton_kernels.linear_allreduce import linear_allreduce
+
+    wbytes = N * K * 2
+    ncopy = max(2, triton.cdiv(256 << 20, wbytes))
+    g = torch.Generator(device=dev).manual_seed(7 + dist.get_rank())
+    ws_ = [torch.randn(N, K, device=dev, dtype=dt, generator=g) / K ** 0.5 for _ in range(ncopy)]
+    xs = [torch.randn(M, K, device=dev, dtype=dt, generator=g) for _ in range(ncopy)]
+    res = torch.randn(M, N, device=dev, dtype=dt, generator=torch.Generator(device=dev).manual_seed(3))
+    nw = torch.ones(N, device=dev, dtype=dt)
+    eps = 1e-5
+    outs = [torch.empty(M, N, device=dev, dtype=dt) for _ in range(2)]
+    v = {}
+
+    def cublas_nccl(i):
+        y = torch.mm(xs[i], ws_[i].t(), out=outs[0])
+        dist.all_reduce(y)
+
+    v["cublas+nccl"] = cublas_nccl
+
+    def cublas_nccl_norm(i):
+        y = torch.mm(xs[i], ws_[i].t(), out=outs[0])
+        dist.all_reduce(y)
+        h = y + res
+        _rmsnorm_torch(h, nw, eps)
+
+    v["cublas+nccl+res+norm(torch)"] = cublas_nccl_norm
+
+    if symm_buf is not None:
+        sy = symm_buf[: M * N].view(M, N)
+
+        def cublas_symm2(i):
+            torch.mm(xs[i], ws_[i].t(), out=sy)
+            torch.ops.symm_mem.two_shot_all_reduce_(sy, "sum", group_name)
+
+        def cublas_symm1(i):
+            torch.mm(xs[i], ws_[i].t(), out=sy)
+            torch.ops.symm_mem.one_shot_all_reduce(sy, "sum", group_name)
+
+        v["cublas+symm_two_shot"] = cublas_symm2
+        v["cublas+symm_one_shot"] = cublas_symm1
+
+    try:
+        from fusedlis.triton_kernels import linear as fl_linear
+
+        if symm_buf is not None:
+            sy2 = symm_buf[: M * N].view(M, N)
+
+            def fl_linear_symm(i):
+                sy2.copy_(fl_linear(xs[i], ws_[i]))
+                torch.ops.symm_mem.two_shot_all_reduce_(sy2, "sum", group_name)
+
+            v["fusedlis_linear+symm_two_shot"] = fl_linear_symm
+        try:
+            from fusedlis.comm import AllReduce  # noqa: F401  (fusedlis all-reduce, when it exists)
+
+            ar = _make_fusedlis_allreduce(N, M, dt, dev)
+            if ar is not None:
+                def fl_unfused(i):
+                    ar.all_reduce(fl_linear(xs[i], ws_[i]))
+
+                v["fusedlis_linear+fusedlis_ar"] = fl_unfused
+        except Exception as e:  # noqa: BLE001
+            print(f"fusedlis AllReduce unavailable: {e}", file=sys.stderr)
+    except ImportError as e:
+        print(f"fusedlis linear unavailable: {e}", file=sys.stderr)
+
+    for one in (True, False):
+        name = "fused_one_shot" if one else "fused_two_shot"
+        v[name] = (lambda one_: lambda i: linear_allreduce(xs[i], ws_[i], ws, one_shot=one_, out=outs[1]))(one)
+    v["fused_auto"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1])
+    v["fused_auto+res+norm"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, res, nw, eps, out=(outs[1], outs[0]))
+    return v, ncopy
+
+
+_AR_CACHE = {}
+
+
+def _make_fusedlis_allreduce(N, M, dt, dev):
+    from fusedlis.comm import AllReduce
+
+    if "ar" not in _AR_CACHE:
+        try:
+            _AR_CACHE["ar"] = AllReduce(max_bytes=128 * 8192 * 2)
+        except TypeError:
+            _AR_CACHE["ar"] = AllReduce()
+    return _AR_CACHE["ar"]
+
+
+def time_variant(fn, ncopy, reps, iters):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i % ncopy)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i % ncopy)
+    g.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    dist.barrier()
+    del g
+    return statistics.median(times)
+
+
+def main() -> None:
+    import triton
+
+    from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--m", default="1,8,32,64,128")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--gpus-per-node", type=int, default=None)
+    args = ap.parse_args()
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    dt = torch.bfloat16
+    ws = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
+    symm_buf, group_name = None, dist.group.WORLD.group_name
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        symm_buf = symm_mem.empty(128 * 8192, dtype=dt, device=dev)
+        symm_mem.rendezvous(symm_buf, dist.group.WORLD)
+    except Exception as e:  # noqa: BLE001
+        print(f"torch symmetric memory unavailable: {e}", file=sys.stderr)
+    Ms = [int(m) for m in args.m.split(",")]
+    rows = []
+    for sname in args.shapes.split(","):
+        K, N = SHAPES[sname]
+        for M in Ms:
+            variants, ncopy = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf)
+            for vname, fn in variants.items():
+                try:
+                    us = time_variant(fn, ncopy, args.reps, args.iters)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{sname} M={M} {vname} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    us = float("nan")
+                rows.append((sname, K, N, M, vname, us))
+                if rank == 0:
+                    print(f"{sname:9s} M={M:4d} {vname:32s} {us:8.2f} us", flush=True)
+            ws.check()
+            del variants
+            torch.cuda.empty_cache()
+    if rank == 0:
+        write_results(rows, args.out, ws, triton.__version__)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def write_results(rows, out_dir, ws, triton_version):
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    devname = torch.cuda.get_device_name().replace(" ", "_")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    topo = f"{ws.num_nodes}x{ws.local_size}"
+    stem = os.path.join(out_dir, f"fused_{devname}x{ws.world_size}_{topo}_{date}")
+    meta = (f"# device={torch.cuda.get_device_name()} x{ws.world_size} topology={topo} torch={torch.__version__} "
+            f"triton={triton_version} cuda={torch.version.cuda} nccl={'.'.join(map(str, torch.cuda.nccl.version()))} "
+            f"python={platform.python_version()} date={date} timing=cuda-graph median per call (us)")
+    with open(stem + ".csv", "w", newline="") as f:
+        f.write(meta + "\n")
+        wr = csv.writer(f)
+        wr.writerow(["shape", "K", "N", "M", "variant", "us"])
+        wr.writerows(rows)
+    # summary: speedups of fused_auto over cublas+nccl and over the best unfused pair
+    table = {}
+    for s, K, N, M, vname, us in rows:
+        table.setdefault((s, M), {})[vname] = us
+    lines = [meta, "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
+             "norm_extra_us"]
+    for (s, M), d in table.items():
+        fused = min(d.get("fused_one_shot", float("inf")), d.get("fused_two_shot", float("inf")))
+        unf = {k: v for k, v in d.items() if not k.startswith("fused") and "norm" not in k and v == v}
+        best = min(unf, key=unf.get) if unf else None
+        nccl = d.get("cublas+nccl", float("nan"))
+        extra = d.get("fused_auto+res+norm", float("nan")) - d.get("fused_auto", float("nan"))
+        lines.append(f"{s} {M} {fused:.2f} {nccl:.2f} {best}:{unf.get(best, float('nan')):.2f} "
+                     f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f}")
+    with open(stem + "_summary.txt", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        shapes = list(dict.fromkeys(r[0] for r in rows))
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+        for ax, s in zip(axes[0], shapes):
+            names = list(dict.fromkeys(r[4] for r in rows if r[0] == s))
+            for nme in names:
+                pts = [(r[3], r[5]) for r in rows if r[0] == s and r[4] == nme]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=nme,
+                        linewidth=2.5 if nme.startswith("fused") else 1)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{s} (K={SHAPES[s][0]}, N={SHAPES[s][1]})")
+            ax.set_xlabel("M (tokens)")
+            ax.set_ylabel("us per layer")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(meta[2:], fontsize=7)
+        fig.tight_layout()
+        fig.savefig(stem + ".png", dpi=110)
+    except Exception as e:  # noqa: BLE001
+        print(f"plot failed: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
