@@ -76,9 +76,10 @@ def estimate_gemm(key: Mapping[str, Any], config: Mapping[str, Any]) -> Resource
     """Tile-based estimate for `linear`-like kernels (BLOCK_M x BLOCK_N output tile, BLOCK_K reduction).
 
     Shared memory: ``num_stages`` buffers of the A and B tiles (two B tiles with SwiGLU: gate and up).
-    Registers: fp32 accumulators plus one A/B fragment spread over the block's threads, plus ~40 for
+    Registers: the fp32 accumulators (``[BLOCK_M, BLOCK_N]``, or ``[BLOCK_M, BLOCK_N, BLOCK_K]`` on the
+    GEMV path ``USE_DOT=False``) plus one A/B fragment, spread over the block's threads, plus ~40 for
     addresses and loop state. Deliberately simple: it only has to reject configs that cannot compile or
-    would spill badly, and a too-optimistic estimate just costs one failed timing.
+    would spill badly; a too-optimistic estimate just costs one failed or slow timing.
     """
     warps, stages = _common(config)
     bm = int(config.get("BLOCK_M", 16))
@@ -88,24 +89,25 @@ def estimate_gemm(key: Mapping[str, Any], config: Mapping[str, Any]) -> Resource
     eb = dtype_bytes(key)
     threads = warps * 32
     smem = stages * (bm * bk + nb * bn * bk) * eb
-    acc = nb * bm * bn
+    use_dot = bool(config.get("USE_DOT", bm >= 16))
+    acc = nb * bm * bn * (1 if use_dot else bk)
     frag = (bm * bk + nb * bn * bk) * eb // 4
     regs = math.ceil((acc + frag) / threads) + 40
     return Resources(smem, regs, threads)
 
 
 def estimate_attention(key: Mapping[str, Any], config: Mapping[str, Any]) -> Resources:
-    """Estimate for split-KV decode attention: ``BLOCK_N`` cache rows of K and V per stage, ``BLOCK_H``
-    query heads (default: the GQA group) against head dim ``D``."""
+    """Estimate for split-KV decode attention: ``BLOCK_N`` cache rows of K and V per stage against
+    head dim ``D``, with the GQA group's query heads padded to ``BLOCK_G = max(16, pow2(Hq/Hkv))``."""
     warps, stages = _common(config)
-    d = int(key.get("D", config.get("BLOCK_D", 128)))
+    d = int(key.get("D", 128))
     hq, hkv = int(key.get("Hq", 1)), max(1, int(key.get("Hkv", 1)))
-    bh = int(config.get("BLOCK_H", max(1, hq // hkv)))
+    bg = int(config.get("BLOCK_G", max(16, 1 << max(0, (max(1, hq // hkv) - 1).bit_length()))))
     bn = int(config.get("BLOCK_N", 64))
     eb = dtype_bytes(key)
     threads = warps * 32
     smem = stages * 2 * bn * d * eb
-    regs = math.ceil((bh * d + bh * bn + 2 * bn * d * eb // 4) / threads) + 40
+    regs = math.ceil((bg * d + bg * bn + 2 * bn * d * eb // 4) / threads) + 40
     return Resources(smem, regs, threads)
 
 

@@ -1,0 +1,245 @@
+"""Per-problem benches: the config space of an op and a timer for it, on the GPU or a synthetic model.
+
+A bench answers: which configs to try (`configs`, `default` from ``fusedlis.triton_kernels``), how much
+shared memory / registers a config needs (`estimate`), how long it takes (`time(config, effort)` in µs),
+what the vendor library takes (`baseline`), and how long the launcher takes when it picks its config
+itself through `fusedlis.tuning.lookup` (`time_lookup`).
+
+`GpuBench` measures with ``triton.testing.do_bench`` medians, rotating through enough weight / KV-cache
+copies (>= 1 GiB) that L2 never holds the operands, and rejects configs whose result is wrong.
+`FakeBench` is an analytic cost model for CPU runs of the whole pipeline (tests, dry runs of
+bench/tune_gpu.sh): its numbers are not measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fusedlis.tuning import search as _search
+from fusedlis.tuning.shapes import Problem, kernel_module
+
+ROTATE_BYTES = 1 << 30
+_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+class SkipOp(RuntimeError):
+    """This op cannot be tuned here (kernel missing, no GPU, no process group); the message says why."""
+
+
+def torch_dtype(name: Any) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+class _Base:
+    def __init__(self, problem: Problem, sms: int) -> None:
+        self.problem = problem
+        self.key = dict(problem.key)
+        self.sms = sms
+        self.mod = kernel_module(problem.op)
+        op = problem.op
+        if self.mod is None or not hasattr(self.mod, f"{op}_configs") or not hasattr(self.mod, f"{op}_default_config"):
+            raise SkipOp(f"op {op!r}: fusedlis.triton_kernels has no {op}_configs/{op}_default_config yet")
+        self.launcher = getattr(self.mod, op, None)
+        self._est = _search.ESTIMATORS.get(op, _search.estimate_none)
+
+    def _cfg_key(self) -> dict[str, Any]:
+        return {**self.key, "sms": self.sms}
+
+    def configs(self) -> list[dict[str, Any]]:
+        return [dict(c) for c in getattr(self.mod, f"{self.problem.op}_configs")(self._cfg_key())]
+
+    def default(self) -> dict[str, Any]:
+        return dict(getattr(self.mod, f"{self.problem.op}_default_config")(self._cfg_key()))
+
+    def estimate(self, config: dict[str, Any]) -> _search.Resources:
+        own = getattr(self.mod, f"{self.problem.op}_resources", None)
+        if own is not None:
+            smem, regs = own(self.key, config)
+            return _search.Resources(int(smem), int(regs), int(config.get("num_warps", 4)) * 32)
+        return self._est(self.key, config)
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU
+
+class GpuBench(_Base):
+    """Real timings on the current CUDA device. `rep_ms` is the do_bench budget at effort 1."""
+
+    def __init__(self, problem: Problem, rep_ms: float = 25.0, check: bool = True) -> None:
+        if not torch.cuda.is_available():
+            raise SkipOp("no CUDA device: GPU timing needs one (use --fake-timer for a CPU dry run)")
+        dev = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(problem, torch.cuda.get_device_properties(dev).multi_processor_count)
+        if self.launcher is None:
+            raise SkipOp(f"op {problem.op!r}: no launcher fusedlis.triton_kernels.{problem.op}()")
+        if problem.op not in ("linear", "decode_attention"):
+            raise SkipOp(f"op {problem.op!r}: no GPU bench written for it yet")
+        self.rep_ms = rep_ms
+        self.check = check
+        self.dtype = torch_dtype(self.key["dtype"])
+        self.i = 0
+        self._checked: set = set()
+        self._ready = False
+
+    def _setup(self) -> None:
+        # Buffers are allocated on first timing (not when the config space is listed) and freed by close().
+        if self._ready:
+            return
+        problem = self.problem
+        dev = torch.device("cuda", torch.cuda.current_device())
+        g = torch.Generator(device=dev).manual_seed(0)
+        if problem.op == "linear":
+            M, N, K = int(self.key["M"]), int(self.key["N"]), int(self.key["K"])
+            self.act = None if self.key.get("activation") in (None, "none") else self.key["activation"]
+            nbuf = max(2, min(64, math.ceil(ROTATE_BYTES / (N * K * self.dtype.itemsize))))
+            self.w = torch.randn((nbuf, N, K), device=dev, dtype=self.dtype, generator=g) * K ** -0.5
+            self.x = torch.randn((M, K), device=dev, dtype=self.dtype, generator=g)
+            self.nbuf = nbuf
+        else:
+            B, Hq, Hkv, D, S = (int(self.key[k]) for k in ("B", "Hq", "Hkv", "D", "S"))
+            per = 2 * B * Hkv * S * D * self.dtype.itemsize
+            nbuf = max(1, min(16, math.ceil(ROTATE_BYTES / per)))
+            self.k = torch.randn((nbuf, B, Hkv, S, D), device=dev, dtype=self.dtype, generator=g)
+            self.v = torch.randn((nbuf, B, Hkv, S, D), device=dev, dtype=self.dtype, generator=g)
+            self.q = torch.randn((B, Hq, D), device=dev, dtype=self.dtype, generator=g)
+            self.lens = torch.full((B,), S, device=dev, dtype=torch.int32)
+            self.scale = D ** -0.5
+            self.nbuf = nbuf
+        self._ready = True
+
+    def _run(self, config: dict[str, Any] | None, j: int) -> torch.Tensor:
+        if self.problem.op == "linear":
+            return self.launcher(self.x, self.w[j], activation=self.act, config=config)
+        return self.launcher(self.q, self.k[j], self.v[j], self.lens, self.scale, config=config)
+
+    def _ref(self) -> torch.Tensor:
+        if self.problem.op == "linear":
+            return self.mod.linear_ref(self.x, self.w[0], activation=self.act)
+        return self.mod.decode_attention_ref(self.q, self.k[0], self.v[0], self.lens, self.scale)
+
+    def _verify(self, config: dict[str, Any] | None) -> None:
+        cid = None if config is None else _search.config_id(config)
+        if not self.check or cid in self._checked:
+            return
+        self._setup()
+        got = self._run(config, 0).float()
+        want = self._ref().float()
+        err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
+        if not err <= _TOL.get(self.dtype, 1e-2):
+            raise ValueError(f"wrong result: relative error {err:.2e}")
+        self._checked.add(cid)
+
+    def _bench(self, fn, effort: int) -> float:
+        import triton.testing
+
+        self._setup()
+        def step():
+            self.i = (self.i + 1) % self.nbuf
+            fn(self.i)
+
+        ms = triton.testing.do_bench(step, warmup=max(5, self.rep_ms / 4), rep=self.rep_ms * effort,
+                                     return_mode="median")
+        return float(ms) * 1000.0
+
+    def time(self, config: dict[str, Any], effort: int = 1) -> float:
+        self._verify(config)
+        return self._bench(lambda j: self._run(config, j), effort)
+
+    def time_lookup(self, effort: int = 1) -> float:
+        self._verify(None)
+        return self._bench(lambda j: self._run(None, j), effort)
+
+    def baseline(self, effort: int = 1) -> tuple[str, float] | None:
+        if self.problem.op == "linear":
+            return "cublas", self._bench(lambda j: self._run({"backend": "torch"}, j), effort)
+        import torch.nn.functional as F
+
+        q4 = self.q[:, :, None, :]
+
+        def sdpa(j):
+            return F.scaled_dot_product_attention(q4, self.k[j], self.v[j], scale=self.scale, enable_gqa=True)
+
+        return "sdpa", self._bench(sdpa, effort)
+
+    def close(self) -> None:
+        for name in ("w", "x", "k", "v", "q", "lens"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._ready = False
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic
+
+class FakeBench(_Base):
+    """Analytic roofline-style cost of a config (Hopper-like numbers), for CPU dry runs and tests.
+
+    Deterministic; `effort` is ignored. Models HBM traffic (weights or KV once, activations once per
+    N-tile, split-K / split-KV partials), latency hiding from the number of programs in flight, a
+    register-spill penalty, and launch overhead. Not a measurement: results are tagged ``fake``.
+    """
+
+    HBM = 4.0e12
+    LAUNCH_US = 3.0
+
+    def __init__(self, problem: Problem, sms: int = 132) -> None:
+        super().__init__(problem, sms)
+        self.dtype_bytes = _search.dtype_bytes(self.key)
+
+    def _efficiency(self, programs: int, res: _search.Resources) -> float:
+        per_sm = max(1, min(4, _search.Limits().smem_bytes // max(1, res.smem_bytes),
+                            65536 // max(1, res.regs_per_thread * res.threads)))
+        slots = self.sms * per_sm
+        waves = programs / slots
+        fill = waves / math.ceil(waves)  # a partial last wave leaves SMs idle
+        hide = min(1.0, programs / (2 * self.sms)) ** 0.5  # too few programs cannot hide HBM latency
+        spill = 0.6 if res.regs_per_thread > 255 else 1.0
+        return max(0.02, 0.92 * fill * hide * spill)
+
+    def time(self, config: dict[str, Any], effort: int = 1) -> float:
+        k, eb = self.key, self.dtype_bytes
+        res = self.estimate(config)
+        if self.problem.op == "linear":
+            M, N, K = int(k["M"]), int(k["N"]), int(k["K"])
+            n_cols = N // 2 if k.get("activation") == "swiglu" else N
+            bm, bn, bk = int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["BLOCK_K"])
+            split = int(config.get("SPLIT_K", 1))
+            tiles_n = math.ceil(n_cols / bn)
+            programs = math.ceil(M / bm) * tiles_n * split
+            traffic = N * K * eb + M * K * eb * tiles_n + (8 * split * M * N if split > 1 else 0)
+            flops = 2 * M * N * K
+            peak = 600e12 if config.get("USE_DOT", bm >= 16) else 40e12 * min(1.0, 4 / bm)
+            t = max(traffic / (self.HBM * self._efficiency(programs, res)), flops / peak)
+        else:
+            B, Hq, Hkv, D, S = (int(k[x]) for x in ("B", "Hq", "Hkv", "D", "S"))
+            bn, splits = int(config["BLOCK_N"]), int(config["NUM_SPLITS"])
+            splits = max(1, min(splits, math.ceil(S / bn)))
+            programs = B * Hkv * splits
+            traffic = 2 * B * Hkv * S * D * eb + 8 * B * Hq * splits * D
+            t = traffic / (self.HBM * self._efficiency(programs, res)) + 2e-6 * (splits > 1)
+        return t * 1e6 + self.LAUNCH_US
+
+    def time_lookup(self, effort: int = 1) -> float:
+        from fusedlis import tuning
+
+        cfg = tuning.lookup(self.problem.op, self.key)
+        return self.time(cfg if cfg is not None else self.default(), effort)
+
+    def baseline(self, effort: int = 1) -> tuple[str, float] | None:
+        k, eb = self.key, self.dtype_bytes
+        if self.problem.op == "linear":
+            return "cublas", int(k["N"]) * int(k["K"]) * eb / (0.6 * self.HBM) * 1e6 + 5.0
+        B, Hkv, D, S = (int(k[x]) for x in ("B", "Hkv", "D", "S"))
+        return "sdpa", 2 * B * Hkv * S * D * eb / (0.5 * self.HBM) * 1e6 + 8.0
