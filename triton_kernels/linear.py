@@ -32,8 +32,8 @@ def _linear_kernel(
     x_ptr, w_ptr, y_ptr, res_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn, stride_ym, stride_rm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
 ):
     # M-tiles vary fastest so that programs sharing a weight tile run together (weight read once via L2).
@@ -99,7 +99,7 @@ def _linear_kernel(
             acc_u = tl.sum(acc3_u, axis=2)
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
+    if HAS_SPLIT:
         # Partials: [SPLIT_K, M, N] (gate) then, for SwiGLU, [SPLIT_K, M, N] (up) after it.
         MN = M * N
         ws_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -187,21 +187,25 @@ def linear_default_config(key: dict) -> dict:
 
 
 def linear_configs(key: dict) -> list[dict]:
-    """The search space the tuner sweeps for `key` (always contains the default)."""
+    """The search space the tuner sweeps for `key` (always contains the default).
+
+    Tile shapes x {half, default, double} split-K. GEMV tiles only for M <= 4 (their fp32 register
+    tile grows with BLOCK_M); tensor-core tiles with BLOCK_M = next power of two >= M (16..128).
+    """
     M, N, K = int(key["M"]), int(key["N"]), int(key["K"])
     n_cols = N // 2 if key.get("activation") == "swiglu" else N
     sms = int(key.get("sms", 132))
-    out: list[dict] = []
     shapes = []
     if M <= 4:
-        for bn, bk, nw in ((16, 256, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (16, 512, 4)):
-            if _pow2(M) * bn * bk // (32 * nw) <= 128:
-                shapes.append((False, _pow2(M), bn, bk, nw, 1))
-    for bm in sorted({min(128, max(16, _pow2(M))), 16 if M > 16 else None} - {None}):
-        for bn, bk, nw, ns in ((64, 128, 4, 4), (32, 256, 4, 3), (128, 64, 4, 4), (64, 256, 8, 3)):
-            if bm >= 64 and bk > 128:
-                continue
-            shapes.append((True, bm, bn, bk, nw, ns))
+        bm = _pow2(M)
+        for bn, bk, nw in ((32, 256, 4), (16, 512, 4), (64, 256, 8), (32, 512, 8)):
+            shapes.append((False, bm, bn // bm if bm > 1 else bn, bk, nw, 2))
+    bm = min(128, max(16, _pow2(M)))
+    for bn, bk, nw, ns in ((64, 128, 4, 4), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3)):
+        if bm >= 64 and bk > 128:
+            continue
+        shapes.append((True, bm, bn, bk, nw, ns))
+    out: list[dict] = []
     for dot, bm, bn, bk, nw, ns in shapes:
         tiles = triton.cdiv(M, bm) * triton.cdiv(n_cols, bn)
         base = _pick_split(tiles, K, bk, M, N, sms)
@@ -314,7 +318,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
         x, w, out, res, ws, cnt,
         M, n_out, K, k_per_split,
         x.stride(0), w.stride(0), out.stride(0), res.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=use_dot,
+        split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_SPLIT=split > 1, USE_DOT=use_dot,
         EVEN_K=(K % k_per_split == 0), SWIGLU=(activation == "swiglu"), HAS_RES=residual is not None,
         IEEE=(x.dtype == torch.float32),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),

@@ -1,0 +1,81 @@
+"""decode_attention: flash-decoding over the KV cache (GQA, per-sequence lengths) vs float64."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusedlis.triton_kernels import (decode_attention, decode_attention_configs, decode_attention_default_config,
+                                     decode_attention_key, decode_attention_ref)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False):
+    g = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    q = torch.randn(B, Hq, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    kc = torch.randn(B + 1, Hkv, S, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    vc = torch.randn(B + 1, Hkv, S, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    lens = (torch.full((B,), S) if full else torch.randint(1, S + 1, (B,), generator=g)).to(torch.int32)
+    lens = lens.to(device)
+    # Positions past seq_len hold garbage that must be ignored.
+    for b in range(B):
+        kc[b, :, int(lens[b]):] = float("nan")
+        vc[b, :, int(lens[b]):] = float("nan")
+    scale = D ** -0.5
+    o = decode_attention(q, kc, vc, lens, scale, config=cfg)
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale)
+    assert not torch.isnan(o).any()
+    return ((o.double() - ref).norm() / ref.norm()).item()
+
+
+@st.composite
+def cases(draw):
+    cfg = None
+    if draw(st.booleans()):
+        cfg = {"NUM_SPLITS": draw(st.integers(1, 5)), "BLOCK_N": draw(st.sampled_from([16, 32])), "num_warps": 4}
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4])),
+            draw(st.sampled_from([16, 24, 32])), draw(st.integers(1, 90)),
+            draw(st.sampled_from([torch.float32, torch.float16])), cfg)
+
+
+@given(cases())
+def test_decode_attention_matches_reference(case):
+    B, Hkv, group, D, S, dtype, cfg = case
+    assert run_case(B, Hkv, group, D, S, dtype, cfg) < TOL[dtype]
+
+
+def test_decode_attention_more_splits_than_blocks():
+    # Many splits are empty for short sequences: their partials must not contribute.
+    assert run_case(2, 2, 2, 16, 200, torch.float32, {"NUM_SPLITS": 12, "BLOCK_N": 16}, seed=3) < 1e-5
+
+
+def test_decode_attention_configs():
+    key = decode_attention_key(8, 16, 4, 128, 4096, torch.bfloat16)
+    cfgs = decode_attention_configs(key)
+    assert decode_attention_default_config(key) in cfgs
+    assert all(c["NUM_SPLITS"] >= 1 and c["BLOCK_N"] >= 16 for c in cfgs)
+
+
+def test_decode_attention_bad_inputs():
+    q = torch.randn(2, 4, 16)
+    kc = torch.randn(2, 2, 8, 16)
+    lens = torch.full((2,), 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(q, kc, kc, lens.long(), 0.25)
+    with pytest.raises(ValueError, match="incompatible"):
+        decode_attention(torch.randn(2, 3, 16), kc, kc, lens, 0.25)
+    with pytest.raises(TypeError, match="share"):
+        decode_attention(q.half(), kc, kc, lens, 0.25)
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_attention(q, kc.transpose(2, 3).contiguous().transpose(2, 3), kc, lens, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hkv,group,S", [(1, 8, 4, 2048), (4, 4, 4, 1000), (8, 1, 8, 4096), (3, 2, 5, 333)])
+def test_decode_attention_gpu_bf16(B, Hkv, group, S):
+    key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
+    for cfg in [None] + decode_attention_configs(key)[:5]:
+        assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg
