@@ -58,7 +58,8 @@ def _wait(flag_addr, seq, max_spins, err_ptr, step, peer):
         v = tl.atomic_add(flag_addr, 0, sem="acquire", scope="sys")
         n += 1
     if v < seq:
-        tl.atomic_cas(err_ptr, 0, peer.to(tl.int64) | ((1 << 62) | (step << 32)))  # first timeout wins
+        code = peer.to(tl.int64) | ((1 << 62) | (step << 32))
+        tl.atomic_cas(err_ptr, code * 0, code)  # the first timeout wins
 
 
 @triton.jit
