@@ -1,0 +1,180 @@
+"""Performance model: formulas against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fusedlis.perfmodel import collectives as coll
+from fusedlis.perfmodel.hardware import Hardware, Link
+from fusedlis.perfmodel.step import memory_per_gpu, predict, recommend, step_time
+from fusedlis.perfmodel.volume import Layout, ModelShape, model_shape, parse_layout, step_volume
+
+LLAMA_8B = ModelShape("llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8, 128)
+
+A_I, BW_I, A_E, BW_E, RED = 2e-6, 100e9, 7e-6, 20e9, 500e9
+
+
+def hw(gpn: int = 8, **kw) -> Hardware:
+    base = Hardware("t", "t", gpn, 2e12, 500e12, 80e9, 3e-6, 1 / RED,
+                    Link(A_I, 1 / BW_I, 2 * A_I, 2 / BW_I), Link(A_E, 1 / BW_E, 2 * A_E, 2 / BW_E))
+    return base.with_(**kw)
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_llama8b_tp2_decode_bytes_per_token():
+    # 2 all-reduces per layer x 32 layers + 1 after the embedding, each [1, 4096] bf16 = 8192 B;
+    # logits all-gather [1, 128256] bf16 = 256512 B.
+    v = step_volume(LLAMA_8B, Layout(2, 1), tokens=1, rows=1)
+    assert v.allreduce_count == 65
+    assert v.allreduce_bytes == 8192
+    assert v.allgather_bytes == 256512
+    assert v.total == 65 * 8192 + 256512 == 788992
+    # per-GPU wire bytes of one ring all-reduce on 2 GPUs: 2 (p-1)/p m = m
+    assert coll.bytes_sent("ring", 1, 2, 8192) == 8192
+
+
+def test_preset_matches_hand_shape():
+    assert model_shape("llama-3.1-8b") == LLAMA_8B
+    assert model_shape("llama-3.1-8b").num_params() == 8_030_261_248
+
+
+def test_pp_volume_hand():
+    # 3 boundaries x (hidden + residual) x [16, 4096] bf16, plus 16 int64 ids back to stage 0
+    v = step_volume(LLAMA_8B, Layout(1, 4), tokens=16, rows=16)
+    assert v.allreduce_count == 0 and v.allgather_bytes == 0
+    assert v.p2p_bytes == 3 * 2 * 16 * 4096 * 2 + 16 * 8
+    hyb = step_volume(LLAMA_8B, Layout(2, 2), tokens=1, rows=1)
+    assert hyb.total == 65 * 8192 + 256512 + 2 * 8192 + 8
+
+
+def test_ring_one_node_hand():
+    m = 1 << 20
+    c = coll.ring(hw(), 1, 4, m)
+    assert close(c.latency, 6 * A_I)
+    assert close(c.bandwidth, 1.5 * m / BW_I)
+    assert close(c.reduction, 0.75 * m / RED)
+    assert c.inter == 0
+
+
+def test_ring_multinode_charged_at_network():
+    m = 1 << 20
+    c = coll.ring(hw(4), 2, 4, m)
+    assert close(c.total, 14 * A_E + 14 / 8 * m / BW_E + 7 / 8 * m / RED)
+    assert close(c.inter, c.latency + c.bandwidth)
+
+
+def test_oneshot_twoshot_hand():
+    m = 65536
+    o = coll.oneshot(hw(), 1, 4, m)
+    assert close(o.total, A_I + 3 * m / BW_I + 3 * m / RED)
+    t = coll.twoshot(hw(), 1, 4, m)
+    assert close(t.total, 2 * A_I + 1.5 * m / BW_I + 0.75 * m / RED)
+
+
+def test_recursive_doubling_and_rabenseifner_hand():
+    m = 4096
+    assert close(coll.recursive_doubling(hw(), 1, 8, m).total, 3 * (A_I + m / BW_I + m / RED))
+    # 6 ranks: fold 2 in and back out (2 alpha, 2 m beta, m gamma) + 2 doubling steps among 4
+    assert close(coll.recursive_doubling(hw(), 1, 6, m).total,
+                 2 * A_I + 2 * m / BW_I + m / RED + 2 * (A_I + m / BW_I + m / RED))
+    assert close(coll.rabenseifner(hw(), 1, 8, m).total, 6 * A_I + 1.75 * m / BW_I + 0.875 * m / RED)
+    # 2 nodes x 2 GPUs: distance 1 inside a node, distance 2 across
+    c = coll.recursive_doubling(hw(2), 2, 2, m)
+    assert close(c.total, (A_I + m / BW_I + m / RED) + (A_E + m / BW_E + m / RED))
+    assert close(c.inter, A_E + m / BW_E)
+
+
+def test_nvrar_hand():
+    m = 1 << 20
+    c = coll.nvrar(hw(4), 2, 4, m)
+    rs = A_I + 0.75 * m / BW_I + 0.75 * m / RED
+    rd = A_E + m / 4 / BW_E + m / 4 / RED
+    ag = A_I + 0.75 * m / BW_I
+    assert close(c.total, rs + rd + ag)
+    assert close(c.inter, A_E + m / 4 / BW_E)
+    # 8 nodes of 1 GPU: pure recursive doubling over the network
+    assert close(coll.nvrar(hw(1), 8, 1, m).total, 3 * (A_E + m / BW_E + m / RED))
+
+
+def test_nccl_uses_nccl_link_and_min_of_ring_tree():
+    m = 1 << 16
+    h = hw()
+    c = coll.allreduce("nccl", h, 1, 8, m)
+    ring = 14 * 2 * A_I + 1.75 * m * 2 / BW_I + 0.875 * m / RED
+    tree = 6 * 2 * A_I + 2 * m * 2 / BW_I + m / RED
+    assert close(c.total, min(ring, tree))
+
+
+def test_tiny_decode_step_hand():
+    # 1 layer, hidden 8, inter 16, 2 heads of 4, 1 kv head, vocab 16; TP=1, batch 1, context 10.
+    s = ModelShape("t", 16, 8, 16, 1, 2, 1, 4)
+    h = hw(peak_flops=1e30, kernel_overhead=0.0)
+    st = step_time(s, Layout(1, 1), h, batch=1, context=10, prefill=False)
+    b = 2
+    gemms = (8 * 16 + 8 + 16) + (8 * 8 + 8 + 8) + (8 * 32 + 8 + 32) + (16 * 8 + 16 + 8)  # qkv, o, gate_up, down
+    attn = 10 * 2 * 4 + 2 * 2 * 4  # KV read + q in / o out
+    norms = 2 * 2 * 8
+    rope = 16 * 2
+    per_step = 2 * 8 + (16 * 8 + 8 + 16) + 2 * 8  # embedding, lm_head, final norm (elements of bf16)
+    sample_bytes = 16 * 4
+    expected = (gemms + attn + norms + rope + per_step) * b + sample_bytes
+    assert close(st.compute * h.hbm_bw, expected)
+    assert st.comm == 0 and st.overhead == 0
+
+
+def test_decode_weight_bytes_dominate_8b():
+    # Llama-3.1-8B TP=1 batch 1: compute ~ weights / HBM bandwidth (KV at context 1 is tiny)
+    h = hw(peak_flops=1e30, kernel_overhead=0.0)
+    st = step_time(LLAMA_8B, Layout(1, 1), h, batch=1, context=1, prefill=False)
+    weights = 2 * (32 * sum(LLAMA_8B.layer_linear_params().values()) + 128256 * 4096)
+    assert weights / h.hbm_bw <= st.compute <= 1.001 * weights / h.hbm_bw
+
+
+def test_memory_per_gpu_hand():
+    mem = memory_per_gpu(LLAMA_8B, Layout(1, 1), batch=1, max_len=1)
+    norms = 2 * 32 * 4096 + 4096
+    kv = 32 * 2 * 8 * 128 * 2
+    assert mem == 2 * (LLAMA_8B.num_params() - norms) + kv
+
+
+def test_pp_decode_not_faster_than_single_stage_compute():
+    h = hw()
+    one = step_time(LLAMA_8B, Layout(1, 1), h, batch=4, context=100, prefill=False)
+    pp = step_time(LLAMA_8B, Layout(1, 4), h, batch=4, context=100, prefill=False)
+    assert pp.total >= one.total
+    tp = step_time(LLAMA_8B, Layout(4, 1), h, batch=4, context=100, prefill=False)
+    assert tp.compute < one.compute / 3
+
+
+def test_layout_parsing_and_errors():
+    assert parse_layout("hybrid", 32, 4) == Layout(4, 8)
+    assert parse_layout("tp", 8, 8) == Layout(8, 1)
+    assert parse_layout("pp", 8, 8) == Layout(1, 8)
+    assert parse_layout("tp4pp2", 8, 8) == Layout(4, 2)
+    with pytest.raises(ValueError, match="uses 6 GPUs"):
+        parse_layout("tp3pp2", 8, 8)
+    with pytest.raises(ValueError, match="unknown layout"):
+        parse_layout("zigzag", 8, 8)
+    with pytest.raises(ValueError, match="heads"):
+        Layout(3, 1).check(LLAMA_8B, 8)
+    with pytest.raises(ValueError, match="exceeds"):
+        Layout(1, 64).check(LLAMA_8B, 8)
+    with pytest.raises(ValueError, match="unknown all-reduce"):
+        coll.resolve("butterfly")
+    with pytest.raises(ValueError, match="nodes"):
+        coll.ring(hw(), 0, 4, 10)
+
+
+def test_predict_and_recommend():
+    preds = predict(LLAMA_8B, hw(4), [Layout(8, 1), Layout(1, 8), Layout(4, 2)], ["nccl", "nvrar"], [1, 8],
+                    prompt=128, gen=32)
+    assert len(preds) == (2 + 1 + 2) * 2
+    lines = recommend(preds)
+    assert len(lines) == 2 and all("use" in ln for ln in lines)
+    best1 = min((p for p in preds if p.batch == 1), key=lambda p: p.token_latency)
+    assert best1.layout.name in lines[0]

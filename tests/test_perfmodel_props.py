@@ -1,0 +1,120 @@
+"""Performance model: hypothesis properties of the cost models and the step model."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusedlis.perfmodel import collectives as coll
+from fusedlis.perfmodel.hardware import BUILTIN, Hardware, Link, profile_from_dict
+from fusedlis.perfmodel.step import step_time
+from fusedlis.perfmodel.volume import Layout, ModelShape, step_volume
+
+ALGOS = sorted(coll.ALGORITHMS)
+SHAPE = ModelShape("small", 1000, 512, 1536, 8, 8, 4, 64)
+
+
+@st.composite
+def hardware(draw) -> Hardware:
+    gbps = st.floats(1.0, 2000.0)
+    us = st.floats(0.0, 50.0)
+
+    def link() -> Link:
+        return Link.make(draw(us), draw(gbps), draw(us), draw(gbps))
+
+    return Hardware("h", "h", draw(st.sampled_from([1, 2, 4, 8])), draw(st.floats(100.0, 5000.0)) * 1e9,
+                    draw(st.floats(10.0, 2000.0)) * 1e12, 80e9, draw(us) * 1e-6,
+                    1.0 / (draw(st.floats(50.0, 5000.0)) * 1e9), link(), link())
+
+
+def _faster(h: Hardware, k: float, which: str) -> Hardware:
+    def f(lk: Link) -> Link:
+        return Link(lk.alpha, lk.beta / k, lk.nccl_alpha, lk.nccl_beta / k)
+
+    return h.with_(**{which: f(getattr(h, which))})
+
+
+nodes_s = st.sampled_from([1, 2, 3, 4, 8, 16])
+gpn_s = st.sampled_from([1, 2, 3, 4, 8])
+bytes_s = st.integers(0, 1 << 26)
+
+
+@given(hardware(), st.sampled_from(ALGOS), nodes_s, gpn_s, bytes_s, st.floats(1.0, 100.0),
+       st.sampled_from(["intra", "inter"]))
+def test_more_bandwidth_never_slower(h, algo, nodes, gpn, m, k, which):
+    slow = coll.allreduce(algo, h, nodes, gpn, m).total
+    fast = coll.allreduce(algo, _faster(h, k, which), nodes, gpn, m).total
+    assert fast <= slow * (1 + 1e-12)
+
+
+@given(hardware(), st.sampled_from(ALGOS), gpn_s, bytes_s)
+def test_one_node_has_no_inter_node_term(h, algo, gpn, m):
+    c = coll.allreduce(algo, h, 1, gpn, m)
+    assert c.inter == 0
+    # changing the network changes nothing on one node
+    other = h.with_(inter=Link.make(1e3, 0.001, 1e3, 0.001))
+    assert coll.allreduce(algo, other, 1, gpn, m).total == c.total
+
+
+@given(hardware(), bytes_s, gpn_s)
+def test_recursive_doubling_with_one_node_costs_nothing(h, m, gpn):
+    assert coll.recursive_doubling(h, 1, 1, m).total == 0
+    # NVRAR on one node is its intra-node reduce-scatter + all-gather only: no inter-node term
+    c = coll.nvrar(h, 1, gpn, m)
+    assert c.inter == 0
+    if gpn == 1:
+        assert c.total == 0
+
+
+@given(hardware(), st.sampled_from(ALGOS), nodes_s, gpn_s, bytes_s, bytes_s)
+def test_cost_monotone_in_bytes_and_nonnegative(h, algo, nodes, gpn, m1, m2):
+    a, b = sorted((m1, m2))
+    ca, cb = coll.allreduce(algo, h, nodes, gpn, a), coll.allreduce(algo, h, nodes, gpn, b)
+    assert 0 <= ca.total <= cb.total * (1 + 1e-12)
+    assert 0 <= ca.inter <= ca.latency + ca.bandwidth + 1e-18
+
+
+@given(hardware(), st.sampled_from(ALGOS), st.sampled_from([2, 4, 8]), gpn_s, bytes_s)
+def test_inter_term_appears_across_nodes(h, algo, nodes, gpn, m):
+    lk = h.inter
+    h = h.with_(inter=Link(lk.alpha + 1e-7, lk.beta, lk.nccl_alpha + 1e-7, lk.nccl_beta))
+    c = coll.allreduce(algo, h, nodes, gpn, m)
+    assert c.inter > 0
+
+
+@given(hardware(), st.sampled_from(["tp", "pp"]), st.sampled_from([1, 8, 64]), st.floats(1.5, 10.0),
+       st.sampled_from(ALGOS))
+def test_step_more_hbm_bandwidth_never_slower(h, kind, batch, k, algo):
+    lay = Layout(h.gpus_per_node, 1) if kind == "tp" else Layout(1, min(h.gpus_per_node * 2, 8))
+    if lay.tp > 8:
+        return
+    a = step_time(SHAPE, lay, h, batch=batch, context=256, prefill=False, allreduce=algo).total
+    b = step_time(SHAPE, lay, h.with_(hbm_bw=h.hbm_bw * k), batch=batch, context=256, prefill=False,
+                  allreduce=algo).total
+    assert b <= a * (1 + 1e-12)
+
+
+@given(hardware(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 16]), st.booleans(), st.sampled_from(ALGOS))
+def test_step_within_one_node_has_no_inter_node_time(h, tp, batch, prefill, algo):
+    h = h.with_(gpus_per_node=8)
+    s = step_time(SHAPE, Layout(tp, 8 // tp), h, batch=batch, context=64, prefill=prefill, allreduce=algo)
+    assert s.comm_inter == 0
+    assert 0 <= s.comm_share < 1
+
+
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 256))
+def test_tp_moves_more_than_pp(g, tokens):
+    tp = step_volume(SHAPE, Layout(g, 1), tokens, tokens)
+    pp = step_volume(SHAPE, Layout(1, g), tokens, tokens)
+    assert tp.total > pp.total > 0
+
+
+@given(st.sampled_from(sorted(BUILTIN)))
+def test_profile_json_round_trip(name):
+    h = BUILTIN[name]
+    back = profile_from_dict(h.to_json(), "roundtrip")
+    for f in ("gpus_per_node", "hbm_bw", "peak_flops", "kernel_overhead", "gamma"):
+        assert abs(getattr(back, f) - getattr(h, f)) <= 1e-9 * abs(getattr(h, f))
+    for lk in ("intra", "inter"):
+        for a, b in zip(getattr(back, lk).__dict__.values(), getattr(h, lk).__dict__.values()):
+            assert abs(a - b) <= 1e-9 * abs(b)
