@@ -22,6 +22,7 @@ from fusedlis.tuning import search as _search
 from fusedlis.tuning.shapes import Problem, kernel_module
 
 ROTATE_BYTES = 1 << 30
+ROTATE_BYTES_CPU = 1 << 16  # interpreter runs: keep it tiny, 2 buffers
 _TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -76,11 +77,18 @@ class _Base:
 class GpuBench(_Base):
     """Real timings on the current CUDA device. `rep_ms` is the do_bench budget at effort 1."""
 
-    def __init__(self, problem: Problem, rep_ms: float = 25.0, check: bool = True) -> None:
-        if not torch.cuda.is_available():
-            raise SkipOp("no CUDA device: GPU timing needs one (use --fake-timer for a CPU dry run)")
-        dev = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(problem, torch.cuda.get_device_properties(dev).multi_processor_count)
+    def __init__(self, problem: Problem, rep_ms: float = 25.0, check: bool = True,
+                 device: str | torch.device | None = None) -> None:
+        # device="cpu" runs the kernels in the Triton interpreter with wall-clock timing: only for tests
+        # of this code path, the numbers mean nothing.
+        if device is None:
+            if not torch.cuda.is_available():
+                raise SkipOp("no CUDA device: GPU timing needs one (use --fake-timer for a CPU dry run)")
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = torch.device(device)
+        sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+               if self.device.type == "cuda" else 132)
+        super().__init__(problem, sms)
         if self.launcher is None:
             raise SkipOp(f"op {problem.op!r}: no launcher fusedlis.triton_kernels.{problem.op}()")
         if problem.op not in ("linear", "decode_attention"):
@@ -97,19 +105,20 @@ class GpuBench(_Base):
         if self._ready:
             return
         problem = self.problem
-        dev = torch.device("cuda", torch.cuda.current_device())
+        dev = self.device
+        self._rotate = ROTATE_BYTES if dev.type == "cuda" else ROTATE_BYTES_CPU
         g = torch.Generator(device=dev).manual_seed(0)
         if problem.op == "linear":
             M, N, K = int(self.key["M"]), int(self.key["N"]), int(self.key["K"])
             self.act = None if self.key.get("activation") in (None, "none") else self.key["activation"]
-            nbuf = max(2, min(64, math.ceil(ROTATE_BYTES / (N * K * self.dtype.itemsize))))
-            self.w = torch.randn((nbuf, N, K), device=dev, dtype=self.dtype, generator=g) * K ** -0.5
+            nbuf = max(2, min(64, math.ceil(self._rotate / (N * K * self.dtype.itemsize))))
+            self.w = torch.randn((nbuf, N, K), device=dev, dtype=self.dtype, generator=g).mul_(K ** -0.5)
             self.x = torch.randn((M, K), device=dev, dtype=self.dtype, generator=g)
             self.nbuf = nbuf
         else:
             B, Hq, Hkv, D, S = (int(self.key[k]) for k in ("B", "Hq", "Hkv", "D", "S"))
             per = 2 * B * Hkv * S * D * self.dtype.itemsize
-            nbuf = max(1, min(16, math.ceil(ROTATE_BYTES / per)))
+            nbuf = max(1, min(16, math.ceil(self._rotate / per)))
             self.k = torch.randn((nbuf, B, Hkv, S, D), device=dev, dtype=self.dtype, generator=g)
             self.v = torch.randn((nbuf, B, Hkv, S, D), device=dev, dtype=self.dtype, generator=g)
             self.q = torch.randn((B, Hq, D), device=dev, dtype=self.dtype, generator=g)
@@ -148,6 +157,16 @@ class GpuBench(_Base):
             self.i = (self.i + 1) % self.nbuf
             fn(self.i)
 
+        if self.device.type != "cuda":
+            import statistics
+            import time
+
+            ts = []
+            for _ in range(2 * effort):
+                t0 = time.perf_counter()
+                step()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts) * 1e6
         ms = triton.testing.do_bench(step, warmup=max(5, self.rep_ms / 4), rep=self.rep_ms * effort,
                                      return_mode="median")
         return float(ms) * 1000.0
@@ -177,7 +196,8 @@ class GpuBench(_Base):
             if hasattr(self, name):
                 delattr(self, name)
         self._ready = False
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""Tuning pipeline on CPU: model shapes, key agreement with the launchers, benches, the `tune` CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fusedlis.tuning import _lookup, cache, fingerprint, search
+from fusedlis.tuning.bench import FakeBench, GpuBench, SkipOp
+from fusedlis.tuning.cli import main as tune_main
+from fusedlis.tuning.keys import normalize_key
+from fusedlis.tuning.shapes import Problem, kernel_module, load_config, model_problems
+from fusedlis.tuning.tuner import tune, verify
+
+TINY = SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, vocab_size=100, name="tiny-test")
+
+
+@pytest.fixture
+def iso(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDLIS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FUSEDLIS_TUNING_FILE", raising=False)
+    monkeypatch.delenv("FUSEDLIS_TUNING", raising=False)
+    _lookup.invalidate(reset_warning=True)
+    yield tmp_path
+    _lookup.invalidate(reset_warning=True)
+
+
+def test_llama_8b_tp2_shapes_per_rank():
+    probs = model_problems(load_config("llama-3.1-8b"), 2, [1, 8, 32, 64])
+    lin = {(p.layer, p.key["M"]): p.key for p in probs if p.op == "linear"}
+    assert len(lin) == 5 * 4
+    assert (lin[("qkv", 8)]["K"], lin[("qkv", 8)]["N"]) == (4096, (32 + 2 * 8) * 128 // 2)
+    assert (lin[("o", 8)]["K"], lin[("o", 8)]["N"]) == (32 * 128 // 2, 4096)
+    assert (lin[("gate_up", 8)]["K"], lin[("gate_up", 8)]["N"], lin[("gate_up", 8)]["activation"]) == \
+        (4096, 2 * 14336 // 2, "swiglu")
+    assert (lin[("down", 8)]["K"], lin[("down", 8)]["N"]) == (14336 // 2, 4096)
+    assert lin[("lm_head", 1)]["N"] == -(-128256 // 2)
+    att = [p.key for p in probs if p.op == "decode_attention"]
+    assert [(k["B"], k["Hq"], k["Hkv"], k["D"], k["S"]) for k in att] == \
+        [(b, 16, 4, 128, 4096) for b in (1, 8, 32, 64)]
+
+
+@pytest.mark.parametrize("tp,batches,layers", [(3, [1], ["qkv"]), (2, [0], ["qkv"]), (2, [1], ["mlp"])])
+def test_bad_shape_requests_raise(tp, batches, layers):
+    with pytest.raises(ValueError):
+        model_problems(load_config("llama-3.1-8b"), tp, batches, layers=layers)
+
+
+def _captured_key(monkeypatch, op, call):
+    seen = []
+    monkeypatch.setattr("fusedlis.tuning.lookup", lambda o, k: (seen.append((o, dict(k))), None)[1])
+    call()
+    assert seen and seen[0][0] == op
+    return seen[0][1]
+
+
+@pytest.mark.parametrize("layer", ["qkv", "gate_up", "lm_head"])
+def test_tuner_keys_equal_what_the_linear_launcher_asks_for(monkeypatch, layer):
+    (p,) = model_problems(TINY, 2, [3], ["linear"], dtype=torch.float32, layers=[layer])
+    mod = kernel_module("linear")
+    x = torch.randn(3, p.key["K"])
+    w = torch.randn(p.key["N"], p.key["K"])
+    act = None if p.key["activation"] == "none" else p.key["activation"]
+    asked = _captured_key(monkeypatch, "linear", lambda: mod.linear(x, w, activation=act))
+    assert normalize_key(asked) == normalize_key(p.key)
+
+
+def test_tuner_keys_equal_what_the_attention_launcher_asks_for(monkeypatch):
+    (p,) = model_problems(TINY, 2, [2], ["attention"], dtype=torch.float32, seq_lens=[32])
+    k = p.key
+    mod = kernel_module("attention")
+    q = torch.randn(2, k["Hq"], k["D"])
+    kc = torch.randn(2, k["Hkv"], k["S"], k["D"])
+    lens = torch.tensor([5, 32], dtype=torch.int32)
+    asked = _captured_key(monkeypatch, "decode_attention",
+                          lambda: mod.decode_attention(q, kc, kc.clone(), lens, 0.25))
+    assert normalize_key(asked) == normalize_key(p.key)
+
+
+def test_fake_bench_pipeline_finds_surface_optimum():
+    (p,) = model_problems(load_config("llama-3.1-8b"), 2, [8], ["linear"], layers=["down"])
+    b = FakeBench(p)
+    kept, _ = search.prune(b.configs(), b.estimate)
+    (out,) = tune([p], FakeBench, progress=False)
+    want = min(kept + [b.default()], key=b.time)
+    assert out.status == "tuned" and out.best_us == pytest.approx(b.time(want))
+    assert out.best_us <= out.default_us
+
+
+def test_missing_op_is_skipped_with_a_message():
+    msgs = []
+    p = Problem("no_such_op", "x", {"M": 1})
+    (out,) = tune([p], FakeBench, progress=False, log=msgs.append)
+    assert out.status == "skipped" and "no_such_op" in out.message and len(msgs) == 1
+
+
+def test_gpu_bench_code_path_in_interpreter(iso):
+    """The GPU bench's launcher calls, result check, baseline and lookup path, run on CPU tensors."""
+    probs = (model_problems(TINY, 2, [2], ["linear"], dtype=torch.float32, layers=["gate_up"])
+             + model_problems(TINY, 2, [2], ["attention"], dtype=torch.float32, seq_lens=[32]))
+    make = lambda p: GpuBench(p, device="cpu")  # noqa: E731
+    outs = tune(probs, make, progress=False)
+    assert [o.status for o in outs] == ["tuned", "tuned"], [o.message for o in outs]
+    for o in outs:
+        assert o.best in make(o.problem).configs() or o.best == o.default
+        assert o.baseline in ("cublas", "sdpa") and o.baseline_us > 0
+    fp = fingerprint.current()
+    cache.merge_entries([o.entry("interp") for o in outs], fp=fp)
+    verify(outs, make, progress=False)
+    assert [o.lookup_hit for o in outs] == [True, True]
+    assert all(o.lookup_us > 0 for o in outs)
+
+
+def test_gpu_bench_rejects_wrong_results(monkeypatch):
+    (p,) = model_problems(TINY, 2, [2], ["linear"], dtype=torch.float32, layers=["qkv"])
+    b = GpuBench(p, device="cpu")
+    monkeypatch.setattr(b.mod, "linear_ref", lambda x, w, activation=None: torch.ones(x.shape[0], w.shape[0]))
+    with pytest.raises(ValueError, match="wrong result"):
+        b.time(b.default())
+
+
+def test_gpu_bench_without_cuda_skips():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    (p,) = model_problems(TINY, 1, [1], ["linear"], layers=["qkv"])
+    with pytest.raises(SkipOp, match="no CUDA"):
+        GpuBench(p)
+
+
+def test_cli_fake_run_writes_cache_csv_png_and_show(iso, capsys):
+    out, csvp, png = iso / "t.json", iso / "r.csv", iso / "r.png"
+    rc = tune_main(["--model", "llama-3.1-8b", "--tp", "2", "--batch", "1,8", "--fake-timer", "--out", str(out),
+                    "--csv", str(csvp), "--plot", str(png), "--no-progress", "--layers", "qkv,down",
+                    "--strategy", "halving"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "qkv M=8 K=4096 N=3072" in text and "vs default" in text
+    rows = list(csv.DictReader(open(csvp)))
+    assert len(rows) == 2 * 2 + 2
+    for r in rows:
+        assert r["status"] == "tuned" and r["timer"] == "fake" and r["lookup_hit"] == "True"
+        assert float(r["tuned_us"]) <= float(r["default_us"])
+        assert float(r["lookup_us"]) == pytest.approx(float(r["tuned_us"]))
+    assert png.stat().st_size > 1000
+    data = cache.read(out)
+    assert len(list(cache.iter_entries(data))) == 6
+    assert not (iso / "cache" / "tuning.json").exists()  # --out, not the user cache
+    assert tune_main(["--show", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "<- this device" in shown and shown.count("linear") >= 4 and "decode_attention" in shown
+    assert tune_main(["--show", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "fusedlis-tuning"
+
+
+def test_cli_usage_errors(iso, capsys):
+    assert tune_main(["--model", "llama-3.1-8b", "--fake-timer"]) == 2  # fake results need --out
+    assert tune_main([]) == 2
+    (iso / "bad.json").write_text("{")
+    assert tune_main(["--show", "--out", str(iso / "bad.json")]) == 1
+    with pytest.raises(SystemExit):
+        tune_main(["--model", "x", "--batch", "0"])
+    with pytest.raises(SystemExit):
+        tune_main(["--model", "x", "--ops", "gemm"])
+
+
+def test_registered_in_fusedlis_cli(capsys):
+    from fusedlis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--help"])
+    assert e.value.code == 0
+    assert "--fake-timer" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_two_ranks_split_shapes_and_write_once(iso):
+    out = iso / "ranks.json"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fusedlis.tuning.cli", "--model", "llama-3.1-8b", "--tp", "2", "--batch",
+             "1,8,32", "--fake-timer", "--out", str(out), "--no-progress", "--ops", "linear", "--layers", "o"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    res = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], res
+    assert res[0][0].count("o M=") == 3 and res[1][0] == ""  # rank 0 prints the whole gathered table
+    entries = list(cache.iter_entries(cache.read(out)))
+    assert sorted(e["key"]["M"] for *_, e in entries) == [1, 8, 32]
