@@ -1,6 +1,6 @@
 """Fused row-parallel GEMM + all-reduce vs unfused baselines, TP=2, CUDA-graph timed, side by side.
 
-    torchrun --nproc-per-node 2 bench/fused.py [--out bench/results] [--m 1,8,32,64,128] [--quick]
+    torchrun --nproc-per-node 2 bench/fused.py [--out bench/results] [--ms 1,8,32,64,128] [--quick]
 
 Shapes (K per GPU -> N), Llama-3.1 TP=2 row-parallel layers: 8B o_proj 2048->4096, 8B down 7168->4096,
 70B o_proj 4096->8192, 70B down 7168->8192. Per (shape, M), each variant is captured `--reps` times in
@@ -158,7 +158,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--m", default="1,8,32,64,128")
+    ap.add_argument("--ms", default="1,8,32,64,128")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--iters", type=int, default=15)
@@ -178,7 +178,7 @@ def main() -> None:
         symm_mem.rendezvous(symm_buf, dist.group.WORLD)
     except Exception as e:  # noqa: BLE001
         print(f"torch symmetric memory unavailable: {e}", file=sys.stderr)
-    Ms = [int(m) for m in args.m.split(",")]
+    Ms = [int(m) for m in args.ms.split(",")]
     rows = []
     for sname in args.shapes.split(","):
         K, N = SHAPES[sname]
