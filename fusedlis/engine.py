@@ -29,6 +29,9 @@ class GenerationResult:
     extra: dict = field(default_factory=dict)
 
 
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
 def _dist_env() -> tuple[int, int]:
     """(rank, world_size) from torch.distributed or torchrun/srun variables; (0, 1) otherwise."""
     import torch.distributed as dist
@@ -49,7 +52,7 @@ class Engine:
     """
 
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer | None, *, max_batch_size: int,
-                 max_seq_len: int) -> None:
+                 max_seq_len: int, cuda_graphs: bool = True, progress: bool = True) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.device = next(model.parameters()).device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -60,12 +63,49 @@ class Engine:
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
         self.eos_ids = eos
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_s = 0.0
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture_all(progress)
+
+    # ---- CUDA graphs: one captured decode step per batch-size bucket, over the static KV cache ----------
+    def buckets(self) -> list[int]:
+        """Batch sizes that get a captured decode graph (powers of two up to max_batch_size, and it)."""
+        b = [x for x in GRAPH_BUCKETS if x < self.max_batch_size]
+        return b + [self.max_batch_size]
+
+    @torch.inference_mode()
+    def _capture_all(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        self._tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=self.device)
+        show = progress and _dist_env()[0] == 0
+        pool = None
+        for bsz in tqdm(sorted(self.buckets(), reverse=True), desc="capturing decode graphs", disable=not show,
+                        leave=False):
+            step = lambda: self.model(self._tokens[:bsz], self._positions[:bsz],  # noqa: E731
+                                      kv_cache=self.cache, last_only=True, check=False)[:, -1]
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                for _ in range(2):  # compile Triton kernels and settle allocations outside the capture
+                    step()
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = step()
+            pool = g.pool()  # buckets share one memory pool; they never run at once
+            self.graphs[bsz] = (g, out)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t0
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, kernels: str | None = None, max_batch_size: int = 64,
                         max_seq_len: int = 8192, random_weights: bool = False, seed: int = 0,
-                        progress: bool = True) -> "Engine":
+                        cuda_graphs: bool = True, progress: bool = True) -> "Engine":
         """Build an engine from a checkpoint directory or preset (`"tiny"` is embedded).
 
         Defaults: device "cuda" when available else "cpu"; dtype bfloat16 on GPU, float32 on CPU; kernels
@@ -96,7 +136,8 @@ class Engine:
                            kernels=kernels, random_weights=random_weights, seed=seed,
                            progress=progress and rank == 0)
         tok = load_tokenizer(ckpt, config.vocab_size, config.bos_token_id, config.eos_token_id)
-        return cls(model, tok, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        return cls(model, tok, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs,
+                   progress=progress)
 
     # ------------------------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -198,4 +239,14 @@ class Engine:
     def _decode(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: token b at position lens[b]; returns logits [B, vocab]."""
         B = tokens.shape[0]
+        if self.graphs:
+            bsz = min(b for b in self.graphs if b >= B)
+            self._tokens[:B, 0].copy_(tokens)
+            self._positions[:B, 0].copy_(lens)
+            if bsz > B:  # padding rows use free cache rows B..bsz-1 at position 0
+                self._tokens[B:bsz].zero_()
+                self._positions[B:bsz].zero_()
+            g, out = self.graphs[bsz]
+            g.replay()
+            return out[:B]
         return self.model(tokens.view(B, 1), lens.view(B, 1), kv_cache=self.cache, last_only=True)[:, -1]

@@ -164,13 +164,14 @@ class LlamaForCausalLM(nn.Module):
         Each rank fills its own shard from a rank-specific seed, so shapes are right but a TP>1 model is not the
         same function as the TP=1 one.
         """
-        g = torch.Generator(device="cpu").manual_seed(seed * 1009 + self.tp.rank)
+        dev = self.embed_tokens.weight.device
+        g = torch.Generator(device=dev).manual_seed(seed * 1009 + self.tp.rank)
         for name, p in self.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g, device=dev))
             else:
                 s = std if std is not None else p.shape[-1] ** -0.5
-                p.copy_(torch.randn(p.shape, generator=g) * s)
+                p.copy_(torch.randn(p.shape, generator=g, device=dev) * s)
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -104,7 +104,7 @@ class TritonOps(TorchOps):
             if k_cache is None:
                 return super().attention(q, k, v, positions, cos, sin, k_cache, v_cache, scale)
             # Prefill: the kernel rotates and fills the cache; attention over it stays in torch.
-            q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions, cos, sin,
+            q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
                                  k_cache, v_cache)
             L = kv_len or k_cache.shape[2]
             keys, vals = k_cache[:B, :, :L], v_cache[:B, :, :L]
@@ -114,7 +114,7 @@ class TritonOps(TorchOps):
                 q_rot.transpose(1, 2), keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1),
                 attn_mask=mask.unsqueeze(1), scale=scale)
             return o.transpose(1, 2)
-        q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions, cos, sin,
+        q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
                              k_cache, v_cache)
         seq_lens = (positions[:, 0] + 1).to(torch.int32)
         o = self.tk.decode_attention(q_rot.view(B, q.shape[2], q.shape[3]), k_cache, v_cache, seq_lens, scale)

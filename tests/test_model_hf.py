@@ -36,8 +36,8 @@ def test_logits_match_transformers(tmp_path_factory, s, seed):
     hf = make_hf_checkpoint(path, vocab=s["vocab"], hidden=s["hidden"], inter=s["inter"], layers=s["layers"],
                             heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"],
                             rope_scaling=s["rope_scaling"], tie=s["tie"],
-                            shard_bytes="20KB" if s["shard"] else None, seed=seed)
-    if s["shard"]:
+                            shard_bytes="4KB" if s["shard"] else None, seed=seed)
+    if s["shard"] and sum(p.numel() * 4 for p in hf.parameters()) > 16_000:
         assert (path / "model.safetensors.index.json").exists()
     ids = torch.randint(0, s["vocab"], (s["B"], s["T"]), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
