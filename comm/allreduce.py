@@ -1,0 +1,127 @@
+"""`AllReduce`: the user-facing sum all-reduce (NVSHMEM Triton kernels, NCCL fallback)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fusedlis.comm.plan import cdiv, inter_slot_count
+from fusedlis.comm.symmetric import SymmetricWorkspace, nvshmem_available, warn_once
+from fusedlis.comm.topology import Topology
+
+BACKENDS = ("auto", "nvrar", "one_shot", "two_shot", "nccl")
+
+# Crossovers measured on 2xH200 (bench/results/allreduce_*.csv, see docs/comm.md): on one node one_shot wins
+# up to this many bytes, two_shot above.
+ONE_SHOT_MAX_BYTES = 256 << 10
+
+
+def workspace_bytes(topology: Topology, max_elems: int, itemsize: int, align: int = 8) -> int:
+    """Symmetric bytes one `DeviceAllReduce` needs (with allocation padding)."""
+    g, m = topology.gpus_per_node, topology.num_nodes
+    ns = max(inter_slot_count(m), 1)
+    cap = cdiv(cdiv(max_elems, g), align) * align
+    one = 2 * g * max_elems if m == 1 else 0
+    return (one + (2 * g + 2 * (ns + 1) + 2 * ns + 2 * g) * cap) * itemsize + 8 * 256
+
+
+class AllReduce:
+    """Sum all-reduce over `group` for tensors of `dtype` up to `max_bytes`.
+
+    backend: "auto" (one_shot / two_shot on one node by message size, nvrar across nodes, NCCL above
+    `max_bytes`), "nvrar", "one_shot", "two_shot" (fusedlis Triton kernels on NVSHMEM), or "nccl"
+    (torch.distributed, whatever its backend is). Without NVSHMEM (or CUDA) it falls back to
+    torch.distributed with one warning. Plugs into the model as `ctx.all_reduce(y)` (in place).
+
+    Construct on every rank at start-up (symmetric allocation is collective). Calls are asynchronous and
+    CUDA-graph capturable. A device-side timeout raises `CommTimeoutError` from a later call (checked
+    every `check_every` eager calls without a sync) or from `check()`.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, backend: str = "auto", max_bytes: int = 8 << 20,
+                 dtype: torch.dtype = torch.bfloat16, *, topology: Topology | None = None, provider: str = "auto",
+                 workspace: SymmetricWorkspace | None = None, max_blocks: int = 32,
+                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, check_every: int = 64) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.group, self.dtype, self.max_bytes = group, dtype, max_bytes
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.topology = topology or Topology(self.world_size)
+        self.one_shot_max_bytes = one_shot_max_bytes
+        self.check_every, self._calls = check_every, 0
+        self.device_ar = None
+        self.ws = workspace
+        self.backend = backend
+        if backend == "nccl" or self.world_size == 1:
+            return
+        reason = None
+        if not torch.cuda.is_available():
+            reason = "CUDA is not available"
+        elif workspace is None and provider in ("auto", "nvshmem") and not nvshmem_available():
+            reason = "nvshmem4py / libnvshmem_device.bc not found"
+        if reason is not None:
+            if backend != "auto":
+                warn_once(f"fusedlis AllReduce: {reason}; backend {backend!r} falls back to torch.distributed (NCCL)")
+            else:
+                warn_once(f"fusedlis AllReduce: {reason}; falling back to torch.distributed (NCCL)")
+            self.backend = "nccl"
+            return
+        if self.topology.num_nodes > 1 and backend in ("one_shot", "two_shot"):
+            raise ValueError(f"backend {backend!r} is intra-node only; topology has {self.topology.num_nodes} nodes")
+        from fusedlis.comm.device import DeviceAllReduce
+
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        max_elems = max(1, max_bytes // itemsize)
+        if self.ws is None:
+            self.ws = SymmetricWorkspace(workspace_bytes(self.topology, max_elems, itemsize),
+                                         flag_words=max_blocks * 64 + 1024, group=group, topology=self.topology,
+                                         provider=provider)
+        self.device_ar = DeviceAllReduce(self.ws, max_elems, dtype, self.topology, max_blocks=max_blocks)
+
+    def algorithm_for(self, nbytes: int) -> str:
+        """Algorithm `__call__` uses for a message of `nbytes` ("nccl" means torch.distributed)."""
+        if self.device_ar is None or nbytes > self.max_bytes:
+            return "nccl"
+        if self.backend != "auto":
+            return self.backend
+        if self.topology.num_nodes > 1:
+            return "nvrar"
+        return "one_shot" if nbytes <= self.one_shot_max_bytes else "two_shot"
+
+    def __call__(self, x: torch.Tensor, inplace: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the sum of `x` over the group (written into `x` when `inplace`, or into `out`)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(x).__name__}")
+        if self.world_size == 1:
+            if inplace:
+                return x
+            if out is not None:
+                return out.copy_(x)
+            return x.clone()
+        alg = self.algorithm_for(x.numel() * x.element_size())
+        if alg != "nccl" and (x.dtype != self.dtype or not x.is_contiguous()):
+            warn_once(f"fusedlis AllReduce built for {self.dtype} contiguous tensors got {x.dtype}; "
+                      "using torch.distributed for those")
+            alg = "nccl"
+        if alg == "nccl":
+            y = x if inplace else (out.copy_(x) if out is not None else x.clone())
+            dist.all_reduce(y, group=self.group)
+            return y
+        dst = x if inplace else out
+        y = self.device_ar(x, out=dst, algorithm=alg)
+        self._calls += 1
+        if self._calls % self.check_every == 0 and not torch.cuda.is_current_stream_capturing():
+            self.ws.check_async()
+        return y
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the group; returns `x` (the `TPContext.all_reduce` contract)."""
+        return self(x, inplace=True)
+
+    def check(self) -> None:
+        """Synchronise and raise `CommTimeoutError` if any call so far timed out on the device."""
+        if self.ws is not None:
+            self.ws.check()
