@@ -94,32 +94,34 @@ def _hw(name: str, gpu: str, gpn: int, hbm_GBps: float, tflops: float, mem_GB: f
                     3.0 / (hbm_GBps * 1e9), intra, inter, tuple(sources))
 
 
-# Latencies (alpha) are not datasheet values. NVLink alphas come from the 2xH200 all-reduce table in
-# /work/shared/notes/gpu-facts.md (fit in docs/perfmodel.md); network alphas are typical small-message
-# NCCL / GPU-initiated put latencies and should be replaced by `fusedlis calibrate` or a measured profile.
-_ALPHA_NOTE = ("alpha values are estimates (NVLink: fit to measured 2xH200 all-reduce, gpu-facts.md; "
-               "network: typical NCCL/NVSHMEM small-message latency), not datasheet numbers")
+# Link numbers are not all datasheet values. Hopper NVLink (alpha, bandwidth) are the fits to the measured
+# 2xH200 all-reduce table of gpu-facts.md (custom: torch symmetric-memory two-shot; NCCL: ring model), see
+# bench/results/perfmodel_validation_gpufacts.md; A100 NVLink scales those bandwidths by 600/900 (NVLink3 vs 4).
+# Network bandwidths are the NIC line rate less ~5%; network alphas are typical small-message latencies
+# (GPU-initiated put vs NCCL step), estimates to be replaced by a measured profile.
+_ALPHA_NOTE = ("NVLink alpha/bandwidth fitted to measured 2xH200 all-reduce (gpu-facts.md); network alpha "
+               "values are estimates, not measurements")
 
 BUILTIN: dict[str, Hardware] = {
     "h100-ndr": _hw(
         "h100-ndr", "H100 SXM5 80GB", 8, 3350, 989, 80, 6.0,
-        Link.make(3.0, 450, 6.0, 200), Link.make(5.0, 50, 10.0, 45),
+        Link.make(3.3, 316, 6.2, 144), Link.make(5.0, 48, 10.0, 45),
         ["NVIDIA H100 datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16, NVLink 900 GB/s bidirectional",
          "NVIDIA DGX H100 user guide: 8 GPUs/node, 8x ConnectX-7 NDR 400 Gb/s (one per GPU)", _ALPHA_NOTE]),
     "h200-ndr": _hw(
         "h200-ndr", "H200 SXM 141GB", 8, 4800, 989, 141, 6.0,
-        Link.make(3.0, 450, 6.0, 200), Link.make(5.0, 50, 10.0, 45),
+        Link.make(3.3, 316, 6.2, 144), Link.make(5.0, 48, 10.0, 45),
         ["NVIDIA H200 datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16, NVLink 900 GB/s bidirectional",
          "NVIDIA HGX H200 reference: 8 GPUs/node, 8x NDR 400 Gb/s", _ALPHA_NOTE]),
     "a100-slingshot": _hw(
         "a100-slingshot", "A100 SXM4 40GB", 4, 1555, 312, 40, 6.0,
-        Link.make(4.0, 300, 8.0, 150), Link.make(4.0, 25, 15.0, 22),
+        Link.make(4.0, 210, 8.0, 96), Link.make(4.0, 24, 15.0, 22),
         ["NVIDIA A100 datasheet: 1,555 GB/s HBM2 (40GB), 312 TFLOP/s dense BF16",
          "NERSC Perlmutter architecture: 4 A100/node, NVLink3 (4 links per GPU pair, 100 GB/s/direction/pair), "
          "4x HPE Slingshot-11 NICs at 200 Gb/s per node (one per GPU)", _ALPHA_NOTE]),
     "gh200-ndr": _hw(
         "gh200-ndr", "GH200 (H100 96GB HBM3)", 1, 4000, 989, 96, 6.0,
-        Link.make(3.0, 450, 6.0, 200), Link.make(5.0, 50, 10.0, 45),
+        Link.make(3.3, 316, 6.2, 144), Link.make(5.0, 48, 10.0, 45),
         ["NVIDIA GH200 datasheet: 96 GB HBM3 at 4 TB/s, H100 compute (989 TFLOP/s dense BF16)",
          "TACC Vista (Cornell CVW 'Vista system components'): 1 GH200 per node, NDR InfiniBand; "
          "400 Gb/s per node assumed", _ALPHA_NOTE]),

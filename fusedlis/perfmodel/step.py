@@ -190,6 +190,10 @@ def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: 
     return out
 
 
+def _label(p: Prediction) -> str:
+    return p.layout.name + (f" with {p.allreduce}" if p.layout.tp > 1 else "")
+
+
 def recommend(preds: list[Prediction]) -> list[str]:
     """One line per batch size: the fastest fitting layout for decode and why."""
     lines = []
@@ -197,8 +201,7 @@ def recommend(preds: list[Prediction]) -> list[str]:
         rows = [p for p in preds if p.batch == bsz]
         fit = [p for p in rows if p.fits] or rows
         best = min(fit, key=lambda p: p.token_latency)
-        why = [f"batch {bsz}: use {best.layout.name}" + (f" with {best.allreduce}" if best.layout.tp > 1 else "")
-               + f": {best.token_latency * 1e3:.2f} ms/token, TTFT {best.ttft * 1e3:.1f} ms"]
+        why = [f"batch {bsz}: use {_label(best)}: {best.token_latency * 1e3:.2f} ms/token, TTFT {best.ttft * 1e3:.1f} ms"]
         if not best.fits:
             why.append("(no layout fits in GPU memory; needs more GPUs)")
         others = {}
@@ -215,7 +218,7 @@ def recommend(preds: list[Prediction]) -> list[str]:
         why.append(f"{best.layout.name} spends {best.decode.comm_share:.0%} of a decode step communicating")
         first = min(fit, key=lambda p: p.ttft)
         if first.ttft < 0.67 * best.ttft:
-            why.append(f"for time to first token prefer {first.layout.name} "
+            why.append(f"for time to first token prefer {_label(first)} "
                        f"({first.ttft * 1e3:.1f} ms vs {best.ttft * 1e3:.1f} ms)")
         lines.append("; ".join(why))
     return lines
