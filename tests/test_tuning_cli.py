@@ -203,3 +203,19 @@ def test_cli_two_ranks_split_shapes_and_write_once(iso):
     assert res[0][0].count("o M=") == 3 and res[1][0] == ""  # rank 0 prints the whole gathered table
     entries = list(cache.iter_entries(cache.read(out)))
     assert sorted(e["key"]["M"] for *_, e in entries) == [1, 8, 32]
+
+
+def test_bench_script_fake_run(tmp_path):
+    """bench/tune_gpu.sh end to end on CPU with the synthetic timer (the GPU run differs only in the timer)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "FUSEDLIS_CACHE_DIR": str(tmp_path / "cache"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", os.path.join(root, "bench", "tune_gpu.sh"), "--fake", "--out-dir", str(tmp_path),
+                        "--ops", "attention", "--", "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    base = tmp_path / "tune_fake_llama-3.1-8b_tp2_attention"
+    rows = list(csv.DictReader(open(f"{base}.csv")))
+    assert [int(row["label"].split("B=")[1].split()[0]) for row in rows] == [1, 8, 32, 64]
+    assert all(float(row["tuned_us"]) <= float(row["default_us"]) for row in rows)
+    assert os.path.getsize(f"{base}.png") > 1000 and "vs default" in open(f"{base}.txt").read()
+    assert len(list(cache.iter_entries(cache.read(tmp_path / "tuning_fake.json")))) == 4
