@@ -154,3 +154,20 @@ def test_bad_arguments_raise_clear_errors():
         search([{"a": 1}], lambda c, e: 1.0, eta=1)
     with pytest.raises(ValueError, match="no config could be timed"):
         search([{"a": 1}], lambda c, e: float("nan"))
+
+
+def test_min_gain_keeps_default_unless_clearly_faster():
+    times = {1: 9.95, 2: 10.0, 3: 9.0}
+    efforts = []
+
+    def timer(c, e):
+        efforts.append(e)
+        return times[c["x"]]
+
+    near = search([{"x": 1}, {"x": 2}], timer, default={"x": 2}, min_gain=0.01, confirm_effort=4)
+    assert near.best == {"x": 2}  # 0.5% faster is within noise: keep the default
+    assert efforts[-2:] == [4, 4]  # final pair measured with more effort
+    clear = search([{"x": 1}, {"x": 2}, {"x": 3}], timer, default={"x": 2}, min_gain=0.01)
+    assert clear.best == {"x": 3} and clear.speedup == pytest.approx(10 / 9)
+    with pytest.raises(ValueError, match="min_gain"):
+        search([{"x": 1}], timer, min_gain=1.5)

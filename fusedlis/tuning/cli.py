@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     def make_bench(p):
         return FakeBench(p) if args.fake_timer else GpuBench(p, rep_ms=args.rep_ms)
 
+    # Real timings: the winner must beat the default by 1% in a 4x longer head-to-head, against noise.
     outcomes = tune(mine, make_bench, strategy=args.strategy, eta=args.eta,
+                    confirm_effort=1 if args.fake_timer else 4, min_gain=0.0 if args.fake_timer else 0.01,
                     progress=not (args.no_progress or quiet), log=_log if not quiet else (lambda s: None))
     entries = [o.entry(timer) for o in outcomes if o.status == "tuned"]
     all_entries = [e for part in _gather(entries, world) for e in part]

@@ -221,6 +221,8 @@ def search(
     eta: int = 3,
     keep: int = 1,
     final_effort: int | None = None,
+    confirm_effort: int | None = None,
+    min_gain: float = 0.0,
     tick: Callable[[int], Any] | None = None,
 ) -> SearchResult:
     """Find the fastest config of `configs` according to `timer`.
@@ -228,10 +230,13 @@ def search(
     Use ``strategy="exhaustive"`` for small spaces (every kept config timed at `final_effort`), and
     ``"halving"`` (successive halving: time all cheaply, keep the best 1/`eta`, raise the effort by
     `eta`, repeat until `keep` remain) for large ones. Configs whose `estimate` exceeds `limits` are
-    pruned without timing. The winner and the `default` are re-timed together at the final effort and
-    the default wins ties, so the result is never slower than the default on the measurements taken.
-    Raises ValueError if no config could be timed.
+    pruned without timing. The winner and the `default` are re-timed back to back at
+    ``max(final effort, confirm_effort)``; the winner replaces the default only if it is faster by more
+    than the fraction `min_gain` (use ~0.01 against timing noise), so the result is never slower than the
+    default on the measurements taken. Raises ValueError if no config could be timed.
     """
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"min_gain must be in [0, 1), got {min_gain}")
     if strategy not in ("exhaustive", "halving"):
         raise ValueError(f"strategy must be 'exhaustive' or 'halving', got {strategy!r}")
     if eta < 2:
@@ -268,13 +273,14 @@ def search(
     scored.sort(key=lambda tc: tc[0])
 
     # Final round: winner and default measured back to back at the same effort.
+    effort = max(effort, confirm_effort or 1)
     best_us = None
     best = None
     if scored:
         best = scored[0][1]
         best_us = _time(timer, best, effort, trials, failed, tick)
     default_us = _time(timer, dflt, effort, trials, failed, tick) if dflt is not None else None
-    if best is None or best_us is None or (default_us is not None and default_us <= best_us):
+    if best is None or best_us is None or (default_us is not None and default_us * (1 - min_gain) <= best_us):
         if default_us is None:
             if best is None or best_us is None:
                 raise ValueError("neither the best candidate nor the default config could be timed")

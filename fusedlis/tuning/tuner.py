@@ -79,6 +79,8 @@ def tune(
     strategy: str = "exhaustive",
     eta: int = 3,
     limits: _search.Limits | None = None,
+    confirm_effort: int = 1,
+    min_gain: float = 0.0,
     progress: bool = True,
     log: Callable[[str], Any] = lambda s: print(s, file=sys.stderr),
 ) -> list[Outcome]:
@@ -112,7 +114,8 @@ def tune(
     try:
         for p, bench, configs, default, _n in prepared:
             bar.set_description(p.label)
-            outcomes.append(_tune_one(p, bench, configs, default, strategy, eta, limits, bar.update))
+            outcomes.append(_tune_one(p, bench, configs, default, bar.update, strategy=strategy, eta=eta,
+                                      limits=limits, confirm_effort=confirm_effort, min_gain=min_gain))
     finally:
         bar.close()
     order = {id(p): i for i, p in enumerate(problems)}
@@ -120,10 +123,10 @@ def tune(
     return outcomes
 
 
-def _tune_one(p, bench, configs, default, strategy, eta, limits, tick) -> Outcome:
+def _tune_one(p, bench, configs, default, tick, **search_args) -> Outcome:
     try:
-        res = _search.search(configs, bench.time, default=default, estimate=bench.estimate, limits=limits,
-                             strategy=strategy, eta=eta, tick=tick)
+        res = _search.search(configs, bench.time, default=default, estimate=bench.estimate, tick=tick,
+                             **search_args)
         base = bench.baseline(max((t.effort for t in res.trials), default=1))
         tick(1)
         out = Outcome(p, "tuned", best=res.best, best_us=res.best_us, default=res.default,
