@@ -178,3 +178,18 @@ def test_predict_and_recommend():
     assert len(lines) == 2 and all("use" in ln for ln in lines)
     best1 = min((p for p in preds if p.batch == 1), key=lambda p: p.token_latency)
     assert best1.layout.name in lines[0]
+
+
+def test_network_bytes_hand():
+    m = 1000
+    # NVRAR, 8 nodes x 4: each of 4 rails does 3 doubling steps among 8 GPUs on m/4
+    assert coll.network_bytes("nvrar", 8, 4, m) == 4 * 3 * 8 * m / 4
+    # flat recursive doubling over 32 ranks: distances 4, 8, 16 cross nodes, all 32 ranks send m each
+    assert coll.network_bytes("rd", 8, 4, m) == 3 * 32 * m
+    assert coll.network_bytes("ring", 2, 2, m) == 2 * 2 * 3 / 4 * m
+    assert coll.network_bytes("twoshot", 2, 2, m) == 2 * 2 * m
+    for algo in coll.ALGORITHMS:
+        assert coll.network_bytes(algo, 1, 8, m) == 0
+    # PP across 2 nodes of 4 with tp=4: one boundary crosses, each of 4 TP ranks sends hidden + residual
+    st = step_time(LLAMA_8B, Layout(4, 2), hw(4), batch=2, context=10, prefill=False, allreduce="nvrar")
+    assert st.net_bytes == 4 * 2 * 2 * 4096 * 2 + 2 * 8

@@ -69,7 +69,8 @@ def _row(pr: Any) -> dict[str, Any]:
     return {"layout": pr.layout.name, "tp": pr.layout.tp, "pp": pr.layout.pp,
             "allreduce": pr.allreduce if pr.layout.tp > 1 else "-", "batch": pr.batch,
             "token_ms": pr.token_latency * 1e3, "ttft_ms": pr.ttft * 1e3, "tok_per_s": pr.throughput,
-            "comm_KB_per_token": d.volume.total / pr.batch / 1e3, "comm_share": d.comm_share,
+            "comm_KB_per_token": d.volume.total / pr.batch / 1e3,
+            "net_KB_per_token": d.net_bytes / pr.batch / 1e3, "comm_share": d.comm_share,
             "comm_inter_share": d.comm_inter / d.total if d.total else 0.0,
             "decode_compute_ms": d.compute * 1e3, "decode_overhead_ms": d.overhead * 1e3,
             "decode_comm_ms": d.comm * 1e3, "prefill_comm_share": pr.prefill.comm_share,
@@ -80,7 +81,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """Fixed-width text table of `_row` dicts."""
     cols = [("layout", "layout", "{}"), ("allreduce", "allreduce", "{}"), ("batch", "batch", "{}"),
             ("token_ms", "ms/token", "{:.2f}"), ("ttft_ms", "TTFT ms", "{:.1f}"), ("tok_per_s", "tok/s", "{:.0f}"),
-            ("comm_KB_per_token", "comm KB/tok", "{:.1f}"), ("comm_share", "comm %", "{:.0%}"),
+            ("comm_KB_per_token", "comm KB/tok", "{:.1f}"), ("net_KB_per_token", "net KB/tok", "{:.1f}"),
+            ("comm_share", "comm %", "{:.0%}"),
             ("comm_inter_share", "inter %", "{:.0%}"), ("mem_GB_per_gpu", "GB/GPU", "{:.1f}"),
             ("fits", "fits", "{}")]
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in rows]
@@ -167,8 +169,8 @@ def run_predict(args: argparse.Namespace) -> int:
           f"({nodes} node{'s' if nodes > 1 else ''} of {gpn}), profile {hw.name}; prompt {args.prompt}, "
           f"gen {args.gen}, decode at mean context {args.prompt + args.gen / 2:g}")
     print(format_table(rows))
-    print("comm KB/tok: payload of all collectives per generated token; inter %: share of the decode step "
-          "on the inter-node network")
+    print("comm KB/tok: payload of all collectives per generated token; net KB/tok: bytes crossing node "
+          "boundaries per generated token (all GPUs); inter %: share of the decode step on the network")
     print("\nRecommendation:")
     for line in recommend(preds):
         print(f"  {line}")

@@ -230,3 +230,38 @@ def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> floa
     if algo == "oneshot":
         return (p - 1) * nbytes
     return 2 * (g - 1) / g * nbytes + math.ceil(math.log2(nodes)) * nbytes / g  # nvrar
+
+
+def network_bytes(algo: str, nodes: int, gpus_per_node: int, nbytes: float, hw: Hardware | None = None) -> float:
+    """Bytes that cross node boundaries in one all-reduce of `nbytes`, summed over all GPUs (0 on one node).
+
+    `nccl` counts as ring or tree, whichever its cost model picks (needs `hw`; ring without it).
+    """
+    algo = resolve(algo)
+    _check(nodes, gpus_per_node, nbytes)
+    n, g = nodes, gpus_per_node
+    p, m = n * g, nbytes
+    if n == 1:
+        return 0.0
+    if algo == "nccl":
+        use_tree = hw is not None and tree(hw, n, g, m, "nccl").total < ring(hw, n, g, m, "nccl").total
+        algo = "tree" if use_tree else "ring"
+    p2 = _pow2_floor(p)
+    fold = 0.0 if p == p2 else 2 * (p - p2) * m  # non-power-of-two ranks fold in and get the result back
+    if algo == "ring":
+        return n * 2 * (p - 1) / p * m  # n ring edges join nodes
+    if algo == "tree":
+        return 2 * (n - 1) * m  # n-1 tree edges join nodes, m up and m down
+    if algo == "rd":
+        inter_steps = sum(1 for k in range(p2.bit_length() - 1) if not _intra_distance(1 << k, g))
+        return inter_steps * p2 * m + fold
+    if algo == "rabenseifner":
+        return sum(2 * m * (1 << k) for k in range(p2.bit_length() - 1) if not _intra_distance(1 << k, g)) + fold
+    if algo == "oneshot":
+        return p * (p - g) * m
+    if algo == "twoshot":
+        return 2 * (p - g) * m
+    # nvrar: recursive doubling among the n same-local-rank GPUs on m/g, for each of the g rails
+    n2 = _pow2_floor(n)
+    steps = n2.bit_length() - 1
+    return g * (steps * n2 * m / g + (0.0 if n == n2 else 2 * (n - n2) * m / g))

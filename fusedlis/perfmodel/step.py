@@ -29,6 +29,7 @@ class StepTime:
     overhead: float = 0.0
     comm: float = 0.0
     comm_inter: float = 0.0
+    net_bytes: float = 0.0  # bytes crossing node boundaries, summed over GPUs
     volume: Volume | None = None
     detail: dict[str, float] = field(default_factory=dict)
 
@@ -108,6 +109,8 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
         ag = coll.allgather(algo, hw, nodes, gpn, vol.allgather_bytes)
         st.comm += ar.total + ag.total
         st.comm_inter += ar.inter + ag.inter
+        st.net_bytes += (vol.allreduce_count * coll.network_bytes(algo, nodes, gpn, vol.allreduce_bytes, hw)
+                         + coll.network_bytes(algo, nodes, gpn, vol.allgather_bytes, hw) / 2)
         st.detail["allreduce"] = ar.total
         st.detail["allgather"] = ag.total
     if pp > 1:
@@ -118,8 +121,10 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
             c = coll.p2p(hw, 2 * act, inter=cross, impl=impl)
             p2p += c.total
             st.comm_inter += c.inter
-        back = coll.p2p(hw, batch * 8, inter=layout.boundary_crosses_node(pp - 1, hw.gpus_per_node) or
-                        layout.gpus > hw.gpus_per_node, impl=impl)
+            st.net_bytes += tp * 2 * act if cross else 0
+        back_cross = layout.gpus > hw.gpus_per_node
+        back = coll.p2p(hw, batch * 8, inter=back_cross, impl=impl)
+        st.net_bytes += batch * 8 if back_cross else 0
         p2p += back.total
         st.comm_inter += back.inter
         st.comm += p2p
