@@ -47,12 +47,11 @@ class CacheFormatError(ValueError):
 
 
 def cache_dir() -> Path:
-    """``$FUSEDLIS_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedlis``, else ``~/.cache/fusedlis``."""
-    if os.environ.get("FUSEDLIS_CACHE_DIR"):
-        return Path(os.environ["FUSEDLIS_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fusedlis"
-    return Path.home() / ".cache" / "fusedlis"
+    """``$FUSEDLIS_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedlis``, else ``~/.cache/fusedlis``
+    (shared with the rest of fusedlis through `fusedlis.paths.cache_dir`)."""
+    from fusedlis.paths import cache_dir as _shared
+
+    return _shared().expanduser()
 
 
 def default_path() -> Path:
