@@ -102,10 +102,10 @@ class DeviceAllReduce:
         self.cap = cdiv(cdiv(max_elems, g), align) * align
         a = 256
         self.os_off = ws.alloc_bytes(2 * g * max_elems * isz, a) if m == 1 else -1
-        self.rs_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz
+        self.rs_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz if g > 1 else 0
         self.work_off = ws.alloc_bytes(2 * (max(self.nslot, 1) + 1) * self.cap * isz, a) // isz
         self.recv_off = ws.alloc_bytes(max(1, 2 * self.nslot * self.cap * isz), a) // isz
-        self.ag_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz
+        self.ag_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz if g > 1 else 0
         self.osf_off = ws.alloc_flags(max_blocks * g)
         self.rsf_off = ws.alloc_flags(max_blocks * g)
         self.inf_off = ws.alloc_flags(max(1, max_blocks * self.nslot))

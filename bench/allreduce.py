@@ -1,0 +1,193 @@
+"""All-reduce latency, bf16, 8 KB - 4 MB, CUDA-graph captured, median over replays; baselines in the same run.
+
+Variants: NCCL, torch symmetric memory one_shot / two_shot, fusedlis one_shot / two_shot (1 node x 2),
+fusedlis nvrar as 2 logical nodes x 1 (NVSHMEM put-with-signal rail; and peer-store rail), fusedlis auto.
+Writes bench/results/allreduce_<device>_<date>.csv and .png (or under --out).
+
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+  python -m torch.distributed.run --nproc-per-node 2 bench/allreduce.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+import triton
+
+SIZES = [8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
+
+
+def time_graph(fn, calls: int, replays: int) -> float:
+    """Median µs per call: `calls` calls captured in one graph, each replay timed with events."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(calls):
+                fn()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dist.barrier()
+        torch.cuda.synchronize()
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    del g
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--replays", type=int, default=25)
+    ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    args = ap.parse_args()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from fusedlis.comm import AllReduce, SymmetricWorkspace, Topology
+    from fusedlis.comm.device import DeviceAllReduce
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    dtype = torch.bfloat16
+    maxn = max(sizes) // 2
+    ws = SymmetricWorkspace(512 << 20, flag_words=1 << 15)
+    t12, t21 = Topology(world, world), Topology(world, 1)
+    ours = {
+        "fusedlis_one_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "one_shot"),
+        "fusedlis_two_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "two_shot"),
+        "fusedlis_two_shot_b64": (DeviceAllReduce(ws, maxn, dtype, t12, max_blocks=64), "two_shot"),
+        f"fusedlis_nvrar_2x1_{'put' if ws.uses_nvshmem else 'ptr'}": (DeviceAllReduce(ws, maxn, dtype, t21), "nvrar"),
+    }
+    if ws.uses_nvshmem:
+        ours["fusedlis_nvrar_2x1_ptr"] = (DeviceAllReduce(ws, maxn, dtype, t21, transport="ptr"), "nvrar")
+    auto = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t12)
+    if hasattr(symm_mem, "set_backend"):
+        try:
+            symm_mem.set_backend("CUDA")
+        except Exception:
+            pass
+    gname = dist.group.WORLD.group_name
+    sbuf = symm_mem.empty(maxn, dtype=dtype, device="cuda")
+    symm_mem.rendezvous(sbuf, gname)
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(7 + rank)
+    for nbytes in sizes:
+        n = nbytes // 2
+        x = torch.randn(n, generator=g, device="cuda").to(dtype)
+        ref = x.double()
+        dist.all_reduce(ref)
+        out = torch.empty_like(x)
+        nbuf = x.clone()
+        sv = sbuf[:n]
+        variants = {
+            "nccl": lambda: dist.all_reduce(nbuf),
+            "torch_symm_one_shot": lambda: torch.ops.symm_mem.one_shot_all_reduce(sv, "sum", gname),
+            "torch_symm_two_shot": lambda: torch.ops.symm_mem.two_shot_all_reduce_(sv, "sum", gname),
+            "fusedlis_auto": lambda: auto(x, out=out),
+        }
+        for name, (ar, alg) in ours.items():
+            variants[name] = (lambda ar=ar, alg=alg: ar(x, out=out, algorithm=alg))
+        for name, fn in variants.items():
+            # correctness of this variant at this size (fresh input, poisoned output)
+            if name.startswith("fusedlis"):
+                out.fill_(float("nan"))
+                fn()
+                ws.check()
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+            elif name == "nccl":
+                nbuf.copy_(x)
+                fn()
+                err = ((nbuf.double() - ref).norm() / ref.norm()).item()
+            else:
+                sv.copy_(x)
+                r = fn()
+                err = (((r if r is not None else sv).double() - ref).norm() / ref.norm()).item()
+            us = time_graph(fn, args.calls, args.replays)
+            t = torch.tensor([us], device="cuda")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            rows.append({"bytes": nbytes, "variant": name, "us_median": round(t.item(), 3), "rel_err": f"{err:.2e}",
+                         "algorithm": auto.algorithm_for(nbytes) if name == "fusedlis_auto" else ""})
+            if rank == 0:
+                print(f"{nbytes:>8} {name:<28} {t.item():8.2f} us  err {err:.1e}", flush=True)
+    ws.check()
+    if rank == 0:
+        write(rows, args.out)
+    dist.barrier()
+    torch.cuda.synchronize()
+    os._exit(0)  # skip interpreter teardown: NVSHMEM buffers must not be freed after the runtime exits
+
+
+def write(rows: list[dict], out_dir: str) -> None:
+    dev = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "")
+    ngpu = int(os.environ["WORLD_SIZE"])
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
+    meta = dict(device=f"{ngpu}x{dev}", torch=torch.__version__, triton=triton.__version__, nccl=nccl, date=date)
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"allreduce_{ngpu}x{dev}_{date}")
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r})
+    # summary of the issue's targets
+    by = {(r["variant"], r["bytes"]): r["us_median"] for r in rows}
+    lines = []
+    for b in sorted({r["bytes"] for r in rows}):
+        a = by.get(("fusedlis_auto", b))
+        intra = min(v for (k, bb), v in by.items() if bb == b and k in ("fusedlis_one_shot", "fusedlis_two_shot",
+                                                                         "fusedlis_two_shot_b64"))
+        nv = min(v for (k, bb), v in by.items() if bb == b and k.startswith("fusedlis_nvrar_2x1"))
+        lines.append(f"{b:>8} B auto {a:7.2f} us | /nccl {a / by[('nccl', b)]:.2f} | /symm2shot "
+                     f"{a / by[('torch_symm_two_shot', b)]:.2f} | nvrar2x1/best-intra {nv / intra:.2f}")
+    print("\n".join(lines))
+    with open(stem + "_summary.txt", "w") as f:
+        f.write(" ".join(f"{k}={v}" for k, v in meta.items()) + "\n" + "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            pts = sorted((r["bytes"], r["us_median"]) for r in rows if r["variant"] == v)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v,
+                    linestyle="-" if v.startswith("fusedlis") else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message bytes (bf16)")
+        ax.set_ylabel("µs per all-reduce (median, CUDA graph)")
+        ax.set_title(f"all-reduce {meta['device']} torch {meta['torch']} triton {meta['triton']} "
+                     f"nccl {nccl} {date}", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(stem + ".png", dpi=120)
+    except Exception as e:  # plotting is optional
+        print(f"no PNG: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""GPU correctness of the fusedlis all-reduce kernels on 2 GPUs, as 1 node x 2 and as 2 logical nodes x 1.
+
+pytest launches this file under torchrun (2 processes); it can also be run directly:
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+  python -m torch.distributed.run --nproc-per-node 2 tests/test_comm_gpu.py [--replays 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SIZES_BYTES = [2, 6, 8, 1000, 4094, 65538, 262144, (1 << 20) + 6, 3_000_002, 8 << 20]
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_gpu_allreduce_two_gpus():
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", __file__,
+                        "--replays", "2000"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "ALL GPU CHECKS PASSED" in r.stdout
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    from fusedlis.comm import AllReduce, CommTimeoutError, SymmetricWorkspace, Topology
+    from fusedlis.comm.device import DeviceAllReduce
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--replays", type=int, default=10_000)
+    ap.add_argument("--provider", default="auto")
+    args = ap.parse_args()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    failures: list[str] = []
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    ws = SymmetricWorkspace(1 << 30, flag_words=1 << 15, provider=args.provider)
+    log(f"workspace provider={ws.provider} reachable={ws.reachable}")
+    variants = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        me = (8 << 20) // torch.empty((), dtype=dtype).element_size()
+        variants[dtype] = [
+            ("1x2 one_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "one_shot"),
+            ("1x2 two_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot"),
+            ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar"),
+            ("2x1 nvrar ptr", DeviceAllReduce(ws, me, dtype, Topology(world, 1), transport="ptr"), "nvrar"),
+        ]
+    log("transports: " + ", ".join(f"{n}={a.transport}" for n, a, _ in variants[torch.bfloat16]))
+    g = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    for dtype, vs in variants.items():
+        isz = torch.empty((), dtype=dtype).element_size()
+        for nbytes in SIZES_BYTES:
+            n = max(1, nbytes // isz)
+            for name, ar, alg in vs:
+                for inplace in (False, True):
+                    x = torch.randn(n, generator=g, device="cuda").to(dtype)
+                    ref = x.double()
+                    dist.all_reduce(ref)
+                    xin = x.clone()
+                    out = xin if inplace else torch.full_like(x, float("nan"))
+                    y = ar(xin, out=out, algorithm=alg)
+                    ws.check()
+                    err = _rel_err(y, ref)
+                    nccl = x.clone()
+                    dist.all_reduce(nccl)
+                    bits = y.view(torch.int16 if isz == 2 else torch.int32)
+                    other = bits.clone()
+                    dist.broadcast(other, src=0)
+                    ok = err <= TOL[dtype] and torch.equal(bits, other) and not torch.isnan(y).any()
+                    if not ok:
+                        failures.append(f"{name} {dtype} n={n} inplace={inplace} err={err:.2e} "
+                                        f"same_bits={torch.equal(bits, other)} nccl_err={_rel_err(nccl, ref):.2e}")
+    log(f"size sweep done: {len(failures)} failures")
+    # CUDA graph replays, fresh random inputs generated inside the graph on each replay
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2)]:
+        n = (1 << 20) // 2 + 3
+        x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+        worst = torch.zeros((), dtype=torch.float64, device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm up (compile) outside the graph
+                x.normal_()
+                ar(x, algorithm=alg)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=s):
+                x.normal_()
+                x.mul_(rank + 1)
+                ref = x.float()
+                dist.all_reduce(ref)
+                y = ar(x, algorithm=alg)
+                err = (y.float() - ref).norm() / ref.norm()
+                worst.copy_(torch.maximum(worst, err.double()))
+        torch.cuda.synchronize()
+        for _ in range(args.replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        ws.check()
+        w = worst.item()
+        log(f"graph {name}: {args.replays} replays, worst rel err {w:.2e}")
+        if not (w <= TOL[torch.bfloat16]) or w == 0.0:
+            failures.append(f"graph {name}: worst err {w}")
+        del graph
+    # AllReduce front end, in place, auto
+    ar = AllReduce(dtype=torch.bfloat16, max_bytes=4 << 20, workspace=ws, topology=Topology(world, world))
+    for nbytes in (8192, 1 << 20, 8 << 20):
+        x = torch.randn(nbytes // 2, generator=g, device="cuda").to(torch.bfloat16)
+        ref = x.double()
+        dist.all_reduce(ref)
+        y = ar.all_reduce(x)
+        if y is not x or _rel_err(x, ref) > TOL[torch.bfloat16]:
+            failures.append(f"AllReduce auto {nbytes} B ({ar.algorithm_for(nbytes)}) wrong")
+    # a rank that never arrives: the other one gets a CommTimeoutError naming rank and step
+    lonely = DeviceAllReduce(ws, 1024, torch.float32, Topology(world, world), max_spins=20000)
+    dist.barrier()
+    if rank == 0:
+        lonely(torch.randn(1000, device="cuda"), algorithm="two_shot")
+        try:
+            ws.check()
+            failures.append("timeout not reported")
+        except CommTimeoutError as e:
+            log(f"timeout reported: {e}")
+            if "rank 0" not in str(e) or "step 0" not in str(e):
+                failures.append(f"timeout message unclear: {e}")
+    dist.barrier()
+    allf = [None] * world
+    dist.all_gather_object(allf, failures)
+    if rank == 0:
+        for r, f in enumerate(allf):
+            for line in f:
+                print(f"FAIL rank {r}: {line}")
+        if not any(allf):
+            print("ALL GPU CHECKS PASSED", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0 if not any(allf) else 1)
+
+
+if __name__ == "__main__":
+    main()
