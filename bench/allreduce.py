@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--replays", type=int, default=25)
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    ap.add_argument("--provider", default="auto", help="symmetric memory: auto | nvshmem | torch")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -70,7 +71,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     dtype = torch.bfloat16
     maxn = max(sizes) // 2
-    ws = SymmetricWorkspace(512 << 20, flag_words=1 << 15)
+    ws = SymmetricWorkspace(512 << 20, flag_words=1 << 15, provider=args.provider)
     t12, t21 = Topology(world, world), Topology(world, 1)
     ours = {
         "fusedlis_one_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "one_shot"),
