@@ -43,6 +43,48 @@ def _dist_env() -> tuple[int, int]:
     return rank, ws
 
 
+ALLREDUCE_MODES = ("auto", "nccl", "nvrar", "one_shot", "two_shot", "fused")
+
+
+class _Collectives:
+    """The TP communicator of the engine: all-reduce through `ar`, all-gather through torch.distributed."""
+
+    def __init__(self, ar, gather) -> None:
+        self.ar, self.gather = ar, gather
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ar.all_reduce(x)
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return self.gather.all_gather(x, dim)
+
+
+def build_comm(allreduce: str, dtype: torch.dtype, max_bytes: int):
+    """The communicator for `allreduce` mode over the default process group (world size > 1)."""
+    from fusedlis.comm import AllReduce, TorchDistBackend
+
+    base = TorchDistBackend()
+    if allreduce == "nccl":
+        return base
+    backend = "auto" if allreduce == "fused" else allreduce
+    return _Collectives(AllReduce(backend=backend, max_bytes=max_bytes, dtype=dtype), base)
+
+
+def _fused_row_linear(model: LlamaForCausalLM, max_m: int):
+    """row_linear hook running fusedlis.triton_kernels.linear_allreduce for decode-sized M (else declines)."""
+    from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace, linear_allreduce
+
+    ws = FusedAllReduceWorkspace.from_torch_symm(max_m, model.config.hidden_size)
+
+    def row_linear(x: torch.Tensor, w: torch.Tensor):
+        if x.shape[0] > max_m or x.dtype != w.dtype:
+            return None
+        return linear_allreduce(x.contiguous(), w, ws)
+
+    row_linear.workspace = ws
+    return row_linear
+
+
 class Engine:
     """Latency-oriented decode engine.
 
@@ -105,13 +147,17 @@ class Engine:
     def from_pretrained(cls, path_or_preset: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, kernels: str | None = None, max_batch_size: int = 64,
                         max_seq_len: int = 8192, random_weights: bool = False, seed: int = 0,
-                        cuda_graphs: bool = True, progress: bool = True) -> "Engine":
+                        cuda_graphs: bool = True, allreduce: str = "auto", progress: bool = True) -> "Engine":
         """Build an engine from a checkpoint directory or preset (`"tiny"` is embedded).
 
         Defaults: device "cuda" when available else "cpu"; dtype bfloat16 on GPU, float32 on CPU; kernels
         "triton" on GPU, "torch" on CPU. With WORLD_SIZE > 1 (torchrun/srun) the process group is initialised
-        (NCCL on GPU, gloo on CPU) and the model is split across all ranks.
+        (NCCL on GPU, gloo on CPU) and the model is split across all ranks. `allreduce` picks the row-parallel
+        all-reduce: "nccl" (torch.distributed), "auto" / "nvrar" / "one_shot" / "two_shot" (fusedlis.comm, NCCL
+        fallback with a warning where NVSHMEM is missing) or "fused" (GEMM epilogue pushes tiles to peers).
         """
+        if allreduce not in ALLREDUCE_MODES:
+            raise ValueError(f"allreduce must be one of {ALLREDUCE_MODES}, got {allreduce!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
@@ -132,9 +178,15 @@ class Engine:
                 dist.init_process_group("nccl" if on_gpu else "gloo")
         config, ckpt = resolve_checkpoint(path_or_preset)
         max_seq_len = min(max_seq_len, config.max_position_embeddings)
+        comm = None
+        if world > 1 and on_gpu:
+            ar_bytes = max(max_batch_size, 1) * config.hidden_size * torch.empty((), dtype=dtype).element_size()
+            comm = build_comm(allreduce, dtype, max(ar_bytes, 1 << 20))
         model = load_model(path_or_preset, dtype=dtype, device=device, tp_rank=rank, tp_size=world,
-                           kernels=kernels, random_weights=random_weights, seed=seed,
+                           kernels=kernels, random_weights=random_weights, seed=seed, comm=comm,
                            progress=progress and rank == 0)
+        if allreduce == "fused" and world > 1 and on_gpu:
+            model.tp.row_linear = _fused_row_linear(model, max_batch_size)
         tok = load_tokenizer(ckpt, config.vocab_size, config.bos_token_id, config.eos_token_id)
         return cls(model, tok, max_batch_size=max_batch_size, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs,
                    progress=progress)

@@ -25,6 +25,8 @@ class TPContext:
     rank: int = 0
     size: int = 1
     comm: Any = None
+    # Optional fused row-parallel GEMM + all-reduce: row_linear(x2d, w_shard) -> summed y (or None to decline).
+    row_linear: Any = None
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -106,6 +108,10 @@ class RowParallelLinear(nn.Module):
                           self.tp.rank * self.in_local, self.in_local)]
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        if self.tp.row_linear is not None and self.tp.size > 1:
+            y = self.tp.row_linear(x.reshape(-1, x.shape[-1]), self.weight)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
         return self.tp.all_reduce(ops.linear(x, self.weight))
 
 

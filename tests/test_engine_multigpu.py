@@ -1,0 +1,31 @@
+"""TP=2 engine on two GPUs (1 node x 2 and 2 logical nodes x 1) with every allreduce mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedlis.model import LlamaConfig, random_hf_tensors, save_checkpoint
+
+pytestmark = pytest.mark.multigpu
+
+
+def test_tp2_engine_all_allreduce_modes(tmp_path):
+    cfg = LlamaConfig.preset("llama-3.1-8b").replace(num_hidden_layers=2, vocab_size=32000, name="8b-2l")
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, random_hf_tensors(cfg, seed=2, dtype=torch.bfloat16))
+    out = tmp_path / "res.json"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    worker = os.path.join(os.path.dirname(__file__), "gpu", "engine_tp_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", worker, str(ckpt),
+                        str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert {e["allreduce"] for e in res} >= {"nccl", "auto", "nvrar", "fused"}
+    for e in res:
+        assert e["ok"], e
+        assert min(e["exact"]) >= 24, e
