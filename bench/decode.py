@@ -74,6 +74,43 @@ def time_engine(eng, batch: int, context: int, steps: int) -> float:
     return statistics.median(times)
 
 
+CATEGORIES = (
+    ("all-reduce", ("allreduce", "all_reduce", "nccl", "push_kernel", "finish_kernel", "one_shot", "two_shot",
+                    "nvrar", "symm")),
+    ("attention", ("attention", "flash", "sdpa", "softmax", "rope")),
+    ("GEMM", ("linear", "gemm", "matmul", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+)
+
+
+def categorize(name: str) -> str:
+    n = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other"
+
+
+def breakdown(eng, batch: int, context: int, steps: int = 20) -> dict[str, float]:
+    """Per-token device time (ms) by kernel category, from the torch profiler over `steps` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = eng.device
+    tokens = torch.randint(0, eng.config.vocab_size, (batch,), device=dev)
+    lens = torch.full((batch,), context, dtype=torch.long, device=dev)
+    eng._decode(tokens, lens)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            eng._decode(tokens, lens + i)
+        torch.cuda.synchronize()
+    out = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key and not ev.key.startswith("ProfilerStep"):
+            out[categorize(ev.key)] += t / 1e3 / steps
+    return out
+
+
 def time_hf(cfg: LlamaConfig, batches, contexts, steps) -> dict:
     """Hugging Face transformers eager decode (bf16, DynamicCache prefilled with random values), TP=1."""
     from transformers import DynamicCache
@@ -119,6 +156,8 @@ def main() -> int:
                     help="torch = eager torch reference + NCCL; nccl/nvrar/fused = fusedlis engine all-reduce")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face transformers (TP=1 only)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile each configuration at batch 1 and the first context (stacked-bar PNG)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
@@ -130,7 +169,7 @@ def main() -> int:
     tp = dist.get_world_size() if dist.is_initialized() else 1
     dev = torch.device("cuda", torch.cuda.current_device())
     bw = hbm_bandwidth(dev)
-    rows = []
+    rows, bdrows = [], []
     for model_name in args.models.split(","):
         cfg = LlamaConfig.preset(model_name)
         floor_ms = weight_bytes_per_gpu(cfg, tp) / bw * 1e3
@@ -151,6 +190,13 @@ def main() -> int:
                 for k, v in zip(eng.cache.k, eng.cache.v):
                     k.normal_()
                     v.normal_()
+                if args.breakdown:
+                    bd = breakdown(eng, batches[0], contexts[0])
+                    name = f"fusedlis-{label}" if mode != "torch" else "torch-eager-nccl"
+                    bdrows.append(dict(model=model_name, tp=tp, system=name, batch=batches[0], context=contexts[0],
+                                       **{k: round(v, 4) for k, v in bd.items()}))
+                    if rank == 0:
+                        print(bdrows[-1], flush=True)
                 for B in batches:
                     for ctx in contexts:
                         ms = time_engine(eng, B, ctx, args.steps if mode != "torch" else max(10, args.steps // 5))
@@ -172,6 +218,8 @@ def main() -> int:
                     print(rows[-1], flush=True)
     if rank == 0:
         write(rows, args.out, tp, bw)
+        if bdrows:
+            write_breakdown(bdrows, args.out, tp)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -210,6 +258,36 @@ def write(rows, out_dir, tp, bw) -> None:
         ax.set(title=f"{m} TP={tp} ctx={c}", xlabel="batch", ylabel="ms / decode step", xscale="log", yscale="log")
         ax.legend(fontsize=7)
     fig.suptitle(meta.lstrip("# "), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+
+
+def write_breakdown(rows, out_dir, tp) -> None:
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    stem = os.path.join(out_dir, f"decode_breakdown_tp{tp}_{gpu}_{dt.date.today().isoformat()}")
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    labels = [f"{r['model'].replace('llama-3.1-', '')}\n{r['system'].replace('fusedlis-', 'fl-')}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    bottom = [0.0] * len(rows)
+    for c in cats:
+        vals = [r[c] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=c)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(ylabel="device ms per decode step", title=f"per-token time breakdown, TP={tp}, batch {rows[0]['batch']}, "
+           f"context {rows[0]['context']} ({torch.cuda.get_device_name()})")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
 
