@@ -145,6 +145,9 @@ def test_cli_fake_run_writes_cache_csv_png_and_show(iso, capsys):
     text = capsys.readouterr().out
     assert "qkv M=8 K=4096 N=3072" in text and "vs default" in text
     rows = list(csv.DictReader(open(csvp)))
+    skipped = [r for r in rows if r["op"] == "allreduce"]
+    assert len(skipped) == 2 and all(r["status"] == "skipped" and "synthetic" in r["message"] for r in skipped)
+    rows = [r for r in rows if r["op"] != "allreduce"]
     assert len(rows) == 2 * 2 + 2
     for r in rows:
         assert r["status"] == "tuned" and r["timer"] == "fake" and r["lookup_hit"] == "True"
@@ -219,3 +222,25 @@ def test_bench_script_fake_run(tmp_path):
     assert all(float(row["tuned_us"]) <= float(row["default_us"]) for row in rows)
     assert os.path.getsize(f"{base}.png") > 1000 and "vs default" in open(f"{base}.txt").read()
     assert len(list(cache.iter_entries(cache.read(tmp_path / "tuning_fake.json")))) == 4
+
+
+def test_cli_allreduce_two_gloo_ranks_in_lockstep(iso):
+    """The collective path: both ranks time the same algorithms in lockstep (gloo on CPU, where only the
+    torch.distributed algorithm exists), agree on the result, and rank 0 writes world size + topology keys."""
+    out = iso / "ar.json"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fusedlis.tuning.cli", "--model", "llama-3.1-8b", "--tp", "2", "--batch", "1,8",
+             "--ops", "allreduce", "--dtype", "float32", "--out", str(out), "--no-progress"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    res = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], res
+    assert res[0][0].count("allreduce M=") == 2
+    entries = sorted((e for *_, e in cache.iter_entries(cache.read(out))), key=lambda e: e["key"]["nbytes"])
+    assert [e["key"]["nbytes"] for e in entries] == [1 * 4096 * 4, 8 * 4096 * 4]
+    assert all(e["key"]["world_size"] == 2 and e["key"]["topology"] == "1x2" for e in entries)
+    assert all(e["config"] == {"algorithm": "nccl"} and e["timer"].startswith("events") for e in entries)

@@ -263,3 +263,132 @@ class FakeBench(_Base):
             return "cublas", int(k["N"]) * int(k["K"]) * eb / (0.6 * self.HBM) * 1e6 + 5.0
         B, Hkv, D, S = (int(k[x]) for x in ("B", "Hkv", "D", "S"))
         return "sdpa", 2 * B * Hkv * S * D * eb / (0.5 * self.HBM) * 1e6 + 8.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives (under torchrun)
+
+_AR: dict[tuple, Any] = {}
+
+
+def _shared_allreduce(max_bytes: int, dtype: torch.dtype):
+    # Symmetric allocation is collective: build one AllReduce per process, the same on every rank.
+    key = (max_bytes, dtype)
+    if key not in _AR:
+        from fusedlis.comm.allreduce import AllReduce
+
+        _AR[key] = AllReduce(backend="auto", max_bytes=max_bytes, dtype=dtype)
+    return _AR[key]
+
+
+class AllReduceBench:
+    """Which all-reduce algorithm (one_shot / two_shot / nvrar / nccl) is fastest for one message size.
+
+    Collective: every rank must build the same benches and call `time` with the same configs in the same
+    order (the tuner does: exhaustive search, identical problem lists). Times are medians of a fixed
+    number of calls (no adaptive repeat count, which could differ between ranks and deadlock), reduced
+    with MAX over the ranks so every rank takes the same decision. Key:
+    ``{"nbytes", "dtype", "world_size", "topology": "<nodes>x<gpus per node>"}``.
+    """
+
+    def __init__(self, problem: Problem, iters: int = 50, warmup: int = 10) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() < 2:
+            raise SkipOp("op 'allreduce' needs >= 2 ranks: run under torchrun --nproc-per-node N")
+        if int(problem.key["world_size"]) != dist.get_world_size():
+            raise SkipOp(f"op 'allreduce': --tp {problem.key['world_size']} != torchrun world size "
+                         f"{dist.get_world_size()}")
+        self.problem, self.key = problem, dict(problem.key)
+        self.iters, self.warmup = iters, warmup
+        self.dtype = torch_dtype(self.key["dtype"])
+        self.numel = int(self.key["nbytes"]) // self.dtype.itemsize
+        self.ar = _shared_allreduce(int(problem.meta.get("max_bytes", self.key["nbytes"])), self.dtype)
+        self.dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.world = dist.get_world_size()
+        self._buf = None
+
+    def configs(self) -> list[dict[str, Any]]:
+        if self.ar.device_ar is None:
+            algs = ["nccl"]
+        elif self.ar.topology.num_nodes > 1:
+            algs = ["nvrar", "nccl"]
+        else:
+            algs = ["one_shot", "two_shot", "nvrar", "nccl"]
+        return [{"algorithm": a} for a in algs]
+
+    def default(self) -> dict[str, Any]:
+        return {"algorithm": self.ar.algorithm_for(int(self.key["nbytes"]))}
+
+    def estimate(self, config: dict[str, Any]) -> _search.Resources:
+        return _search.Resources(0, 0, 0)
+
+    def _call(self, alg: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if alg == "nccl":
+            out.copy_(x)
+            dist.all_reduce(out)
+            return out
+        return self.ar.device_ar(x, out=out, algorithm=alg)
+
+    def _median_us(self, fn, effort: int = 1) -> float:
+        import statistics
+        import time
+
+        import torch.distributed as dist
+
+        dist.barrier()
+        for _ in range(self.warmup):
+            fn()
+        ts = []
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.iters * effort)]
+            for s, e in ev:
+                s.record()
+                fn()
+                e.record()
+            torch.cuda.synchronize()
+            ts = [s.elapsed_time(e) * 1000.0 for s, e in ev]
+        else:
+            for _ in range(self.iters * effort):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e6)
+        t = torch.tensor([statistics.median(ts)], dtype=torch.float64,
+                         device=self.dev if self.dev.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def time(self, config: dict[str, Any], effort: int = 1) -> float:
+        import torch.distributed as dist
+
+        alg = config["algorithm"]
+        if self._buf is None:
+            g = torch.Generator(device=self.dev).manual_seed(1234)  # same base on every rank
+            base = torch.randn(self.numel, device=self.dev, dtype=self.dtype, generator=g)
+            self._buf = (base, base * (dist.get_rank() + 1), torch.empty_like(base))
+        base, x, out = self._buf
+        # Correctness first: rank r sends (r+1)*base, the sum is W(W+1)/2 * base. Agreed on by all ranks.
+        got = self._call(alg, x, out).float()
+        want = base.float() * (self.world * (self.world + 1) / 2)
+        err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30))
+        bad = torch.tensor([0.0 if err.item() <= _TOL.get(self.dtype, 1e-2) else 1.0], device=out.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise ValueError(f"all-reduce {alg!r} gave a wrong sum on some rank")
+        return self._median_us(lambda: self._call(alg, x, out), max(1, effort))
+
+    def baseline(self, effort: int = 1) -> tuple[str, float] | None:
+        return "nccl", self.time({"algorithm": "nccl"}, effort)
+
+    def time_lookup(self, effort: int = 1) -> float:
+        from fusedlis import tuning
+
+        cfg = tuning.lookup("allreduce", self.key) or self.default()
+        return self.time(cfg, effort)
+
+    def close(self) -> None:
+        self._buf = None

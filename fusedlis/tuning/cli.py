@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 ALL_OPS = ("linear", "attention", "allreduce", "fused")
+COLLECTIVE_OPS = ("allreduce",)
+COLLECTIVE_TIMER = "events-median-max-over-ranks"
 
 _EPILOG = """\
 examples:
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fusedlis.tuning import cache, fingerprint
-    from fusedlis.tuning.bench import FakeBench, GpuBench
+    from fusedlis.tuning.bench import AllReduceBench, FakeBench, GpuBench, SkipOp
     from fusedlis.tuning.report import outcomes_table, plot, write_csv
     from fusedlis.tuning.shapes import OP_MODULES, kernel_module, load_config, model_problems
     from fusedlis.tuning.tuner import tune, verify
@@ -167,30 +169,40 @@ def run(args: argparse.Namespace) -> int:
     quiet = rank != 0
     cfg = load_config(args.model)
     dtype = getattr(torch, args.dtype)
-    for op in args.ops:
-        if op in ("allreduce", "fused"):
-            mod = kernel_module(op)
-            why = (f"fusedlis.triton_kernels.{OP_MODULES[op]} does not exist yet" if mod is None
-                   else "its tuning adapter (keys with topology, timing under torchrun) is not written yet")
-            if not quiet:
-                _log(f"fusedlis tune: skipping {op}: {why}")
-    problems = model_problems(cfg, args.tp, args.batch, [o for o in args.ops if o in ("linear", "attention")],
+    if "fused" in args.ops and not quiet:
+        mod = kernel_module("fused")
+        why = (f"fusedlis.triton_kernels.{OP_MODULES['fused']} does not exist" if mod is None
+               else f"fusedlis.triton_kernels.{OP_MODULES['fused']} exposes no linear_allreduce_configs() search "
+                    "space and does not read the tuning cache yet")
+        _log(f"fusedlis tune: skipping fused: {why}")
+    if "allreduce" in args.ops and args.tp == 1 and not quiet:
+        _log("fusedlis tune: skipping allreduce: nothing to reduce at --tp 1")
+    problems = model_problems(cfg, args.tp, args.batch, [o for o in args.ops if o != "fused"],
                               dtype=dtype, seq_lens=args.max_seq_len, layers=args.layers, model_name=args.model)
     if not problems:
-        _log("fusedlis tune: nothing to tune (choose --ops linear and/or attention)")
+        _log("fusedlis tune: nothing to tune")
         return 1
-    mine = problems[rank::world]
-    timer = "fake" if args.fake_timer else "do_bench-median"
+    # Collective problems run on every rank in the same order, first; the others are split between ranks.
+    comm = [p for p in problems if p.op in COLLECTIVE_OPS]
+    mine = comm + [p for p in problems if p.op not in COLLECTIVE_OPS][rank::world]
+    timer = "fake" if args.fake_timer else ("do_bench-median" if torch.cuda.is_available() else "cpu-wallclock")
 
     def make_bench(p):
+        if p.op in COLLECTIVE_OPS:
+            if args.fake_timer:
+                raise SkipOp(f"op {p.op!r}: no synthetic model; it is timed on real ranks only")
+            return AllReduceBench(p)
         return FakeBench(p) if args.fake_timer else GpuBench(p, rep_ms=args.rep_ms)
 
     # Real timings: the winner must beat the default by 1% in a 4x longer head-to-head, against noise.
     outcomes = tune(mine, make_bench, strategy=args.strategy, eta=args.eta,
                     confirm_effort=1 if args.fake_timer else 4, min_gain=0.0 if args.fake_timer else 0.01,
                     progress=not (args.no_progress or quiet), log=_log if not quiet else (lambda s: None))
-    entries = [o.entry(timer) for o in outcomes if o.status == "tuned"]
-    all_entries = [e for part in _gather(entries, world) for e in part]
+    tuned = [o for o in outcomes if o.status == "tuned"]
+    entries = [(o.problem.op, o.entry(COLLECTIVE_TIMER if o.problem.op in COLLECTIVE_OPS else timer)) for o in tuned]
+    # Collective outcomes are the same on every rank: keep rank 0's.
+    all_entries = [e for r, part in enumerate(_gather(entries, world)) for op, e in part
+                   if r == 0 or op not in COLLECTIVE_OPS]
     path = Path(args.out) if args.out else cache.default_path()
     if writer and all_entries:
         cache.merge_entries(all_entries, path=path)
@@ -201,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_verify and entries:
         os.environ["FUSEDLIS_TUNING_FILE"] = str(path)  # lookup in this process reads what was just written
         verify(outcomes, make_bench, progress=not (args.no_progress or quiet))
-    rows = [r for part in _gather([o.row() for o in outcomes], world) for r in part]
+    rows = [row for r, part in enumerate(_gather([o.row() for o in outcomes], world)) for row in part
+            if r == 0 or row["op"] not in COLLECTIVE_OPS]
     if world > 1:
         order = {pr.label: i for i, pr in enumerate(problems)}
         rows.sort(key=lambda r: order[r["label"]])

@@ -9,7 +9,7 @@ canonical form so that a key written by `fusedlis tune` is found again by the la
 * other strings are stripped and lower-cased; bools stay bools; integral numbers become ``int``;
 * the canonical string is ``name=value`` pairs sorted by name, joined by ``,``.
 
-Names in `BUCKET_DIMS` (batch rows ``M``/``B`` and cache length ``S``) are *bucketed*: when no entry matches
+Names in `BUCKET_DIMS` (batch rows ``M``/``B``, cache length ``S``, message size ``nbytes``) are *bucketed*: when no entry matches
 exactly, `lookup` takes the entry whose other fields match exactly and whose bucketed values are nearest
 (preferring tuned sizes >= the requested one, then the smallest log2 distance). So a config tuned at batch 8
 serves batch 5, and one tuned at 64 serves 100.
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # Dimensions that vary call to call during decode; see the module docstring.
-BUCKET_DIMS: frozenset[str] = frozenset({"M", "B", "S"})
+BUCKET_DIMS: frozenset[str] = frozenset({"M", "B", "S", "nbytes"})
 
 _DTYPE_ALIASES = {
     "bf16": "bfloat16",

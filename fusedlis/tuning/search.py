@@ -279,7 +279,12 @@ def search(
     if scored:
         best = scored[0][1]
         best_us = _time(timer, best, effort, trials, failed, tick)
-    default_us = _time(timer, dflt, effort, trials, failed, tick) if dflt is not None else None
+    if dflt is not None and best is not None and best_us is not None and config_id(best) == config_id(dflt):
+        default_us = best_us  # same config: one measurement, speed-up exactly 1
+        if tick is not None:
+            tick(1)
+    else:
+        default_us = _time(timer, dflt, effort, trials, failed, tick) if dflt is not None else None
     if best is None or best_us is None or (default_us is not None and default_us * (1 - min_gain) <= best_us):
         if default_us is None:
             if best is None or best_us is None:

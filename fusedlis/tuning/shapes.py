@@ -37,6 +37,8 @@ class Problem:
             return f"{self.layer} M={k['M']} K={k['K']} N={k['N']}"
         if self.op == "decode_attention":
             return f"attn B={k['B']} Hq={k['Hq']} Hkv={k['Hkv']} S={k['S']}"
+        if self.op == "allreduce":
+            return f"allreduce M={self.meta.get('batch', '?')} {k['nbytes']} B w={k['world_size']} {k['topology']}"
         return f"{self.layer} " + " ".join(f"{a}={b}" for a, b in k.items() if a != "dtype")
 
 
@@ -90,11 +92,14 @@ def model_problems(
     seq_lens: Sequence[int] = (4096,),
     layers: Sequence[str] = LINEAR_LAYERS,
     model_name: str | None = None,
+    gpus_per_node: int | None = None,
 ) -> list[Problem]:
     """Every (op, shape) one TP rank of `cfg` runs at the given decode batch sizes.
 
     `cfg` needs hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim and
-    vocab_size. Ops other than linear/attention produce no problems here (their keys need a topology).
+    vocab_size. ``allreduce`` gives one message per batch size (``M x hidden`` activations, what the
+    row-parallel o / down projections reduce), keyed with the world size (= `tp`) and the topology
+    ``<nodes>x<gpus_per_node>`` (`gpus_per_node` default: as `fusedlis.comm.Topology` reads it).
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
@@ -126,6 +131,17 @@ def model_problems(
                 for M in batches:
                     out.append(Problem("linear", layer, _linear_key(int(M), N, K, dtype, act),
                                        {"model": name, "tp": tp, "batch": int(M), "layer": layer}))
+        elif op == "allreduce" and tp > 1:
+            from fusedlis.comm.topology import Topology
+
+            topo = Topology(tp, gpus_per_node)
+            sizes = [int(M) * hidden * dtype.itemsize for M in batches]
+            for M, nbytes in zip(batches, sizes):
+                out.append(Problem("allreduce", "allreduce",
+                                   {"nbytes": nbytes, "dtype": dtype, "world_size": tp,
+                                    "topology": f"{topo.num_nodes}x{topo.gpus_per_node}"},
+                                   {"model": name, "tp": tp, "batch": int(M), "layer": "allreduce",
+                                    "max_bytes": max(sizes)}))
         elif op == "attention":
             for S in seq_lens:
                 for B in batches:
