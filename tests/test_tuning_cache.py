@@ -116,7 +116,10 @@ def test_newer_entry_replaces_older_and_other_devices_are_kept(env):
     other = {**FP, "gpu": "NVIDIA H100 80GB HBM3", "sm_count": 132}
     cache.merge_entries([lin(8, 32)], fp=other)
     cache.merge_entries([lin(8, 32)], fp=FP)
-    cache.merge_entries([lin(8, 128)], fp=FP)
+    key = {"M": 8, "N": 3072, "K": 4096, "dtype": "bfloat16"}
+    assert tuning.lookup("linear", key)["BLOCK_N"] == 32  # now memoised in this process
+    cache.merge_entries([lin(8, 128)], fp=FP)  # a write in this process drops the memo
+    assert tuning.lookup("linear", key)["BLOCK_N"] == 128
     data = cache.read(env / "tuning.json")
     assert len(data["devices"]) == 2
     assert tuning.lookup("linear", {"M": 8, "N": 3072, "K": 4096, "dtype": "bfloat16"})["BLOCK_N"] == 128

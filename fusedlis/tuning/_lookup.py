@@ -88,8 +88,20 @@ def _load() -> _Index:
     return idx
 
 
+_memo: dict = {}  # (op, raw key items) -> config | None: skips normalisation on repeated launches
+_MEMO_MAX = 4096
+_MISS = object()
+
+
 def lookup(op: str, key: dict) -> dict | None:
     global _index
+    try:
+        mk = (op, tuple(key.items()))
+        hit = _memo.get(mk, _MISS)
+    except Exception:  # unhashable values or not a dict: take the slow path
+        mk, hit = None, _MISS
+    if hit is not _MISS and _index is not None:
+        return None if hit is None else dict(hit)
     try:
         idx = _index
         if idx is None:
@@ -102,6 +114,10 @@ def lookup(op: str, key: dict) -> dict | None:
                         _warn_once(f"tuning cache could not be loaded ({type(e).__name__}: {e})")
                 idx = _index
         cfg = idx.find(op, key)
+        if mk is not None:
+            if len(_memo) >= _MEMO_MAX:
+                _memo.clear()
+            _memo[mk] = cfg
         return None if cfg is None else dict(cfg)
     except Exception:
         return None
@@ -112,5 +128,6 @@ def invalidate(reset_warning: bool = False) -> None:
     global _index, _warned
     with _lock:
         _index = None
+        _memo.clear()
         if reset_warning:
             _warned = False
