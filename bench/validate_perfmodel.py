@@ -34,20 +34,40 @@ from pathlib import Path
 from typing import Any
 
 from fusedlis.perfmodel import collectives as coll
-from fusedlis.perfmodel.calibrate import fit_gemm, fit_link, linear_coefficients
+from fusedlis.perfmodel.calibrate import fit_gemm, fit_link, fit_overlap, profile_from_measurements
 from fusedlis.perfmodel.cli import parse_size
-from fusedlis.perfmodel.hardware import Hardware, Link, get_hardware
+from fusedlis.perfmodel.hardware import Hardware, Link, get_hardware, save_profile
 
 _ALIASES = {
     "bytes": ("bytes", "size_bytes", "nbytes", "size", "message_bytes"),
-    "us": ("us", "median_us", "latency_us", "time_us", "p50_us"),
-    "impl": ("impl", "backend", "implementation", "method"),
+    "us": ("us", "us_median", "median_us", "latency_us", "time_us", "p50_us"),
+    "impl": ("impl", "variant", "backend", "implementation", "method"),
     "algo": ("algo", "algorithm"),
     "gpus": ("gpus", "world_size", "world", "ranks", "nranks"),
     "nodes": ("nodes", "num_nodes", "logical_nodes"),
 }
 _IMPL_ALGO = {"nccl": "nccl", "one_shot": "oneshot", "oneshot": "oneshot", "two_shot": "twoshot",
               "twoshot": "twoshot", "nvrar": "nvrar"}
+
+
+def _algo_of(impl: str, algo: str | None) -> tuple[str, bool]:
+    """(model algorithm, logical_nodes) for a measured variant name such as bench/allreduce.py writes.
+
+    `fusedlis_nvrar_2x1_*` runs NVRAR on 2 logical nodes of 1 GPU over NVLink: one recursive-doubling
+    exchange on the NVLink link, modelled as `rd` on one node.
+    """
+    low = impl.lower()
+    if algo:
+        a = algo.lower()
+        return ("twoshot" if a == "auto" else _IMPL_ALGO.get(a, a)), False
+    if low.startswith("nccl"):
+        return "nccl", False
+    if "nvrar_2x1" in low or "nvrar_" in low and "x1" in low:
+        return "rd", True
+    for key in ("one_shot", "oneshot", "two_shot", "twoshot", "nvrar"):
+        if key in low:
+            return _IMPL_ALGO[key], False
+    raise SystemExit(f"cannot tell the algorithm of variant {impl!r}: add an 'algo' column")
 
 
 def _get(row: dict[str, str], key: str, path: str, required: bool = True) -> str | None:
@@ -74,22 +94,24 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                 if r.get("mode", "graph") != "graph":
                     continue  # eager timings include host launch gaps the model does not describe
                 impl = _get(r, "impl", path)
-                algo = _get(r, "algo", path, required=False) or _IMPL_ALGO.get(impl.lower(), "twoshot")
-                algo = "nccl" if impl.lower().startswith("nccl") else algo
-                if algo == "auto":
-                    algo = "twoshot"
-                ars.append({"impl": impl, "algo": coll.resolve(algo), "gpus": int(_get(r, "gpus", path)),
+                algo, _ = _algo_of(impl, _get(r, "algo", path, required=False))
+                gpus = _get(r, "gpus", path, required=False)
+                if gpus is None:  # bench/allreduce.py: device column like "2xH200"
+                    dev = r.get("device", "")
+                    if "x" not in dev or not dev.split("x", 1)[0].isdigit():
+                        raise SystemExit(f"{path}: no gpus/world_size column and no device like '2xH200'")
+                    gpus = dev.split("x", 1)[0]
+                ars.append({"impl": impl, "algo": coll.resolve(algo), "gpus": int(gpus),
                             "nodes": int(_get(r, "nodes", path, required=False) or 1),
                             "bytes": parse_size(_get(r, "bytes", path)), "us": float(_get(r, "us", path))})
     return ars, gemms
 
 
 def _link_for(hw: Hardware, impl_rows: list[dict[str, Any]], fit_sizes: set[int] | None) -> Hardware:
-    """`hw` with the NVLink (alpha, beta) of this implementation fitted on `fit_sizes` (if given)."""
+    """`hw` whose NVLink (alpha, beta) for this implementation's algorithm(s) are fitted on `fit_sizes`."""
     if fit_sizes is None:
         return hw
-    algo = impl_rows[0]["algo"]
-    samples = [("ring" if algo == "nccl" else algo, r["gpus"], r["bytes"], r["us"] * 1e-6)
+    samples = [("ring" if r["algo"] == "nccl" else r["algo"], r["gpus"], r["bytes"], r["us"] * 1e-6)
                for r in impl_rows if r["bytes"] in fit_sizes]
     if len(samples) < 2:
         raise SystemExit(f"{impl_rows[0]['impl']}: fewer than 2 rows at the fit sizes")
@@ -106,10 +128,10 @@ def validate_allreduce(hw: Hardware, rows: list[dict[str, Any]], fit_sizes: set[
             nodes = r["nodes"]
             pred = coll.allreduce(r["algo"], h, nodes, r["gpus"] // nodes, r["bytes"]).total * 1e6
             role = "profile" if fit_sizes is None else ("fit" if r["bytes"] in fit_sizes else "held-out")
+            a, b = h.intra.params(r["algo"])
             out.append({"what": "allreduce", "impl": impl, "model": r["algo"], "gpus": r["gpus"],
                         "case": f"{r['bytes']}", "measured_us": r["us"], "predicted_us": pred,
-                        "rel_err": pred / r["us"] - 1, "role": role,
-                        "alpha_us": h.intra.alpha * 1e6, "GBps": 1e-9 / h.intra.beta})
+                        "rel_err": pred / r["us"] - 1, "role": role, "alpha_us": a * 1e6, "GBps": 1e-9 / b})
     return out
 
 
@@ -156,6 +178,47 @@ def validate_decode(hw: Hardware, paths: list[str]) -> list[dict[str, Any]]:
                             "predicted_us": pred, "rel_err": pred / meas - 1, "role": "profile",
                             "alpha_us": "", "GBps": ""})
     return out
+
+
+_LAYER_VARIANTS = {"cublas+nccl": "nccl", "cublas+symm_one_shot": "oneshot", "cublas+symm_two_shot": "twoshot"}
+
+
+def validate_layer(hw: Hardware, paths: list[str], fit_m: int | None) -> tuple[list[dict[str, Any]], Hardware]:
+    """Row-parallel layer = GEMM then all-reduce (bench/fused.py CSV: shape,K,N,M,variant,us; TP=2).
+
+    Predicted as the step model does it: kernel_overhead + max(bytes / hbm_bw, flops / peak) for the GEMM,
+    plus the all-reduce of the [M, N] bf16 output with `ar_latency_hidden` of its NVLink latency hidden.
+    With `fit_m`, `ar_latency_hidden` is fitted on the rows with M == fit_m (the others are held out).
+    Returns the rows and the profile used.
+    """
+    cases = []
+    for path in paths:
+        with open(path, newline="") as f:
+            lines = [ln for ln in f if not ln.startswith("#")]
+        for r in csv.DictReader(lines):
+            algo = _LAYER_VARIANTS.get(r.get("variant", ""))
+            if algo is None:
+                continue
+            try:
+                k, n, m, us = int(r["K"]), int(r["N"]), int(r["M"]), float(r["us"])
+            except (KeyError, ValueError) as e:
+                raise SystemExit(f"{path}: layer rows need K, N, M, variant, us: {e}") from None
+            gemm = hw.kernel_overhead + max((k * n + m * (k + n)) * 2 / hw.hbm_bw, 2.0 * m * k * n / hw.peak_flops)
+            cases.append((r, algo, m, us * 1e-6, gemm, coll.allreduce(algo, hw, 1, 2, m * n * 2)))
+    if fit_m is not None:
+        fit = [(us, g + c.total, c.latency - c.inter_latency) for _, _, m, us, g, c in cases if m == fit_m]
+        if not fit:
+            raise SystemExit(f"no layer rows with M={fit_m} to fit ar_latency_hidden")
+        hw = hw.with_(ar_latency_hidden=fit_overlap(fit))
+    out = []
+    for r, algo, m, us, gemm, c in cases:
+        pred = (gemm + c.hiding_latency(hw.ar_latency_hidden).total) * 1e6
+        role = "profile" if fit_m is None else ("fit" if m == fit_m else "held-out")
+        out.append({"what": "layer", "impl": r["variant"], "model": f"gemm+{algo}", "gpus": 2,
+                    "case": f"{r.get('shape', '')} M={m}", "measured_us": us * 1e6, "predicted_us": pred,
+                    "rel_err": pred / (us * 1e6) - 1, "role": role, "alpha_us": "",
+                    "GBps": f"hidden={hw.ar_latency_hidden:.2f}"})
+    return out, hw
 
 
 def write_outputs(rows: list[dict[str, Any]], prefix: str, tol: float, header: list[str]) -> None:
@@ -213,14 +276,24 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     a.grid(True, alpha=0.3)
     if other:
         b = axes[0][1]
-        xs = range(len(other))
-        b.bar([x - 0.2 for x in xs], [r["measured_us"] for r in other], 0.4, label="measured")
-        b.bar([x + 0.2 for x in xs], [r["predicted_us"] for r in other], 0.4, label="model")
-        b.set_xticks(list(xs))
-        b.set_xticklabels([f"{r['case']}\n{r['role']}" for r in other], rotation=60, fontsize=7)
-        b.set_ylabel("µs")
-        b.set_title("GEMM / decode step")
-        b.legend()
+        for what, mk in (("gemm", "s"), ("layer", "o"), ("decode", "^")):
+            for role, fill in (("fit", "full"), ("held-out", "none"), ("profile", "full")):
+                sel = [r for r in other if r["what"] == what and r["role"] == role]
+                if sel:
+                    b.plot([r["measured_us"] for r in sel], [r["predicted_us"] for r in sel], mk,
+                           mfc="none" if fill == "none" else None, label=f"{what} ({role})")
+        lo = min(min(r["measured_us"], r["predicted_us"]) for r in other) * 0.8
+        hi = max(max(r["measured_us"], r["predicted_us"]) for r in other) * 1.2
+        b.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        b.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="gray", alpha=0.15,
+                       label="±15%")
+        b.set_xscale("log")
+        b.set_yscale("log")
+        b.set_xlabel("measured µs")
+        b.set_ylabel("model µs")
+        b.set_title("GEMM / GEMM+all-reduce layer / decode step")
+        b.legend(fontsize=7)
+        b.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -234,14 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-sizes", default="8K,128K,1M,4M", help="all-reduce sizes used for fitting")
     ap.add_argument("--allreduce", nargs="*", default=[], help="measured all-reduce CSVs to compare (no fitting)")
     ap.add_argument("--decode", nargs="*", default=[], help="measured decode-step CSVs to compare")
+    ap.add_argument("--layer", nargs="*", default=[],
+                    help="bench/fused.py CSVs: GEMM + all-reduce layers compared with the serial-sum model")
     ap.add_argument("--reduce-GBps", type=float, default=None,
                     help="override the profile's reduction rate (gamma = 1 / this), e.g. measured copy bandwidth / 3")
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--out-prefix", default="bench/results/perfmodel_validation")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any held-out/profile row misses tolerance")
     args = ap.parse_args(argv)
-    if not (args.fit_from or args.allreduce or args.decode):
-        ap.error("give --fit-from, --allreduce or --decode CSVs")
+    if not (args.fit_from or args.allreduce or args.decode or args.layer):
+        ap.error("give --fit-from, --allreduce, --decode or --layer CSVs")
     hw = get_hardware(args.profile)
     if args.reduce_GBps is not None:
         if args.reduce_GBps <= 0:
@@ -260,11 +335,26 @@ def main(argv: list[str] | None = None) -> int:
             rows += validate_gemm(hw, gm, True)
         header.append(f"Fitted per implementation on sizes {sorted(fit_sizes)} (all-reduce); GEMMs sorted by "
                       "bytes: every other shape and the largest fitted. Every other row is held out.")
+        # one profile from the fit rows (for the --allreduce / --decode / --layer comparisons below)
+        raw = [dict(kind="allreduce", impl=r["impl"], algo="ring" if r["algo"] == "nccl" else r["algo"],
+                    gpus=r["gpus"], bytes=r["bytes"], us=r["us"]) for r in ar if r["bytes"] in fit_sizes]
+        raw += [dict(kind="gemm", **r) for r in gm]
+        hw = profile_from_measurements(raw, hw).with_(name=Path(args.out_prefix).name + "_profile")
+        save_profile(hw, args.out_prefix + "_profile.json")
+        header.append(f"Profile fitted from the fit rows: {args.out_prefix}_profile.json (used by the rows below "
+                      "marked 'profile').")
     if args.allreduce:
         ar, gm = read_rows(args.allreduce)
         rows += validate_allreduce(hw, ar, None) + (validate_gemm(hw, gm, False) if gm else [])
     if args.decode:
         rows += validate_decode(hw, args.decode)
+    if args.layer:
+        lay_rows, hw = validate_layer(hw, args.layer, 1 if args.fit_from else None)
+        rows += lay_rows
+        if args.fit_from:
+            header.append(f"Layer rows (GEMM + all-reduce in one graph, bench/fused.py): ar_latency_hidden = "
+                          f"{hw.ar_latency_hidden:.2f} fitted on M=1, other M held out.")
+            save_profile(hw, args.out_prefix + "_profile.json")
     Path(args.out_prefix).parent.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, args.out_prefix, args.tolerance, header)
     plot(rows, args.out_prefix + ".png")

@@ -193,3 +193,16 @@ def test_network_bytes_hand():
     # PP across 2 nodes of 4 with tp=4: one boundary crosses, each of 4 TP ranks sends hidden + residual
     st = step_time(LLAMA_8B, Layout(4, 2), hw(4), batch=2, context=10, prefill=False, allreduce="nvrar")
     assert st.net_bytes == 4 * 2 * 2 * 4096 * 2 + 2 * 8
+
+
+def test_decode_hides_nvlink_latency_prefill_does_not():
+    base = hw(8)
+    full = base.with_(ar_latency_hidden=1.0)
+    m = 4096 * 2
+    ar = coll.allreduce("twoshot", base, 1, 2, m)
+    d0 = step_time(LLAMA_8B, Layout(2, 1), base, batch=1, context=10, prefill=False, allreduce="twoshot")
+    d1 = step_time(LLAMA_8B, Layout(2, 1), full, batch=1, context=10, prefill=False, allreduce="twoshot")
+    assert close(d0.comm - d1.comm, 65 * ar.latency)
+    p0 = step_time(LLAMA_8B, Layout(2, 1), base, batch=1, context=10, prefill=True, allreduce="twoshot")
+    p1 = step_time(LLAMA_8B, Layout(2, 1), full, batch=1, context=10, prefill=True, allreduce="twoshot")
+    assert p0.comm == p1.comm

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fusedlis.perfmodel import collectives as coll
-from fusedlis.perfmodel.calibrate import (fit_gemm, fit_link, linear_coefficients, profile_from_measurements,
-                                          read_raw_csv, write_raw_csv)
+from fusedlis.perfmodel.calibrate import (fit_gemm, fit_link, fit_overlap, linear_coefficients,
+                                          profile_from_measurements, read_raw_csv, write_raw_csv)
 from fusedlis.perfmodel.cli import add_calibrate_parser, add_predict_parser, parse_size
 from fusedlis.perfmodel.hardware import (BUILTIN, Link, ProfileError, get_hardware, load_profile, save_profile)
 
@@ -137,10 +137,15 @@ def test_fit_gemm_and_profile_from_raw_rows(tmp_path):
     assert 1 / hw.intra.nccl_beta == pytest.approx(150e9, rel=1e-4)
     assert hw.intra.alpha == pytest.approx(3e-6, rel=1e-4)
     assert 1 / hw.intra.beta == pytest.approx(400e9, rel=1e-4)
+    assert hw.intra.params("oneshot") == pytest.approx((3e-6, 1 / 400e9), rel=1e-4)
     assert hw.inter == get_hardware("h200-ndr").inter
     save_profile(hw, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json").intra.alpha == pytest.approx(3e-6, rel=1e-6)
     assert fit_gemm([(1e6, 1e-5), (2e6, 1.5e-5)]) == pytest.approx((5e-6, 2e11))
+    # measured = serial - h * latency with h = 0.6
+    samples = [(s - 0.6 * lat, s, lat) for s, lat in [(20e-6, 6e-6), (30e-6, 7e-6), (45e-6, 12e-6)]]
+    assert fit_overlap(samples) == pytest.approx(0.6)
+    assert fit_overlap([(10e-6, 9e-6, 3e-6)]) == 0.0  # slower than serial: clamped
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -179,3 +184,24 @@ def test_validate_script_on_synthetic_measurements(tmp_path):
         rows = list(csv.DictReader(f))
     held = [r for r in rows if r["role"] == "held-out"]
     assert held and all(abs(float(r["rel_err"])) < 1e-3 for r in held)
+
+
+def test_per_algorithm_link_override(tmp_path):
+    d = BUILTIN["h200-ndr"].to_json()
+    d["intra"]["algorithms"] = {"oneshot": {"alpha_us": 9.0, "bandwidth_GBps": 100.0}}
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(d))
+    hw = load_profile(f)
+    m = 1 << 20
+    assert coll.allreduce("oneshot", hw, 1, 2, m).total == pytest.approx(9e-6 + m / 100e9 + m * hw.gamma)
+    base = BUILTIN["h200-ndr"]
+    assert coll.allreduce("twoshot", hw, 1, 2, m).total == coll.allreduce("twoshot", base, 1, 2, m).total
+    assert load_profile(f).to_json()["intra"]["algorithms"]["oneshot"]["alpha_us"] == pytest.approx(9.0)
+    d["intra"]["algorithms"] = {"warp": {"alpha_us": 1.0, "bandwidth_GBps": 1.0}}
+    f.write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match=r"p\.json: field 'intra': field 'algorithms': unknown custom algorithm 'warp'"):
+        load_profile(f)
+    d["intra"]["algorithms"] = {"oneshot": {"alpha_us": 1.0}}
+    f.write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="algorithms.oneshot.*bandwidth_GBps"):
+        load_profile(f)

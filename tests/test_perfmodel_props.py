@@ -20,7 +20,9 @@ def hardware(draw) -> Hardware:
     us = st.floats(0.0, 50.0)
 
     def link() -> Link:
-        return Link.make(draw(us), draw(gbps), draw(us), draw(gbps))
+        algos = draw(st.lists(st.sampled_from(["oneshot", "twoshot", "nvrar", "ring", "rd"]), unique=True,
+                              max_size=2))
+        return Link.make(draw(us), draw(gbps), draw(us), draw(gbps), {a: (draw(us), draw(gbps)) for a in algos})
 
     return Hardware("h", "h", draw(st.sampled_from([1, 2, 4, 8])), draw(st.floats(100.0, 5000.0)) * 1e9,
                     draw(st.floats(10.0, 2000.0)) * 1e12, 80e9, draw(us) * 1e-6,
@@ -28,10 +30,7 @@ def hardware(draw) -> Hardware:
 
 
 def _faster(h: Hardware, k: float, which: str) -> Hardware:
-    def f(lk: Link) -> Link:
-        return Link(lk.alpha, lk.beta / k, lk.nccl_alpha, lk.nccl_beta / k)
-
-    return h.with_(**{which: f(getattr(h, which))})
+    return h.with_(**{which: getattr(h, which).scaled(k)})
 
 
 nodes_s = st.sampled_from([1, 2, 3, 4, 8, 16])
@@ -113,8 +112,19 @@ def test_tp_moves_more_than_pp(g, tokens):
 def test_profile_json_round_trip(name):
     h = BUILTIN[name]
     back = profile_from_dict(h.to_json(), "roundtrip")
-    for f in ("gpus_per_node", "hbm_bw", "peak_flops", "kernel_overhead", "gamma"):
+    for f in ("gpus_per_node", "hbm_bw", "peak_flops", "kernel_overhead", "gamma", "ar_latency_hidden"):
         assert abs(getattr(back, f) - getattr(h, f)) <= 1e-9 * abs(getattr(h, f))
     for lk in ("intra", "inter"):
-        for a, b in zip(getattr(back, lk).__dict__.values(), getattr(h, lk).__dict__.values()):
-            assert abs(a - b) <= 1e-9 * abs(b)
+        x, y = getattr(back, lk), getattr(h, lk)
+        for f in ("alpha", "beta", "nccl_alpha", "nccl_beta"):
+            assert abs(getattr(x, f) - getattr(y, f)) <= 1e-9 * abs(getattr(y, f))
+        assert [n for n, *_ in x.per_algo] == [n for n, *_ in y.per_algo]
+
+
+@given(hardware(), st.sampled_from(ALGOS), st.sampled_from([1, 2, 4]), gpn_s, bytes_s, st.floats(0.0, 1.0))
+def test_hidden_latency_only_touches_nvlink_latency(h, algo, nodes, gpn, m, frac):
+    c = coll.allreduce(algo, h, nodes, gpn, m)
+    d = c.hiding_latency(frac)
+    assert d.bandwidth == c.bandwidth and d.reduction == c.reduction
+    assert d.latency >= c.inter_latency - 1e-18
+    assert abs((c.latency - d.latency) - frac * (c.latency - c.inter_latency)) <= 1e-12 * max(c.latency, 1e-9)

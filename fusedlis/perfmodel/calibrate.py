@@ -90,6 +90,22 @@ def fit_gemm(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return max(overhead, 0.0), 1.0 / inv_bw
 
 
+def fit_overlap(samples: list[tuple[float, float, float]]) -> float:
+    """Fraction h in [0, 1] of all-reduce latency hidden: samples (measured pair, serial prediction, latency term).
+
+    Least squares on relative error of measured = serial - h * latency.
+    """
+    import numpy as np
+
+    if not samples:
+        raise ValueError("need at least one GEMM + all-reduce sample")
+    a = np.array([lat / t for t, _, lat in samples])
+    y = np.array([(serial - t) / t for t, serial, _ in samples])
+    if not a.any():
+        return 0.0
+    return float(min(max(a @ y / (a @ a), 0.0), 1.0))
+
+
 # ---------------------------------------------------------------- measurement (GPU)
 def _time_graph(fn: Any, calls: int, replays: int = 7) -> float:
     """Median seconds per call of `fn` captured `calls` times in one CUDA graph."""
@@ -119,33 +135,64 @@ def _time_graph(fn: Any, calls: int, replays: int = 7) -> float:
     return statistics.median(times)
 
 
-def _custom_allreduce(group: Any, max_bytes: int) -> tuple[str, Any]:
-    """(label, fn(tensor) -> None) for fusedlis' all-reduce, else torch symmetric memory; (None, None) if neither."""
+def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, Any]]:
+    """(label, {algo: fn(x, out)}) for fusedlis' one-shot and two-shot kernels, else torch symmetric memory."""
     import torch
     import torch.distributed as dist
 
-    try:
-        from fusedlis.comm import AllReduce  # type: ignore[attr-defined]
+    def check(fn: Any) -> None:
+        x = torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+        ref = x.double()
+        dist.all_reduce(ref)
+        out = torch.full_like(x, float("nan"))
+        fn(x, out)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"disagrees with NCCL (relative error {err:.2e})")
 
-        ar = AllReduce(group=group, max_bytes=max_bytes)  # type: ignore[call-arg]
-        x = torch.randn(1024, dtype=torch.bfloat16, device="cuda")
-        ref = x.clone()
-        dist.all_reduce(ref, group=group)
-        y = ar.all_reduce(x.clone())
-        if not torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2):
-            raise RuntimeError("fusedlis AllReduce disagrees with NCCL")
-        return "fusedlis", lambda t: ar.all_reduce(t)
+    try:
+        from fusedlis.comm import AllReduce
+
+        ar = AllReduce(backend="auto", max_bytes=max_bytes)
+        if ar.device_ar is None:
+            raise RuntimeError("fell back to NCCL (no NVSHMEM / CUDA kernels)")
+        fns = {"oneshot": lambda x, out: ar.device_ar(x, out=out, algorithm="one_shot"),
+               "twoshot": lambda x, out: ar.device_ar(x, out=out, algorithm="two_shot")}
+        for fn in fns.values():
+            check(fn)
+        return "fusedlis", fns
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say so
         err = f"{type(e).__name__}: {e}"
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        name = group.group_name if group is not None else dist.group.WORLD.group_name
+        if hasattr(symm_mem, "set_backend"):
+            try:
+                symm_mem.set_backend("CUDA")
+            except Exception:  # noqa: BLE001 - already set
+                pass
+        name = dist.group.WORLD.group_name
         buf = symm_mem.empty(max_bytes // 2, dtype=torch.bfloat16, device="cuda")
         symm_mem.rendezvous(buf, name)
-        return f"torch-symm (fusedlis AllReduce unavailable: {err})", (buf, name)
+
+        def one(x: Any, out: Any) -> None:
+            v = buf[: x.numel()]
+            v.copy_(x)
+            out.copy_(torch.ops.symm_mem.one_shot_all_reduce(v, "sum", name))
+
+        def two(x: Any, out: Any) -> None:
+            v = buf[: x.numel()]
+            v.copy_(x)
+            out.copy_(torch.ops.symm_mem.two_shot_all_reduce_(v, "sum", name))
+
+        for fn in (one, two):
+            check(fn)
+        # timed without the copies: the op on the symmetric buffer itself
+        fns = {"oneshot": lambda x, out: torch.ops.symm_mem.one_shot_all_reduce(buf[: x.numel()], "sum", name),
+               "twoshot": lambda x, out: torch.ops.symm_mem.two_shot_all_reduce_(buf[: x.numel()], "sum", name)}
+        return f"torch-symm (fusedlis AllReduce unavailable: {err})", fns
     except Exception as e2:  # noqa: BLE001
-        return f"none ({err}; torch symm: {e2})", None
+        return f"none (fusedlis: {err}; torch symm: {type(e2).__name__}: {e2})", {}
 
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outdir: str) -> None:
@@ -166,27 +213,16 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
         t = _time_graph(lambda: dist.all_reduce(x), iters)
         rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m, "us": t * 1e6})
         dist.barrier()
-    label, custom = _custom_allreduce(None, max(sizes))
-    if rank == 0:
-        rows.append({"kind": "note", "impl": label})
-    if callable(custom):
+    label, fns = _custom_allreduces(max(sizes))
+    rows.append({"kind": "note", "impl": label})
+    impl = label.split(" ", 1)[0]
+    for algo, fn in fns.items():
         for m in sizes:
             x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
-            t = _time_graph(lambda: custom(x), iters)
-            rows.append({"kind": "allreduce", "impl": "fusedlis", "algo": "auto", "gpus": world, "bytes": m,
-                         "us": t * 1e6})
+            out = torch.empty_like(x)
+            t = _time_graph(lambda: fn(x, out), iters)
+            rows.append({"kind": "allreduce", "impl": impl, "algo": algo, "gpus": world, "bytes": m, "us": t * 1e6})
             dist.barrier()
-    elif custom is not None:
-        buf, name = custom
-        for algo, op in (("oneshot", "one_shot_all_reduce"), ("twoshot", "two_shot_all_reduce_")):
-            for m in sizes:
-                x = buf[: m // 2]
-                x.normal_()
-                f = getattr(torch.ops.symm_mem, op)
-                t = _time_graph(lambda: f(x, "sum", name), iters)
-                rows.append({"kind": "allreduce", "impl": "torch-symm", "algo": algo, "gpus": world, "bytes": m,
-                             "us": t * 1e6})
-                dist.barrier()
     if rank == 0:
         Path(outdir, "rank0.json").write_text(json.dumps(rows))
     dist.barrier()
@@ -282,13 +318,25 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
         a, b = fit_link(nccl, hw.gamma)
         intra = Link(intra.alpha, intra.beta, a, b)
         notes.append(f"NCCL NVLink fit (ring model): alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s")
-    custom = [(str(r["algo"]) if r["algo"] != "auto" else "twoshot", int(r["gpus"]), float(r["bytes"]),
-               float(r["us"]) * 1e-6) for r in ars if r["impl"] != "nccl"]
-    if len(custom) >= 2:
-        a, b = fit_link(custom, hw.gamma)
+    custom = [r for r in ars if r["impl"] != "nccl"]
+    # per algorithm, the preferred implementation that measured it: fusedlis, then torch-symm*, then others
+    rank = {i: (0 if i == "fusedlis" else 1 if i.startswith("torch-symm") else 2, i)
+            for i in {str(r["impl"]) for r in custom}}
+    by_algo: dict[str, list[tuple[str, int, float, float]]] = {}
+    src: dict[str, str] = {}
+    for algo in sorted({str(r["algo"]) for r in custom}):
+        impl = min((str(r["impl"]) for r in custom if r["algo"] == algo), key=rank.__getitem__)
+        src[algo] = impl
+        by_algo[algo] = [(algo, int(r["gpus"]), float(r["bytes"]), float(r["us"]) * 1e-6)
+                         for r in custom if r["algo"] == algo and r["impl"] == impl]
+    fits = {algo: fit_link(smp, hw.gamma) for algo, smp in by_algo.items() if len(smp) >= 2}
+    if fits:
+        # the plain custom link is two-shot's (NVRAR's intra-node phases are a two-shot)
+        a, b = fits.get("twoshot") or fit_link([x for smp in by_algo.values() for x in smp], hw.gamma)
         intra = Link(a, b, intra.nccl_alpha, intra.nccl_beta)
-        impls = sorted({str(r["impl"]) for r in ars if r["impl"] != "nccl"})
-        notes.append(f"custom NVLink fit ({', '.join(impls)}): alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s")
+        for algo, (fa, fb) in fits.items():
+            intra = intra.with_algo(algo, fa, fb)
+            notes.append(f"{src[algo]} {algo} NVLink fit: alpha {fa * 1e6:.2f} us, {1e-9 / fb:.0f} GB/s")
     name = f"calibrated-{str(dev.get('name', 'gpu')).lower().replace(' ', '-')}"
     return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
 

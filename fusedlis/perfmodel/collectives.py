@@ -13,6 +13,7 @@ The tree is NCCL-style pipelined (bandwidth term 2*m*beta, not 2*m*beta*log p).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,12 +23,14 @@ from fusedlis.perfmodel.hardware import Hardware
 
 @dataclass(frozen=True)
 class Cost:
-    """Seconds, split by term. `total` is their sum; `inter` is a subset of latency + bandwidth."""
+    """Seconds, split by term. `total` is their sum; `inter` is a subset of latency + bandwidth and
+    `inter_latency` the part of `latency` on the network."""
 
     latency: float = 0.0
     bandwidth: float = 0.0
     reduction: float = 0.0
     inter: float = 0.0
+    inter_latency: float = 0.0
 
     @property
     def total(self) -> float:
@@ -35,10 +38,15 @@ class Cost:
 
     def __add__(self, o: "Cost") -> "Cost":
         return Cost(self.latency + o.latency, self.bandwidth + o.bandwidth, self.reduction + o.reduction,
-                    self.inter + o.inter)
+                    self.inter + o.inter, self.inter_latency + o.inter_latency)
 
     def scale(self, k: float) -> "Cost":
-        return Cost(self.latency * k, self.bandwidth * k, self.reduction * k, self.inter * k)
+        return Cost(self.latency * k, self.bandwidth * k, self.reduction * k, self.inter * k,
+                    self.inter_latency * k)
+
+    def hiding_latency(self, fraction: float) -> "Cost":
+        """This cost with `fraction` of its NVLink latency hidden (behind the kernel before it)."""
+        return dataclasses.replace(self, latency=self.latency - fraction * (self.latency - self.inter_latency))
 
 
 ZERO = Cost()
@@ -60,7 +68,7 @@ def _pow2_floor(p: int) -> int:
 def _step(hw: Hardware, impl: str, intra: bool, n_alpha: float, beta_bytes: float, gamma_bytes: float) -> Cost:
     a, b = (hw.intra if intra else hw.inter).params(impl)
     lat, bw = n_alpha * a, beta_bytes * b
-    return Cost(lat, bw, gamma_bytes * hw.gamma, 0.0 if intra else lat + bw)
+    return Cost(lat, bw, gamma_bytes * hw.gamma, 0.0 if intra else lat + bw, 0.0 if intra else lat)
 
 
 def _intra_distance(d: int, gpn: int) -> bool:
@@ -140,7 +148,7 @@ def oneshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") 
     if p == 1:
         return ZERO
     lat, bw, inter = _direct(hw, impl, nodes, gpn, 1, (gpn - 1) * m, (p - gpn) * m)
-    return Cost(lat, bw, (p - 1) * m * hw.gamma, inter)
+    return Cost(lat, bw, (p - 1) * m * hw.gamma, inter, lat if nodes > 1 else 0.0)
 
 
 def twoshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
@@ -150,7 +158,7 @@ def twoshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") 
     if p == 1:
         return ZERO
     lat, bw, inter = _direct(hw, impl, nodes, gpn, 2, 2 * (gpn - 1) * m / p, 2 * (p - gpn) * m / p)
-    return Cost(lat, bw, (p - 1) / p * m * hw.gamma, inter)
+    return Cost(lat, bw, (p - 1) / p * m * hw.gamma, inter, lat if nodes > 1 else 0.0)
 
 
 def nvrar(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
@@ -192,9 +200,11 @@ def resolve(name: str) -> str:
 def allreduce(algo: str, hw: Hardware, nodes: int, gpus_per_node: int, nbytes: float) -> Cost:
     """Cost of one all-reduce of `nbytes` over `nodes` x `gpus_per_node` GPUs with algorithm `algo`.
 
-    `nccl` uses the profile's NCCL link parameters, every other algorithm the custom (NVSHMEM-kernel) ones.
+    `nccl` uses the profile's NCCL link parameters; every other algorithm uses its own per-algorithm link
+    parameters where the profile has them (`Link.per_algo`), else the custom (NVSHMEM-kernel) ones.
     """
-    return ALGORITHMS[resolve(algo)](hw, nodes, gpus_per_node, nbytes)
+    a = resolve(algo)
+    return ALGORITHMS[a](hw, nodes, gpus_per_node, nbytes, a)
 
 
 def allgather(algo: str, hw: Hardware, nodes: int, gpus_per_node: int, nbytes: float) -> Cost:
@@ -204,7 +214,7 @@ def allgather(algo: str, hw: Hardware, nodes: int, gpus_per_node: int, nbytes: f
     reduce-scatter half, i.e. half the latency and bandwidth terms and no reduction.
     """
     c = allreduce(algo, hw, nodes, gpus_per_node, nbytes)
-    return Cost(c.latency / 2, c.bandwidth / 2, 0.0, c.inter / 2)
+    return Cost(c.latency / 2, c.bandwidth / 2, 0.0, c.inter / 2, c.inter_latency / 2)
 
 
 def p2p(hw: Hardware, nbytes: float, *, inter: bool, impl: str = "nccl") -> Cost:

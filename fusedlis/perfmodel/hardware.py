@@ -34,27 +34,53 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class Link:
-    """One link class. `alpha` in seconds per message step, `beta` in seconds per byte (per direction per GPU)."""
+    """One link class. `alpha` in seconds per message step, `beta` in seconds per byte (per direction per GPU).
+
+    `nccl_*` are what NCCL reaches; `per_algo` optionally overrides (alpha, beta) for one custom algorithm
+    (e.g. a one-shot kernel whose single step costs more than a two-shot step): ((name, alpha, beta), ...).
+    """
 
     alpha: float
     beta: float
     nccl_alpha: float
     nccl_beta: float
+    per_algo: tuple[tuple[str, float, float], ...] = ()
 
     @classmethod
     def make(cls, alpha_us: float, bandwidth_GBps: float, nccl_alpha_us: float | None = None,
-             nccl_bandwidth_GBps: float | None = None) -> "Link":
+             nccl_bandwidth_GBps: float | None = None,
+             algorithms: dict[str, tuple[float, float]] | None = None) -> "Link":
+        """From human units; `algorithms` maps a custom algorithm name to (alpha_us, bandwidth_GBps)."""
         na = alpha_us if nccl_alpha_us is None else nccl_alpha_us
         nb = bandwidth_GBps if nccl_bandwidth_GBps is None else nccl_bandwidth_GBps
-        return cls(alpha_us * 1e-6, 1.0 / (bandwidth_GBps * 1e9), na * 1e-6, 1.0 / (nb * 1e9))
+        per = tuple((k, a * 1e-6, 1.0 / (b * 1e9)) for k, (a, b) in sorted((algorithms or {}).items()))
+        return cls(alpha_us * 1e-6, 1.0 / (bandwidth_GBps * 1e9), na * 1e-6, 1.0 / (nb * 1e9), per)
 
     def params(self, impl: str) -> tuple[float, float]:
-        """(alpha, beta) for `impl` ("nccl" or "custom")."""
-        return (self.nccl_alpha, self.nccl_beta) if impl == "nccl" else (self.alpha, self.beta)
+        """(alpha, beta) for `impl`: "nccl", a custom algorithm name with an override, or anything else (custom)."""
+        if impl == "nccl":
+            return self.nccl_alpha, self.nccl_beta
+        for name, a, b in self.per_algo:
+            if name == impl:
+                return a, b
+        return self.alpha, self.beta
 
-    def to_json(self) -> dict[str, float]:
-        return {"alpha_us": self.alpha * 1e6, "bandwidth_GBps": 1e-9 / self.beta,
-                "nccl_alpha_us": self.nccl_alpha * 1e6, "nccl_bandwidth_GBps": 1e-9 / self.nccl_beta}
+    def with_algo(self, name: str, alpha: float, beta: float) -> "Link":
+        """A copy whose algorithm `name` uses (alpha, beta) in seconds, seconds/byte."""
+        per = tuple(x for x in self.per_algo if x[0] != name) + ((name, alpha, beta),)
+        return dataclasses.replace(self, per_algo=tuple(sorted(per)))
+
+    def scaled(self, k: float) -> "Link":
+        """Every bandwidth multiplied by `k` (latencies unchanged)."""
+        return dataclasses.replace(self, beta=self.beta / k, nccl_beta=self.nccl_beta / k,
+                                   per_algo=tuple((n, a, b / k) for n, a, b in self.per_algo))
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"alpha_us": self.alpha * 1e6, "bandwidth_GBps": 1e-9 / self.beta,
+                             "nccl_alpha_us": self.nccl_alpha * 1e6, "nccl_bandwidth_GBps": 1e-9 / self.nccl_beta}
+        if self.per_algo:
+            d["algorithms"] = {n: {"alpha_us": a * 1e6, "bandwidth_GBps": 1e-9 / b} for n, a, b in self.per_algo}
+        return d
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,9 @@ class Hardware:
     intra: Link
     inter: Link
     sources: tuple[str, ...] = field(default=())
+    # Fraction of an all-reduce's NVLink latency hidden behind the GEMM before it in a CUDA-graph decode step
+    # (measured: GEMM + all-reduce in one graph costs far less than the two timed apart).
+    ar_latency_hidden: float = 0.0
 
     def with_(self, **kw: Any) -> "Hardware":
         """A copy with some fields replaced (e.g. `hw.with_(gpus_per_node=4)`)."""
@@ -83,15 +112,27 @@ class Hardware:
             "name": self.name, "gpu": self.gpu, "gpus_per_node": self.gpus_per_node,
             "hbm_GBps": self.hbm_bw / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
             "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
-            "reduce_GBps": 1e-9 / self.gamma, "intra": self.intra.to_json(), "inter": self.inter.to_json(),
-            "sources": list(self.sources),
+            "reduce_GBps": 1e-9 / self.gamma, "ar_latency_hidden": self.ar_latency_hidden,
+            "intra": self.intra.to_json(), "inter": self.inter.to_json(), "sources": list(self.sources),
         }
+
+
+# Measured on H200 (gpu-facts.md, fit in bench/results/perfmodel_validation_gpufacts.md): decode GEMMs stream
+# weights at 3.73 of the 4.8 TB/s datasheet rate; a copy reaches 4.3. Built-ins apply the same fractions.
+GEMM_HBM_EFFICIENCY = 0.78
+COPY_HBM_EFFICIENCY = 0.90
+# Fraction of all-reduce NVLink latency hidden behind the preceding GEMM in a CUDA graph (2xH200 fit).
+AR_LATENCY_HIDDEN = 0.87
 
 
 def _hw(name: str, gpu: str, gpn: int, hbm_GBps: float, tflops: float, mem_GB: float, overhead_us: float,
         intra: Link, inter: Link, sources: list[str]) -> Hardware:
-    return Hardware(name, gpu, gpn, hbm_GBps * 1e9, tflops * 1e12, mem_GB * 1e9, overhead_us * 1e-6,
-                    3.0 / (hbm_GBps * 1e9), intra, inter, tuple(sources))
+    eff = (f"HBM: {GEMM_HBM_EFFICIENCY:.0%} of the datasheet rate for GEMM streaming and "
+           f"{COPY_HBM_EFFICIENCY:.0%} for reductions, all-reduce latency hidden after a GEMM "
+           f"{AR_LATENCY_HIDDEN:.0%} (fractions measured on H200, assumed for this GPU)")
+    return Hardware(name, gpu, gpn, GEMM_HBM_EFFICIENCY * hbm_GBps * 1e9, tflops * 1e12, mem_GB * 1e9,
+                    overhead_us * 1e-6, 3.0 / (COPY_HBM_EFFICIENCY * hbm_GBps * 1e9), intra, inter,
+                    tuple(sources + [eff]), AR_LATENCY_HIDDEN)
 
 
 # Link numbers are not all datasheet values. Hopper NVLink (alpha, bandwidth) are the fits to the measured
@@ -163,12 +204,32 @@ def _num(d: dict, key: str, where: str, *, required: bool = True, default: float
     return float(v)
 
 
+def _fraction(d: dict, key: str, where: str) -> float:
+    v = _num(d, key, where, required=False, default=0.0, positive=False)
+    if v > 1:
+        raise ProfileError(f"{where}: field {key!r} must be between 0 and 1, got {v!r}")
+    return v
+
+
 def _link(d: Any, where: str) -> Link:
     if not isinstance(d, dict):
         raise ProfileError(f"{where}: must be an object with alpha_us and bandwidth_GBps")
+    algos = d.get("algorithms", {})
+    if not isinstance(algos, dict):
+        raise ProfileError(f"{where}: field 'algorithms' must map algorithm names to objects")
+    from fusedlis.perfmodel.collectives import ALGORITHMS
+
+    per = {}
+    for name, v in algos.items():
+        if name not in ALGORITHMS or name == "nccl":
+            raise ProfileError(f"{where}: field 'algorithms': unknown custom algorithm {name!r}")
+        if not isinstance(v, dict):
+            raise ProfileError(f"{where}: field 'algorithms.{name}' must be an object")
+        w = f"{where}: field 'algorithms.{name}'"
+        per[name] = (_num(v, "alpha_us", w, positive=False), _num(v, "bandwidth_GBps", w))
     return Link.make(_num(d, "alpha_us", where, positive=False), _num(d, "bandwidth_GBps", where),
                      _num(d, "nccl_alpha_us", where, required=False, positive=False),
-                     _num(d, "nccl_bandwidth_GBps", where, required=False))
+                     _num(d, "nccl_bandwidth_GBps", where, required=False), per)
 
 
 def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
@@ -192,7 +253,7 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         kernel_overhead=_num(d, "kernel_overhead_us", source, required=False, default=5.0, positive=False) * 1e-6,
         gamma=1.0 / (_num(d, "reduce_GBps", source, required=False, default=hbm / 3.0) * 1e9),
         intra=_link(d["intra"], f"{source}: field 'intra'"), inter=_link(d["inter"], f"{source}: field 'inter'"),
-        sources=tuple(sources))
+        sources=tuple(sources), ar_latency_hidden=_fraction(d, "ar_latency_hidden", source))
 
 
 def load_profile(path: str | Path) -> Hardware:

@@ -1,8 +1,9 @@
 """Step latency of prefill and decode per layout: roofline compute + kernel overhead + communication.
 
 Every kernel costs `hw.kernel_overhead + max(bytes / hbm_bw, flops / peak_flops)` (the intercept-plus-slope
-form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication is not overlapped with
-compute. In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
+form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication follows compute, except
+that in decode (one CUDA graph) a fraction `hw.ar_latency_hidden` of each all-reduce's NVLink latency term
+is hidden behind the GEMM before it, as measured for GEMM + all-reduce pairs on 2xH200. In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
 a token's latency; it only cuts weights per GPU and communication. Prefill with PP sends each sequence of the
 batch through the pipe as a micro-batch.
 """
@@ -105,7 +106,10 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     st.overhead = hw.kernel_overhead * (L * KERNELS_PER_LAYER + KERNELS_PER_STEP)
 
     if tp > 1:
-        ar = coll.allreduce(algo, hw, nodes, gpn, vol.allreduce_bytes).scale(vol.allreduce_count)
+        ar = coll.allreduce(algo, hw, nodes, gpn, vol.allreduce_bytes)
+        if not prefill:  # decode runs as one CUDA graph: most NVLink latency hides behind the GEMM before
+            ar = ar.hiding_latency(hw.ar_latency_hidden)
+        ar = ar.scale(vol.allreduce_count)
         ag = coll.allgather(algo, hw, nodes, gpn, vol.allgather_bytes)
         st.comm += ar.total + ag.total
         st.comm_inter += ar.inter + ag.inter
