@@ -40,40 +40,36 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # Table rows of peer / local addresses (int64), see FusedAllReduceWorkspace._build_table.
-(_ROW_RS, _ROW_RS_FLAG, _ROW_AG, _ROW_AG_SQ, _ROW_AG_FLAG, _ROW_X, _ROW_X_FLAG,
+(_ROW_RS, _ROW_RS_FLAG, _ROW_AG, _ROW_SQ, _ROW_AG_FLAG, _ROW_X, _ROW_X_FLAG,
  _ROW_LOCAL) = (tl.constexpr(i) for i in range(8))
 _N_ROWS = 8
 # Columns of the local row.
-_L_RS, _L_RS_FLAG, _L_AG, _L_AG_SQ, _L_AG_FLAG, _L_X, _L_X_FLAG, _L_ACC = (tl.constexpr(i) for i in range(8))
+_L_RS, _L_RS_FLAG, _L_AG, _L_SQ, _L_AG_FLAG, _L_X, _L_X_FLAG, _L_ACC = (tl.constexpr(i) for i in range(8))
+_MIN_BLOCK_C = 128
 
 
-class CommTimeoutError(RuntimeError):
-    """A bounded GPU spin-wait of the fused all-reduce ran out: a peer never signalled."""
+try:  # one exception type for every communication timeout of the package
+    from fusedlis.comm.symmetric import CommTimeoutError
+except ImportError:  # pragma: no cover - comm without the symmetric workspace
+    class CommTimeoutError(RuntimeError):
+        """A bounded GPU spin-wait of the fused all-reduce ran out: a peer never signalled."""
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernels
+# Kernel: one launch; programs [0, n_gemm) are GEMM tiles, programs [n_gemm, n_gemm + n_fin) finish rows.
 
 
 @triton.jit
-def _linear_allreduce_push_kernel(
-    x_ptr, w_ptr, table_ptr, seq_ptr,
-    M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, TF_CAP,
-    MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr, PART: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n,
+               MN_CAP, TF_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
+               PART: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    """One [BM, BN] tile of x @ w.T; its partial goes to the owner(s)' receive slot, then a tile flag."""
     MB = tl.cdiv(M, BM)
     NT = tl.cdiv(N, BN)
     # m-blocks vary fastest: programs sharing a weight tile run together (weight read once via L2).
     nt = pid // MB
     mb = pid % MB
-    seq = tl.load(seq_ptr)
-    if pid == 0:
-        tl.store(seq_ptr + 1, seq)  # the finish kernel reads the step here; it bumps seq_ptr[0]
-    parity = seq & 1
-
     offs_m = mb * BM + tl.arange(0, BM)
     offs_n = nt * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -135,6 +131,9 @@ def _wait_flags(flag_ptrs, mask, seq, max_spins, err_ptr, stage, FENCE: tl.const
     pending = tl.sum(tl.where(mask & (f != seq), 1, 0))
     spins = 0
     while (pending > 0) & (spins < max_spins):
+        if FENCE:
+            tl.inline_asm_elementwise("nanosleep.u32 64;\n mov.u32 $0, $1;", "=r,r", [seq], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         f = tl.load(flag_ptrs, mask=mask, other=0, volatile=True)
         pending = tl.sum(tl.where(mask & (f != seq), 1, 0))
         spins += 1
@@ -154,168 +153,186 @@ def _wait_flags(flag_ptrs, mask, seq, max_spins, err_ptr, stage, FENCE: tl.const
 
 
 @triton.jit
-def _finish_block(s, m, cols, cmask, N, parity, out_ptr, res_out_ptr, res_ptr, table_ptr, MN_CAP,
-                  MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
+def _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_ptr, table_ptr, LOCAL_RANK,
+                  MN_CAP, M_CAP, NC_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
                   HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Reduced fp32 block `s` of row m: add residual, deliver it; returns its sum of squares."""
+    """Reduced fp32 chunk `s` of row m: add residual, deliver h (all-gather when two-shot), publish sum h^2."""
     if HAS_RES:
-        s += tl.load(res_ptr + m.to(tl.int64) * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        s += tl.load(res_ptr + m.to(tl.int64) * N + cols, mask=cm, other=0.0).to(tl.float32)
     h = s.to(out_ptr.dtype.element_ty)
-    hf = h.to(tl.float32)
-    sq = tl.sum(tl.where(cmask, hf * hf, 0.0), axis=0)
     row = m.to(tl.int64) * N + cols
     if ONE_SHOT:
         if HAS_NORM:
-            tl.store(res_out_ptr + row, h, mask=cmask)  # new residual; normalised in a second pass
+            tl.store(res_out_ptr + row, h, mask=cm)
+            hf = h.to(tl.float32)
+            sq = tl.sum(tl.where(cm, hf * hf, 0.0), axis=0)
+            slot = (parity * (LOCAL * NC_CAP) + LOCAL_RANK * NC_CAP + c) * M_CAP + m
+            sqp = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQ).to(tl.pointer_type(tl.float32))
+            tl.store(sqp + slot, sq)
+            tl.debug_barrier()
+            fl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_FLAG).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(fl + slot, seq, sem="release", scope="gpu")
         else:
-            tl.store(out_ptr + row, h, mask=cmask)
+            tl.store(out_ptr + row, h, mask=cm)
     else:
+        slot = (parity * (LOCAL * NC_CAP) + LOCAL_RANK * NC_CAP + c) * M_CAP + m
         for d in tl.static_range(LOCAL):
             ag = tl.load(table_ptr + _ROW_AG * MAXP + d).to(tl.pointer_type(out_ptr.dtype.element_ty))
-            tl.store(ag + parity.to(tl.int64) * MN_CAP + row, h, mask=cmask)
-    return sq
-
-
-@triton.jit
-def _finish_tail(sumsq, m, N, eps, seq, parity, out_ptr, res_out_ptr, nw_ptr, table_ptr, LOCAL_RANK,
-                 M_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
-                 HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """After the last reduced block of row m: one-shot normalises; two-shot signals the all-gather."""
-    if ONE_SHOT:
+            tl.store(ag + parity.to(tl.int64) * MN_CAP + row, h, mask=cm)
         if HAS_NORM:
-            rstd = 1.0 / tl.sqrt(sumsq / N + eps)
-            tl.debug_barrier()
-            for c0 in range(0, N, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                cm = cols < N
-                row = m.to(tl.int64) * N + cols
-                h = tl.load(res_out_ptr + row, mask=cm, other=0.0).to(tl.float32)
-                wn = tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                tl.store(out_ptr + row, (h * rstd * wn).to(out_ptr.dtype.element_ty), mask=cm)
-    else:
-        sq_slot = (parity * LOCAL + LOCAL_RANK) * M_CAP + m
-        for d in tl.static_range(LOCAL):
-            sqp = tl.load(table_ptr + _ROW_AG_SQ * MAXP + d).to(tl.pointer_type(tl.float32))
-            tl.store(sqp + sq_slot, sumsq)
+            hf = h.to(tl.float32)
+            sq = tl.sum(tl.where(cm, hf * hf, 0.0), axis=0)
+            for d in tl.static_range(LOCAL):
+                sqp = tl.load(table_ptr + _ROW_SQ * MAXP + d).to(tl.pointer_type(tl.float32))
+                tl.store(sqp + slot, sq)
         tl.debug_barrier()
         for d in tl.static_range(LOCAL):
             fl = tl.load(table_ptr + _ROW_AG_FLAG * MAXP + d).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(fl + sq_slot, seq, sem="release", scope="sys")
+            tl.atomic_xchg(fl + slot, seq, sem="release", scope="sys")
 
 
 @triton.jit
-def _linear_allreduce_finish_kernel(
-    out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, seq_ptr, err_ptr,
-    M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, eps, max_spins,
-    MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
-    ONE_SHOT: tl.constexpr, PART: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-    TILE_M: tl.constexpr, TILE_N: tl.constexpr, NT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-    W_BEGIN: tl.constexpr, W_END: tl.constexpr, FENCE: tl.constexpr,
-):
-    # Waits are numbered 0 (tile partials), 1..ROUNDS (inter-node rounds), ROUNDS+1 (all-gather, two-shot).
-    # A launch runs the segments [W_BEGIN, W_END): the GPU runs all of them in one launch; the CPU
-    # simulation of several ranks in one process runs one segment for every rank at a time.
-    m = tl.program_id(0)
-    seq = tl.load(seq_ptr + 1)
-    parity = seq & 1
+def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
+            M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
+            MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
+            ONE_SHOT: tl.constexpr, PART: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
+            TILE_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_C: tl.constexpr, NC_P2: tl.constexpr,
+            W_BEGIN: tl.constexpr, W_END: tl.constexpr, FENCE: tl.constexpr):
+    """Finish program (row m, column chunk c of this rank's shard): wait, reduce, rounds, residual, norm."""
+    # Waits: 0 tile partials, 1..ROUNDS inter-node rounds, ROUNDS+1 all-gather / row norm (if any).
+    # A launch runs segments [W_BEGIN, W_END); the CPU simulation runs one segment for every rank at a time.
+    m = fid // NC
+    c = fid % NC
     if ONE_SHOT:
-        c0 = LOCAL_RANK * 0
-        cw = N
+        s0 = LOCAL_RANK * 0
+        sw = N
     else:
-        c0 = LOCAL_RANK * shard_n
-        cw = shard_n
-    local_acc = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_ACC).to(tl.pointer_type(tl.float32))
-    local_x = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X).to(tl.pointer_type(tl.float32))
+        s0 = LOCAL_RANK * shard_n
+        sw = shard_n
+    lo = c * BLOCK_C
+    cols = s0 + lo + tl.arange(0, BLOCK_C)
+    cm = (lo + tl.arange(0, BLOCK_C)) < sw
     row0 = m.to(tl.int64) * N
-    LAST: tl.constexpr = ROUNDS + 1 if ONE_SHOT else ROUNDS + 2
+    acc = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_ACC).to(tl.pointer_type(tl.float32))
+    xloc = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X).to(tl.pointer_type(tl.float32))
+    xflag_slot = c * M_CAP + m
 
     if W_BEGIN <= 0 and W_END > 0:
         rs = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS).to(tl.pointer_type(PART))
         rs_flag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS_FLAG).to(tl.pointer_type(tl.int32))
         NT = tl.cdiv(N, TILE_N)
-        nt0 = c0 // TILE_N
-        n_tiles = tl.cdiv(cw, TILE_N)
-        tix = tl.arange(0, NT_BLOCK)
+        TPC: tl.constexpr = BLOCK_C // TILE_N
+        t = tl.arange(0, TPC)
         src = tl.arange(0, LOCAL_P2)
-        fptrs = rs_flag + (parity * LOCAL + src[:, None]) * TF_CAP + (m // TILE_M) * NT + nt0 + tix[None, :]
-        fmask = (tix[None, :] < n_tiles) & (src[:, None] < LOCAL)
+        fptrs = rs_flag + (parity * LOCAL + src[:, None]) * TF_CAP + (m // TILE_M) * NT + (s0 + lo) // TILE_N + t[None, :]
+        fmask = ((lo + t[None, :] * TILE_N) < sw) & (src[:, None] < LOCAL)
         _wait_flags(fptrs, fmask, seq, max_spins, err_ptr, 0, FENCE)
-        sumsq = tl.zeros((), dtype=tl.float32)
-        for cb in range(0, cw, BLOCK_C):
-            cols = c0 + cb + tl.arange(0, BLOCK_C)
-            cm = (cb + tl.arange(0, BLOCK_C)) < cw
-            s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-            for r in tl.static_range(LOCAL):
-                p = rs + (parity * LOCAL + r).to(tl.int64) * MN_CAP + row0 + cols
-                s += tl.load(p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            if ROUNDS > 0:
-                tl.store(local_acc + row0 + cols, s, mask=cm)
-                xp = tl.load(table_ptr + _ROW_X * MAXP + 0).to(tl.pointer_type(tl.float32))
-                tl.store(xp + (parity * ROUNDS + 0).to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
-            else:
-                sumsq += _finish_block(s, m, cols, cm, N, parity, out_ptr, res_out_ptr, res_ptr, table_ptr,
-                                       MN_CAP, MAXP, LOCAL, ONE_SHOT, HAS_RES, HAS_NORM)
+        s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for r in tl.static_range(LOCAL):
+            p = rs + (parity * LOCAL + r).to(tl.int64) * MN_CAP + row0 + cols
+            s += tl.load(p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
         if ROUNDS > 0:
+            tl.store(acc + row0 + cols, s, mask=cm)
+            xp = tl.load(table_ptr + _ROW_X * MAXP + 0).to(tl.pointer_type(tl.float32))
+            tl.store(xp + (parity * ROUNDS + 0).to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
             tl.debug_barrier()
             xf = tl.load(table_ptr + _ROW_X_FLAG * MAXP + 0).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(xf + (parity * ROUNDS + 0) * M_CAP + m, seq, sem="release", scope="sys")
+            tl.atomic_xchg(xf + (parity * ROUNDS + 0) * (NC_CAP * M_CAP) + xflag_slot, seq, sem="release",
+                           scope="sys")
         else:
-            _finish_tail(sumsq, m, N, eps, seq, parity, out_ptr, res_out_ptr, nw_ptr, table_ptr, LOCAL_RANK,
-                         M_CAP, MAXP, LOCAL, ONE_SHOT, HAS_NORM, BLOCK_C)
+            _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_ptr, table_ptr, LOCAL_RANK,
+                          MN_CAP, M_CAP, NC_CAP, MAXP, LOCAL, ONE_SHOT, HAS_RES, HAS_NORM)
 
     for k in tl.static_range(1, ROUNDS + 1):
         if W_BEGIN <= k and W_END > k:
-            x_flag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X_FLAG).to(tl.pointer_type(tl.int32))
+            xfl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X_FLAG).to(tl.pointer_type(tl.int32))
             one = tl.arange(0, 2)
-            fptrs = x_flag + (parity * ROUNDS + (k - 1)) * M_CAP + m + one * 0
-            _wait_flags(fptrs, one < 1, seq, max_spins, err_ptr, k, FENCE)
-            sumsq = tl.zeros((), dtype=tl.float32)
-            for cb in range(0, cw, BLOCK_C):
-                cols = c0 + cb + tl.arange(0, BLOCK_C)
-                cm = (cb + tl.arange(0, BLOCK_C)) < cw
-                s = tl.load(local_acc + row0 + cols, mask=cm, other=0.0)
-                s += tl.load(local_x + (parity * ROUNDS + (k - 1)).to(tl.int64) * MN_CAP + row0 + cols,
-                             mask=cm, other=0.0, cache_modifier=".cg")
-                if k < ROUNDS:
-                    tl.store(local_acc + row0 + cols, s, mask=cm)
-                    xp = tl.load(table_ptr + _ROW_X * MAXP + k).to(tl.pointer_type(tl.float32))
-                    tl.store(xp + (parity * ROUNDS + k).to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
-                else:
-                    sumsq += _finish_block(s, m, cols, cm, N, parity, out_ptr, res_out_ptr, res_ptr,
-                                           table_ptr, MN_CAP, MAXP, LOCAL, ONE_SHOT, HAS_RES, HAS_NORM)
+            _wait_flags(xfl + (parity * ROUNDS + (k - 1)) * (NC_CAP * M_CAP) + xflag_slot + one * 0, one < 1,
+                        seq, max_spins, err_ptr, k, FENCE)
+            s = tl.load(acc + row0 + cols, mask=cm, other=0.0)
+            s += tl.load(xloc + (parity * ROUNDS + (k - 1)).to(tl.int64) * MN_CAP + row0 + cols,
+                         mask=cm, other=0.0, cache_modifier=".cg")
             if k < ROUNDS:
+                tl.store(acc + row0 + cols, s, mask=cm)
+                xp = tl.load(table_ptr + _ROW_X * MAXP + k).to(tl.pointer_type(tl.float32))
+                tl.store(xp + (parity * ROUNDS + k).to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
                 tl.debug_barrier()
                 xf = tl.load(table_ptr + _ROW_X_FLAG * MAXP + k).to(tl.pointer_type(tl.int32))
-                tl.atomic_xchg(xf + (parity * ROUNDS + k) * M_CAP + m, seq, sem="release", scope="sys")
+                tl.atomic_xchg(xf + (parity * ROUNDS + k) * (NC_CAP * M_CAP) + xflag_slot, seq, sem="release",
+                               scope="sys")
             else:
-                _finish_tail(sumsq, m, N, eps, seq, parity, out_ptr, res_out_ptr, nw_ptr, table_ptr,
-                             LOCAL_RANK, M_CAP, MAXP, LOCAL, ONE_SHOT, HAS_NORM, BLOCK_C)
+                _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_ptr, table_ptr,
+                              LOCAL_RANK, MN_CAP, M_CAP, NC_CAP, MAXP, LOCAL, ONE_SHOT, HAS_RES, HAS_NORM)
 
-    if not ONE_SHOT:
+    if (not ONE_SHOT) or HAS_NORM:
         if W_BEGIN <= ROUNDS + 1 and W_END > ROUNDS + 1:
-            ag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG).to(tl.pointer_type(out_ptr.dtype.element_ty))
-            ag_sq = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_SQ).to(tl.pointer_type(tl.float32))
-            ag_flag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_FLAG).to(tl.pointer_type(tl.int32))
-            src = tl.arange(0, LOCAL_P2)
-            slots = (parity * LOCAL + src) * M_CAP + m
-            _wait_flags(ag_flag + slots, src < LOCAL, seq, max_spins, err_ptr, ROUNDS + 1, FENCE)
-            total = tl.sum(tl.load(ag_sq + slots, mask=src < LOCAL, other=0.0, cache_modifier=".cg"), axis=0)
-            rstd = 1.0 / tl.sqrt(total / N + eps)
-            for cb in range(0, N, BLOCK_C):
-                cols = cb + tl.arange(0, BLOCK_C)
-                cm = cols < N
-                h = tl.load(ag + parity.to(tl.int64) * MN_CAP + row0 + cols, mask=cm, other=0.0,
-                            cache_modifier=".cg")
-                if HAS_NORM:
-                    wn = tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                    tl.store(out_ptr + row0 + cols, (h.to(tl.float32) * rstd * wn).to(out_ptr.dtype.element_ty),
-                             mask=cm)
-                    tl.store(res_out_ptr + row0 + cols, h, mask=cm)
-                else:
-                    tl.store(out_ptr + row0 + cols, h, mask=cm)
+            flg = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_FLAG).to(tl.pointer_type(tl.int32))
+            sqp = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQ).to(tl.pointer_type(tl.float32))
+            src = tl.arange(0, LOCAL_P2)[:, None]
+            cc = tl.arange(0, NC_P2)[None, :]
+            slots = (parity * (LOCAL * NC_CAP) + src * NC_CAP + cc) * M_CAP + m
+            if ONE_SHOT:
+                smask = (src == LOCAL_RANK) & (cc < NC)  # row norm: every chunk of this rank's row
+            elif HAS_NORM:
+                smask = (src < LOCAL) & (cc < NC)  # every chunk of every owner
+            else:
+                smask = (src < LOCAL) & (cc == c)  # chunk c of every owner
+            _wait_flags(flg + slots, smask, seq, max_spins, err_ptr, ROUNDS + 1, FENCE)
+            if HAS_NORM:
+                total = tl.sum(tl.load(sqp + slots, mask=smask, other=0.0, cache_modifier=".cg"))
+                rstd = 1.0 / tl.sqrt(total / N + eps)
+            if ONE_SHOT:
+                h = tl.load(res_out_ptr + row0 + cols, mask=cm, other=0.0).to(tl.float32)
+                wn = tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(out_ptr + row0 + cols, (h * rstd * wn).to(out_ptr.dtype.element_ty), mask=cm)
+            else:
+                ag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG).to(tl.pointer_type(out_ptr.dtype.element_ty))
+                for d in tl.static_range(LOCAL):
+                    dcols = d * shard_n + lo + tl.arange(0, BLOCK_C)
+                    h = tl.load(ag + parity.to(tl.int64) * MN_CAP + row0 + dcols, mask=cm, other=0.0,
+                                cache_modifier=".cg")
+                    if HAS_NORM:
+                        wn = tl.load(nw_ptr + dcols, mask=cm, other=0.0).to(tl.float32)
+                        tl.store(out_ptr + row0 + dcols, (h.to(tl.float32) * rstd * wn).to(out_ptr.dtype.element_ty),
+                                 mask=cm)
+                        tl.store(res_out_ptr + row0 + dcols, h, mask=cm)
+                    else:
+                        tl.store(out_ptr + row0 + dcols, h, mask=cm)
 
-    if W_END >= LAST:
-        if m == 0:
+
+@triton.jit
+def _linear_allreduce_kernel(
+    x_ptr, w_ptr, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, seq_ptr, err_ptr,
+    M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
+    n_gemm, n_total,
+    MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
+    ONE_SHOT: tl.constexpr, PART: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
+    NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
+    W_END: tl.constexpr, FENCE: tl.constexpr, BUMP: tl.constexpr,
+):
+    # GEMM programs never wait, and they come first in the grid, so the (spinning) finish programs are
+    # dispatched after every GEMM program already holds an SM: no deadlock with in-order block dispatch.
+    pid = tl.program_id(0)
+    seq = tl.load(seq_ptr)
+    parity = seq & 1
+    if DO_GEMM and pid < n_gemm:
+        _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n,
+                   MN_CAP, TF_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, USE_DOT, EVEN_K, IEEE)
+    if DO_FINISH:
+        fid = pid - n_gemm if DO_GEMM else pid
+        if fid >= 0:
+            _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
+                    M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
+                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, BLOCK_C, NC_P2,
+                    W_BEGIN, W_END, FENCE)
+    if BUMP:
+        # The last program to arrive (all have read seq by then) advances the step for the next call.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(seq_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_total - 1:
+            tl.store(seq_ptr + 1, 0)
             tl.store(seq_ptr, seq + 1)
 
 
@@ -339,6 +356,10 @@ class _Layout:
         return self.max_m * self.max_n
 
     @property
+    def nc_cap(self) -> int:  # column chunks per (parity, src, row)
+        return triton.cdiv(self.max_n, _MIN_BLOCK_C)
+
+    @property
     def tf_cap(self) -> int:  # tile flags per (parity, src): tiles are >= 16 wide and, for M > 4, >= 16 tall
         return triton.cdiv(self.max_m, 16) * triton.cdiv(self.max_n, 16) + triton.cdiv(self.max_n, 16)
 
@@ -350,9 +371,9 @@ class _Layout:
             "x": 2 * R * mn * 4,
             "acc": mn * 4,
             "rs_flag": 2 * L * self.tf_cap * 4,
-            "ag_sq": 2 * L * self.max_m * 4,
-            "ag_flag": 2 * L * self.max_m * 4,
-            "x_flag": 2 * R * self.max_m * 4,
+            "sq": 2 * L * self.nc_cap * self.max_m * 4,
+            "ag_flag": 2 * L * self.nc_cap * self.max_m * 4,
+            "x_flag": 2 * R * self.nc_cap * self.max_m * 4,
         }
         off, pos = {}, 0
         for k, v in sizes.items():
@@ -393,7 +414,7 @@ class FusedAllReduceWorkspace:
         self.max_spins = int(max_spins)
         self.maxp = max(8, gpus_per_node, self.rounds)
         self.table = self._build_table().to(self.device)
-        # [0]: step of the next call (starts at 1: flags start at 0); [1]: step of the call in flight.
+        # [0]: step of the next call (starts at 1: flags start at 0); [1]: programs of this call arrived.
         self.seq = torch.tensor([1, 0], dtype=torch.int32, device=self.device)
         # [0]: 1 after a timeout, [1]: stage, [2]: step.
         self.err = torch.zeros(4, dtype=torch.int32, device=self.device)
@@ -403,7 +424,7 @@ class FusedAllReduceWorkspace:
         t = torch.zeros(_N_ROWS, self.maxp, dtype=torch.int64)
         for d in range(L):
             base = self.base_ptrs[self.node * L + d]
-            for row, key in ((_ROW_RS, "rs"), (_ROW_RS_FLAG, "rs_flag"), (_ROW_AG, "ag"), (_ROW_AG_SQ, "ag_sq"),
+            for row, key in ((_ROW_RS, "rs"), (_ROW_RS_FLAG, "rs_flag"), (_ROW_AG, "ag"), (_ROW_SQ, "sq"),
                              (_ROW_AG_FLAG, "ag_flag")):
                 t[row.value, d] = base + off[key]
         for k in range(self.rounds):
@@ -411,7 +432,7 @@ class FusedAllReduceWorkspace:
             t[_ROW_X.value, k] = self.base_ptrs[partner] + off["x"]
             t[_ROW_X_FLAG.value, k] = self.base_ptrs[partner] + off["x_flag"]
         me = self.base_ptrs[self.rank]
-        for col, key in ((_L_RS, "rs"), (_L_RS_FLAG, "rs_flag"), (_L_AG, "ag"), (_L_AG_SQ, "ag_sq"),
+        for col, key in ((_L_RS, "rs"), (_L_RS_FLAG, "rs_flag"), (_L_AG, "ag"), (_L_SQ, "sq"),
                          (_L_AG_FLAG, "ag_flag"), (_L_X, "x"), (_L_X_FLAG, "x_flag"), (_L_ACC, "acc")):
             t[_ROW_LOCAL.value, col.value] = me + off[key]
         return t
@@ -504,7 +525,16 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
     if not one_shot and N % (local * cfg["BN"]) != 0:
         one_shot = True  # chunks must be whole tiles
     cfg["ONE_SHOT"] = bool(one_shot)
+    cfg["BLOCK_C"] = _block_c(M, N, local, cfg)
     return cfg
+
+
+def _block_c(M: int, N: int, local: int, cfg: dict) -> int:
+    # Column chunk of a finish program: about 256 finish programs in all (small M: many short chunks,
+    # so the reduction starts as soon as the first tiles land), a multiple of BN, at most 4096.
+    sw = N if cfg["ONE_SHOT"] else N // local
+    bc = max(_MIN_BLOCK_C, cfg["BN"], _pow2(triton.cdiv(sw * M, 256)))
+    return min(bc, max(4096, cfg["BN"]), max(_pow2(sw), _MIN_BLOCK_C))
 
 
 def _check(x, w, ws, residual, norm_weight):
@@ -541,34 +571,27 @@ def _check(x, w, ws, residual, norm_weight):
             raise ValueError(f"norm_weight is on {norm_weight.device}, expected {ws.device}")
 
 
-def _launch_push(x, w, ws, cfg, part_dtype):
+def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps, *, gemm=True, finish=True,
+            w_begin=0, w_end=1 << 20, bump=True):
     M, K = x.shape
     N = w.shape[0]
     L = ws.local_size
-    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
-    _linear_allreduce_push_kernel[grid](
-        x, w, ws.table, ws.seq, M, N, K, x.stride(0), w.stride(0), ws.local_rank, N // L,
-        ws.layout.mn_cap, ws.layout.tf_cap,
-        MAXP=ws.maxp, LOCAL=L, ONE_SHOT=cfg["ONE_SHOT"], PART=_TL[part_dtype],
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], USE_DOT=cfg["USE_DOT"], EVEN_K=K % cfg["BK"] == 0,
-        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-
-
-def _launch_finish(out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps, w_begin, w_end):
-    M, N = out.shape
-    L = ws.local_size
-    cw = N if cfg["ONE_SHOT"] else N // L
-    _linear_allreduce_finish_kernel[(M,)](
-        out, res_out if res_out is not None else out, residual if residual is not None else out,
+    sw = N if cfg["ONE_SHOT"] else N // L
+    nc = triton.cdiv(sw, cfg["BLOCK_C"])
+    n_gemm = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    n_total = (n_gemm if gemm else 0) + (M * nc if finish else 0)
+    _linear_allreduce_kernel[(n_total,)](
+        x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
-        M, N, ws.local_rank, N // L, ws.layout.mn_cap, ws.layout.tf_cap, ws.layout.max_m, float(eps),
-        ws.max_spins,
-        MAXP=ws.maxp, LOCAL=L, LOCAL_P2=_pow2(L), ROUNDS=ws.rounds, ONE_SHOT=cfg["ONE_SHOT"], PART=_TL[part_dtype],
-        HAS_RES=residual is not None, HAS_NORM=norm_weight is not None,
-        TILE_M=cfg["BM"], TILE_N=cfg["BN"], NT_BLOCK=_pow2(triton.cdiv(cw, cfg["BN"])),
-        BLOCK_C=min(1024, _pow2(cw)), W_BEGIN=w_begin, W_END=w_end,
-        FENCE=out.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=4,
+        M, N, K, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap, ws.layout.tf_cap,
+        ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.max_spins, n_gemm, n_total,
+        MAXP=ws.maxp, LOCAL=L, LOCAL_P2=_pow2(L), ROUNDS=ws.rounds, ONE_SHOT=cfg["ONE_SHOT"],
+        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], USE_DOT=cfg["USE_DOT"],
+        EVEN_K=K % cfg["BK"] == 0, IEEE=x.dtype == torch.float32,
+        HAS_RES=residual is not None, HAS_NORM=norm_weight is not None, BLOCK_C=cfg["BLOCK_C"],
+        NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
+        FENCE=x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1", BUMP=bump,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -576,15 +599,19 @@ def _pick_config(M, N, K, ws, dtype, one_shot, config):
     cfg = linear_allreduce_config(M, N, K, ws.local_size, dtype, one_shot)
     if config:
         cfg.update(config)
+        if "BLOCK_C" not in config:
+            cfg["BLOCK_C"] = _block_c(M, N, ws.local_size, cfg)
     if one_shot is False and cfg["ONE_SHOT"]:
         raise ValueError(f"two-shot needs N % (gpus_per_node * BN) == 0, got N={N}, BN={cfg['BN']}")
     if not cfg["ONE_SHOT"] and N % (ws.local_size * cfg["BN"]) != 0:
         raise ValueError(f"two-shot needs N % (gpus_per_node * BN) == 0, got N={N}, BN={cfg['BN']}")
+    if cfg["BLOCK_C"] % cfg["BN"] or cfg["BLOCK_C"] < _MIN_BLOCK_C:
+        raise ValueError(f"BLOCK_C={cfg['BLOCK_C']} must be a multiple of BN={cfg['BN']} and >= {_MIN_BLOCK_C}")
     return cfg
 
 
-def _n_waits(ws: FusedAllReduceWorkspace, one_shot: bool) -> int:
-    return ws.rounds + (1 if one_shot else 2)
+def _n_waits(ws: FusedAllReduceWorkspace, one_shot: bool, has_norm: bool) -> int:
+    return ws.rounds + 1 + (1 if (not one_shot or has_norm) else 0)
 
 
 def _alloc_out(x, N, norm_weight, out=None, poison=False):
@@ -636,8 +663,7 @@ def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: tor
     if part not in _DTYPES:
         raise TypeError(f"partial_dtype {part} not supported")
     out, res_out = _alloc_out(x, N, norm_weight, out)
-    _launch_push(x, w_shard, ws, cfg, part)
-    _launch_finish(out, res_out, residual, norm_weight, ws, cfg, part, eps, 0, 1 << 20)
+    _launch(x, w_shard, out, res_out, residual, norm_weight, ws, cfg, part, eps)
     if os.environ.get("FUSEDLIS_CHECK_COMM") == "1":
         ws.check()
     return _result(out, res_out, norm_weight)
@@ -663,12 +689,14 @@ def simulate_linear_allreduce(xs: list[torch.Tensor], ws_shards: list[torch.Tens
     cfg = _pick_config(M, N, K, ws0, xs[0].dtype, one_shot, config)
     part = partial_dtype or (torch.float32 if M <= 8 else xs[0].dtype)
     outs = [_alloc_out(x, N, norm_weight, poison=True) for x in xs]
-    for x, w, ws in zip(xs, ws_shards, workspaces):
-        _launch_push(x, w, ws, cfg, part)
-    nw = _n_waits(ws0, cfg["ONE_SHOT"])
-    for seg in range(nw):
-        for (out, res_out), ws in zip(outs, workspaces):
-            _launch_finish(out, res_out, residual, norm_weight, ws, cfg, part, eps, seg, seg + 1)
+    for x, w, ws, (out, res_out) in zip(xs, ws_shards, workspaces, outs):
+        _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part, eps, finish=False, bump=False)
+    for seg in range(_n_waits(ws0, cfg["ONE_SHOT"], norm_weight is not None)):
+        for x, w, ws, (out, res_out) in zip(xs, ws_shards, workspaces, outs):
+            _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part, eps, gemm=False, w_begin=seg,
+                    w_end=seg + 1, bump=False)
+    for ws in workspaces:
+        ws.seq[0] += 1
     return [_result(o, r, norm_weight) for o, r in outs]
 
 
