@@ -20,6 +20,8 @@ from fusedlis.tuning.keys import normalize_key
 from fusedlis.tuning.shapes import Problem, kernel_module, load_config, model_problems
 from fusedlis.tuning.tuner import tune, verify
 
+# Kernels run on the GPU when there is one, else in the Triton interpreter (conftest sets it up).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=16, vocab_size=100, name="tiny-test")
 
@@ -67,8 +69,8 @@ def _captured_key(monkeypatch, op, call):
 def test_tuner_keys_equal_what_the_linear_launcher_asks_for(monkeypatch, layer):
     (p,) = model_problems(TINY, 2, [3], ["linear"], dtype=torch.float32, layers=[layer])
     mod = kernel_module("linear")
-    x = torch.randn(3, p.key["K"])
-    w = torch.randn(p.key["N"], p.key["K"])
+    x = torch.randn(3, p.key["K"], device=DEV)
+    w = torch.randn(p.key["N"], p.key["K"], device=DEV)
     act = None if p.key["activation"] == "none" else p.key["activation"]
     asked = _captured_key(monkeypatch, "linear", lambda: mod.linear(x, w, activation=act))
     assert normalize_key(asked) == normalize_key(p.key)
@@ -78,9 +80,9 @@ def test_tuner_keys_equal_what_the_attention_launcher_asks_for(monkeypatch):
     (p,) = model_problems(TINY, 2, [2], ["attention"], dtype=torch.float32, seq_lens=[32])
     k = p.key
     mod = kernel_module("attention")
-    q = torch.randn(2, k["Hq"], k["D"])
-    kc = torch.randn(2, k["Hkv"], k["S"], k["D"])
-    lens = torch.tensor([5, 32], dtype=torch.int32)
+    q = torch.randn(2, k["Hq"], k["D"], device=DEV)
+    kc = torch.randn(2, k["Hkv"], k["S"], k["D"], device=DEV)
+    lens = torch.tensor([5, 32], dtype=torch.int32, device=DEV)
     asked = _captured_key(monkeypatch, "decode_attention",
                           lambda: mod.decode_attention(q, kc, kc.clone(), lens, 0.25))
     assert normalize_key(asked) == normalize_key(p.key)
@@ -103,11 +105,11 @@ def test_missing_op_is_skipped_with_a_message():
     assert out.status == "skipped" and "no_such_op" in out.message and len(msgs) == 1
 
 
-def test_gpu_bench_code_path_in_interpreter(iso):
-    """The GPU bench's launcher calls, result check, baseline and lookup path, run on CPU tensors."""
+def test_gpu_bench_code_path(iso):
+    """The GPU bench's launcher calls, result check, baseline and lookup path (interpreter without CUDA)."""
     probs = (model_problems(TINY, 2, [2], ["linear"], dtype=torch.float32, layers=["gate_up"])
              + model_problems(TINY, 2, [2], ["attention"], dtype=torch.float32, seq_lens=[32]))
-    make = lambda p: GpuBench(p, device="cpu")  # noqa: E731
+    make = lambda p: GpuBench(p, device=DEV, rep_ms=2)  # noqa: E731
     outs = tune(probs, make, progress=False)
     assert [o.status for o in outs] == ["tuned", "tuned"], [o.message for o in outs]
     for o in outs:
@@ -122,8 +124,9 @@ def test_gpu_bench_code_path_in_interpreter(iso):
 
 def test_gpu_bench_rejects_wrong_results(monkeypatch):
     (p,) = model_problems(TINY, 2, [2], ["linear"], dtype=torch.float32, layers=["qkv"])
-    b = GpuBench(p, device="cpu")
-    monkeypatch.setattr(b.mod, "linear_ref", lambda x, w, activation=None: torch.ones(x.shape[0], w.shape[0]))
+    b = GpuBench(p, device=DEV)
+    monkeypatch.setattr(b.mod, "linear_ref",
+                        lambda x, w, activation=None: torch.ones(x.shape[0], w.shape[0], device=x.device))
     with pytest.raises(ValueError, match="wrong result"):
         b.time(b.default())
 
