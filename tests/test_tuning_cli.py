@@ -247,3 +247,16 @@ def test_cli_allreduce_two_gloo_ranks_in_lockstep(iso):
     assert [e["key"]["nbytes"] for e in entries] == [1 * 4096 * 4, 8 * 4096 * 4]
     assert all(e["key"]["world_size"] == 2 and e["key"]["topology"] == "1x2" for e in entries)
     assert all(e["config"] == {"algorithm": "nccl"} and e["timer"].startswith("events") for e in entries)
+
+
+def test_broken_config_space_fails_one_problem_not_the_pass():
+    probs = model_problems(load_config("llama-3.1-8b"), 2, [1, 8], ["linear"], layers=["o"])
+
+    class Broken(FakeBench):
+        def configs(self):
+            if self.key["M"] == 1:
+                raise KeyError("BLOCK_Q")
+            return super().configs()
+
+    outs = tune(probs, Broken, progress=False)
+    assert [o.status for o in outs] == ["failed", "tuned"] and "BLOCK_Q" in outs[0].message

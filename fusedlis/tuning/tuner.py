@@ -106,6 +106,9 @@ def tune(
             log(f"fusedlis tune: skipping {p.op}: {e}")
             outcomes.append(Outcome(p, "skipped", str(e)))
             continue
+        except Exception as e:  # a broken config space for one shape must not stop the pass
+            outcomes.append(Outcome(p, "failed", f"listing configs: {type(e).__name__}: {e}"))
+            continue
         kept, _ = _search.prune(configs, bench.estimate, limits)
         prepared.append((p, bench, configs, default, _search.planned_timings(len(kept), strategy, eta) + 1))
 
