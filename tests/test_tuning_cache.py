@@ -47,7 +47,7 @@ def test_key_forms_normalise_equal(m, dt, act):
     b = {"activation": None if act is None else "swiglu", "dtype": torch.bfloat16, "N": 3072.0, "K": 4096, "M": m}
     assert normalize_key(a) == normalize_key(b)
     assert key_string(a) == key_string(b)
-    assert key_string(a).startswith(("K=4096,M=", "K=4096,M="))
+    assert key_string(a) == f"K=4096,M={m},N=3072," + ("activation=swiglu," if act else "") + "dtype=bfloat16"
 
 
 def test_key_string_is_sorted_and_drops_none():
