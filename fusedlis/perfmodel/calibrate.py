@@ -107,8 +107,11 @@ def fit_overlap(samples: list[tuple[float, float, float]]) -> float:
 
 
 # ---------------------------------------------------------------- measurement (GPU)
-def _time_graph(fn: Any, calls: int, replays: int = 7) -> float:
-    """Median seconds per call of `fn` captured `calls` times in one CUDA graph."""
+def _time_graph(fn: Any, calls: int, replays: int = 7, before_replay: Any = None) -> float:
+    """Median seconds per call of `fn` captured `calls` times in one CUDA graph.
+
+    `before_replay` (e.g. a barrier) runs before each timed replay so that ranks start together.
+    """
     import torch
 
     s = torch.cuda.Stream()
@@ -127,6 +130,9 @@ def _time_graph(fn: Any, calls: int, replays: int = 7) -> float:
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if before_replay is not None:
+            before_replay()
+            torch.cuda.synchronize()
         a.record()
         g.replay()
         b.record()
@@ -210,7 +216,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
     torch.cuda.synchronize()
     for m in sizes:
         x = x0[: m // 2]
-        t = _time_graph(lambda: dist.all_reduce(x), iters)
+        t = _time_graph(lambda: dist.all_reduce(x), iters, before_replay=dist.barrier)
         rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m, "us": t * 1e6})
         dist.barrier()
     label, fns = _custom_allreduces(max(sizes))
@@ -220,13 +226,52 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
         for m in sizes:
             x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
             out = torch.empty_like(x)
-            t = _time_graph(lambda: fn(x, out), iters)
+            t = _time_graph(lambda: fn(x, out), iters, before_replay=dist.barrier)
             rows.append({"kind": "allreduce", "impl": impl, "algo": algo, "gpus": world, "bytes": m, "us": t * 1e6})
             dist.barrier()
+    rows += _measure_layers(world, iters, fns, impl)
     if rank == 0:
         Path(outdir, "rank0.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
+
+
+LAYER_SHAPES = [(2048, 4096), (7168, 4096)]  # Llama-3.1-8B o_proj and down_proj at TP=2
+
+
+def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str) -> list[dict[str, Any]]:
+    """GEMM alone and GEMM followed by each all-reduce in one graph (M=1, weights rotated past L2)."""
+    import torch
+    import torch.distributed as dist
+
+    rows = []
+    for k, n in LAYER_SHAPES:
+        copies = max(2, math.ceil(1e9 / (k * n * 2)))
+        ws = [torch.randn(k, n, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+        z = torch.empty_like(y)
+        calls = max(copies, iters)
+        variants: dict[tuple[str, str], Any] = {("gemm", "none"): None, ("nccl", "nccl"): lambda: dist.all_reduce(y)}
+        for algo, fn in fns.items():
+            variants[(impl, algo)] = lambda fn=fn: fn(y, z)
+        times = {}
+        for key, ar in variants.items():
+            it = iter(range(10**9))
+
+            def step(ar: Any = ar, it: Any = it) -> None:
+                torch.matmul(x, ws[next(it) % copies], out=y)
+                if ar is not None:
+                    ar()
+
+            times[key] = _time_graph(step, calls, before_replay=dist.barrier)
+            dist.barrier()
+        for (im, algo), t in times.items():
+            if im != "gemm":
+                rows.append({"kind": "layer", "impl": im, "algo": algo, "gpus": world, "K": k, "N": n, "M": 1,
+                             "bytes": n * 2, "us": t * 1e6, "gemm_us": times[("gemm", "none")] * 1e6})
+        del ws
+    return rows
 
 
 def _measure_single_gpu() -> list[dict[str, Any]]:
@@ -337,6 +382,16 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
         for algo, (fa, fb) in fits.items():
             intra = intra.with_algo(algo, fa, fb)
             notes.append(f"{src[algo]} {algo} NVLink fit: alpha {fa * 1e6:.2f} us, {1e-9 / fb:.0f} GB/s")
+    hw = hw.with_(intra=intra)
+    layers = [r for r in rows if r.get("kind") == "layer"]
+    if layers:
+        samples = []
+        for r in layers:
+            c = coll.allreduce(str(r["algo"]), hw, 1, int(r["gpus"]), float(r["bytes"]))
+            samples.append((float(r["us"]) * 1e-6, float(r["gemm_us"]) * 1e-6 + c.total, c.latency))
+        h = fit_overlap(samples)
+        hw = hw.with_(ar_latency_hidden=h)
+        notes.append(f"GEMM + all-reduce in one graph: {h:.0%} of the all-reduce latency hidden")
     name = f"calibrated-{str(dev.get('name', 'gpu')).lower().replace(' ', '-')}"
     return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
 
@@ -352,7 +407,8 @@ def calibrate(base: str = "h200-ndr", sizes: list[int] | None = None, iters: int
     return hw.with_(gpu=str(rows[0]["name"])), rows
 
 
-RAW_FIELDS = ["kind", "impl", "algo", "gpus", "bytes", "us", "M", "K", "N", "GBps", "TFLOPs", "name", "date"]
+RAW_FIELDS = ["kind", "impl", "algo", "gpus", "bytes", "us", "gemm_us", "M", "K", "N", "GBps", "TFLOPs", "name",
+              "date"]
 
 
 def write_raw_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
