@@ -127,7 +127,7 @@ def show_table(data: Mapping[str, Any], current_id: str | None) -> str:
                    f"triton {fp.get('triton')}, torch {fp.get('torch')}]{mark}")
         body = []
         for op, per_op in sorted(sec.get("entries", {}).items()):
-            for ks, e in sorted(per_op.items()):
+            for ks, e in _sorted_entries(per_op):
                 meta = e.get("meta") or {}
                 d, t = e.get("default_us"), e.get("time_us")
                 body.append([op, ks, _fmt(e.get("config")), _num(t, ".1f"),
@@ -137,6 +137,18 @@ def show_table(data: Mapping[str, Any], current_id: str | None) -> str:
                                 body))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _sorted_entries(per_op: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Entries ordered by their key's values (numbers numerically: B=8 before B=32)."""
+    def k(item):
+        key = item[1].get("key", {})
+        return tuple((n, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for n, v in sorted(key.items()))
+
+    try:
+        return sorted(per_op.items(), key=k)
+    except TypeError:
+        return sorted(per_op.items())
 
 
 def _fmt(cfg: Any) -> str:
