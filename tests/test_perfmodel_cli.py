@@ -205,3 +205,40 @@ def test_per_algorithm_link_override(tmp_path):
     f.write_text(json.dumps(d))
     with pytest.raises(ProfileError, match="algorithms.oneshot.*bandwidth_GBps"):
         load_profile(f)
+
+
+def test_validate_reads_bench_formats_and_fits_layer_hiding(tmp_path):
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    hw = get_hardware("h200-ndr").with_(ar_latency_hidden=0.0)
+    # bench/allreduce.py columns
+    ar_csv = tmp_path / "allreduce_2xH200.csv"
+    with open(ar_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["device", "bytes", "variant", "us_median", "rel_err", "algorithm"])
+        for m in [8192 << i for i in range(6)]:
+            w.writerow(["2xH200", m, "fusedlis_two_shot", coll.allreduce("twoshot", hw, 1, 2, m).total * 1e6, 0, ""])
+            w.writerow(["2xH200", m, "fusedlis_nvrar_2x1_put", coll.allreduce("rd", hw, 1, 2, m).total * 1e6, 0, ""])
+    # bench/fused.py columns, generated with 0.5 of the latency hidden
+    fused = tmp_path / "fused.csv"
+    lines = ["# device=fake", "shape,K,N,M,variant,us"]
+    for k, n in [(2048, 4096), (7168, 4096)]:
+        for m in (1, 8, 32):
+            g = hw.kernel_overhead + (k * n + m * (k + n)) * 2 / hw.hbm_bw
+            c = coll.allreduce("twoshot", hw, 1, 2, m * n * 2).hiding_latency(0.5)
+            lines.append(f"s,{k},{n},{m},cublas+symm_two_shot,{(g + c.total) * 1e6}")
+    fused.write_text("\n".join(lines) + "\n")
+    prof = tmp_path / "p.json"
+    save_profile(hw, prof)
+    prefix = str(tmp_path / "v")
+    assert mod.main(["--profile", str(prof), "--fit-from", str(ar_csv), "--layer", str(fused),
+                     "--out-prefix", prefix, "--reduce-GBps", str(1e-9 / hw.gamma)]) == 0
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    models = {r["impl"]: r["model"] for r in rows}
+    assert models["fusedlis_nvrar_2x1_put"] == "rd" and models["fusedlis_two_shot"] == "twoshot"
+    lay = [r for r in rows if r["what"] == "layer"]
+    assert len(lay) == 6 and {r["role"] for r in lay} == {"fit", "held-out"}
+    assert all(abs(float(r["rel_err"])) < 0.02 for r in lay)
+    assert load_profile(prefix + "_profile.json").ar_latency_hidden == pytest.approx(0.5, abs=0.02)
