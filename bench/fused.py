@@ -31,7 +31,20 @@ def _rmsnorm_torch(h, w, eps):
     return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(h.dtype)
 
 
-def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf):
+def gemm_candidates(M: int) -> list[dict]:
+    """GEMM tile configs swept by --tune (the default config is always tried too)."""
+    if M <= 4:
+        return [{"USE_DOT": False, "BM": 1 if M == 1 else 4, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st}
+                for bn, bk, nw, st in ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3))]
+    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+    out = []
+    for bn, bk, nw, st in ((16, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (32, 64, 4, 6)):
+        if bm * bk * 2 * st + bn * bk * 2 * st <= 200 * 1024:
+            out.append({"USE_DOT": True, "BM": bm, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st})
+    return out
+
+
+def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
     """name -> (setup() -> state, step(state, i)) ; every step is one layer call on copy i."""
     import triton
 
@@ -47,6 +60,11 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf):
     eps = 1e-5
     outs = [torch.empty(M, N, device=dev, dtype=dt) for _ in range(2)]
     v = {}
+
+    def cublas_only(i):
+        torch.mm(xs[i], ws_[i].t(), out=outs[0])
+
+    v["cublas_gemm_only"] = cublas_only
 
     def cublas_nccl(i):
         y = torch.mm(xs[i], ws_[i].t(), out=outs[0])
@@ -101,11 +119,21 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf):
     except ImportError as e:
         print(f"fusedlis linear unavailable: {e}", file=sys.stderr)
 
+    import importlib
+
+    la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
     for one in (True, False):
         name = "fused_one_shot" if one else "fused_two_shot"
-        v[name] = (lambda one_: lambda i: linear_allreduce(xs[i], ws_[i], ws, one_shot=one_, out=outs[1]))(one)
-    v["fused_auto"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1])
-    v["fused_auto+res+norm"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, res, nw, eps, out=(outs[1], outs[0]))
+        c = dict(cfg or {}, ONE_SHOT=one)
+        v[name] = (lambda c_: lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1], config=c_))(c)
+    v["fused_auto"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1], config=cfg)
+    v["fused_auto+res+norm"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, res, nw, eps, out=(outs[1], outs[0]),
+                                                          config=cfg)
+    gcfg = la._pick_config(M, N, K, ws, dt, None, cfg)
+    part = torch.float32 if M <= 8 else dt
+    # GEMM + tile pushes only (no reduction, no step bump): what the epilogue costs over a plain GEMM.
+    v["fused_gemm_push_only"] = lambda i: la._launch(xs[i], ws_[i], outs[1], None, None, None, ws, gcfg, part, eps,
+                                                     finish=False, bump=False)
     return v, ncopy
 
 
@@ -163,6 +191,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--gpus-per-node", type=int, default=None)
+    ap.add_argument("--tune", action="store_true", help="sweep GEMM tile configs of the fused kernel first")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
@@ -179,11 +208,41 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         print(f"torch symmetric memory unavailable: {e}", file=sys.stderr)
     Ms = [int(m) for m in args.ms.split(",")]
-    rows = []
+    rows, tune_rows = [], []
     for sname in args.shapes.split(","):
         K, N = SHAPES[sname]
         for M in Ms:
-            variants, ncopy = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf)
+            best = None
+            if args.tune:
+                import importlib
+
+                la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
+                default = la.linear_allreduce_config(M, N, K, ws.local_size, dt)
+                cands = [None] + gemm_candidates(M)
+                tried = []
+                for cand in cands:
+                    cfg = None if cand is None else {k: cand[k] for k in ("USE_DOT", "BM", "BN", "BK", "num_warps",
+                                                                          "num_stages")}
+                    if cfg is not None and all(default.get(k) == v_ for k, v_ in cfg.items()):
+                        continue
+                    vv, nc_ = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg)
+                    try:
+                        us = time_variant(vv["fused_auto"], nc_, args.reps, args.iters)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"tune {sname} M={M} {cfg} failed: {e}", file=sys.stderr)
+                        us = float("inf")
+                    tried.append((us, cfg))
+                    del vv
+                t = torch.tensor([u for u, _ in tried], device=dev)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)  # both ranks must pick the same config
+                i_best = int(torch.argmin(t))
+                best = tried[i_best][1]
+                if rank == 0:
+                    print(f"{sname:9s} M={M:4d} tuned: " + ", ".join(
+                        f"{'default' if c is None else (c['BM'], c['BN'], c['BK'], c['num_warps'], c['num_stages'])}"
+                        f"={float(u):.2f}" for u, (_, c) in zip(t.tolist(), tried)), flush=True)
+                tune_rows.append((sname, K, N, M, "default" if best is None else str(best), float(t[i_best])))
+            variants, ncopy = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best)
             for vname, fn in variants.items():
                 try:
                     us = time_variant(fn, ncopy, args.reps, args.iters)
@@ -196,13 +255,15 @@ def main() -> None:
             ws.check()
             del variants
             torch.cuda.empty_cache()
+        if rank == 0:  # partial results survive a time limit
+            write_results(rows, args.out, ws, triton.__version__, tune_rows)
     if rank == 0:
-        write_results(rows, args.out, ws, triton.__version__)
+        write_results(rows, args.out, ws, triton.__version__, tune_rows)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def write_results(rows, out_dir, ws, triton_version):
+def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
     import csv
 
     os.makedirs(out_dir, exist_ok=True)
@@ -226,12 +287,16 @@ def write_results(rows, out_dir, ws, triton_version):
              "norm_extra_us"]
     for (s, M), d in table.items():
         fused = min(d.get("fused_one_shot", float("inf")), d.get("fused_two_shot", float("inf")))
-        unf = {k: v for k, v in d.items() if not k.startswith("fused") and "norm" not in k and v == v}
+        unf = {k: v for k, v in d.items() if not k.startswith("fused") and "norm" not in k and "only" not in k
+               and v == v}
         best = min(unf, key=unf.get) if unf else None
         nccl = d.get("cublas+nccl", float("nan"))
         extra = d.get("fused_auto+res+norm", float("nan")) - d.get("fused_auto", float("nan"))
         lines.append(f"{s} {M} {fused:.2f} {nccl:.2f} {best}:{unf.get(best, float('nan')):.2f} "
                      f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f}")
+    if tune_rows:
+        lines.append("tuned GEMM config of the fused kernel (shape M config us):")
+        lines += [f"{s} {M} {c} {us:.2f}" for s, _, _, M, c, us in tune_rows]
     with open(stem + "_summary.txt", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

@@ -410,7 +410,7 @@ class FusedAllReduceWorkspace:
             raise ValueError(f"buffer holds {buffer.numel()} bytes, layout needs {off['total']}")
         self.buffer, self.base_ptrs, self.device = buffer, list(base_ptrs), buffer.device
         if max_spins is None:
-            max_spins = 1 << 26 if buffer.is_cuda else 2000
+            max_spins = 1 << 22 if buffer.is_cuda else 2000
         self.max_spins = int(max_spins)
         self.maxp = max(8, gpus_per_node, self.rounds)
         self.table = self._build_table().to(self.device)
