@@ -40,7 +40,7 @@ class AllReduce:
 
     def __init__(self, group: dist.ProcessGroup | None = None, backend: str = "auto", max_bytes: int = 8 << 20,
                  dtype: torch.dtype = torch.bfloat16, *, topology: Topology | None = None, provider: str = "auto",
-                 workspace: SymmetricWorkspace | None = None, max_blocks: int = 32,
+                 workspace: SymmetricWorkspace | None = None, max_blocks: int = 128,
                  one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, check_every: int = 64) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -53,12 +53,16 @@ class DeviceAllReduce:
     same order on every rank). `max_elems` bounds the message length. `transport` for the inter-node rail
     steps: "put" (NVSHMEM put-with-signal; needs an NVSHMEM workspace), "ptr" (peer stores; every rail
     partner must be load/store reachable, e.g. logical nodes on one host) or "auto" (put when possible).
+    `one_shot_transport`: "ptr" (peer stores) or "put" (NVSHMEM put-with-signal straight from the input);
+    "auto" = put on an NVSHMEM workspace. `block` / `num_warps` None pick by message size (small tiles for
+    small messages, 4096-element tiles and 8 warps above); `max_blocks` None = min(128, SM count) on GPU.
     Calls are asynchronous; a timed-out wait surfaces through `ws.check()` / `ws.check_async()`.
     """
 
     def __init__(self, ws: SymmetricWorkspace, max_elems: int, dtype: torch.dtype = torch.bfloat16,
-                 topology: Topology | None = None, transport: str = "auto", max_blocks: int = 32,
-                 block: int = 1024, num_warps: int = 4, max_spins: int = 1 << 24, align: int = 8) -> None:
+                 topology: Topology | None = None, transport: str = "auto", max_blocks: int | None = None,
+                 block: int | None = None, num_warps: int | None = None, max_spins: int = 1 << 24,
+                 align: int = 8, one_shot_transport: str = "auto") -> None:
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
         if max_elems < 1:
@@ -71,7 +75,16 @@ class DeviceAllReduce:
         g, m = self.topology.gpus_per_node, self.topology.num_nodes
         self.G, self.M = g, m
         self.node_base = self.topology.node(self.rank) * g
+        if max_blocks is None:
+            max_blocks = 128 if ws.device.type == "cuda" else 32
+        if ws.device.type == "cuda":  # every program spins on peers: all must be resident at once
+            max_blocks = min(max_blocks, torch.cuda.get_device_properties(ws.device).multi_processor_count)
         self.block, self.num_warps, self.max_blocks = block, num_warps, max_blocks
+        if one_shot_transport == "auto":
+            one_shot_transport = "put" if ws.uses_nvshmem else "ptr"
+        if one_shot_transport not in ("put", "ptr") or (one_shot_transport == "put" and not ws.uses_nvshmem):
+            raise ValueError(f"one_shot_transport={one_shot_transport!r} invalid for provider {ws.provider}")
+        self.one_shot_transport = one_shot_transport
         self.max_spins, self.align = max_spins, align
         isz = torch.empty((), dtype=dtype).element_size()
         self.itemsize = isz
@@ -94,7 +107,7 @@ class DeviceAllReduce:
         if transport == "ptr" and any(not ws.reachable[p] for p in partners):
             raise RuntimeError("transport='ptr' but some rail partners are not load/store reachable")
         self.transport = transport
-        if transport == "put":
+        if transport == "put" or one_shot_transport == "put":
             self._extern = {"libnvshmem_device": nvshmem_device_library()}
             _install_hook()
         # buffers: one-shot slots [2][G][max_elems]; hierarchical RS/AG [2][G][cap], work [2][NSLOT+1][cap],
@@ -113,10 +126,13 @@ class DeviceAllReduce:
         self.ch = ws.alloc_channel()
         self._ctr = ws.counters[self.ch:]
 
-    def _blocks(self, elems: int) -> tuple[int, int]:
-        nb = max(1, min(self.max_blocks, cdiv(elems, 2 * self.block)))
-        per_block = cdiv(cdiv(elems, nb), self.block) * self.block
-        return cdiv(max(elems, 1), per_block), per_block
+    def _config(self, elems: int) -> tuple[int, int, int, int]:
+        """(programs, elements per program, tile, warps) for `elems` elements per chunk."""
+        block = self.block or (1024 if elems <= 16384 else 4096)
+        warps = self.num_warps or (4 if block <= 1024 else 8)
+        nb = max(1, min(self.max_blocks, cdiv(elems, block)))
+        per_block = cdiv(cdiv(elems, nb), block) * block
+        return cdiv(max(elems, 1), per_block), per_block, block, warps
 
     def _check(self, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
@@ -146,21 +162,29 @@ class DeviceAllReduce:
         if algorithm == "one_shot":
             if self.M != 1:
                 raise ValueError("one_shot is intra-node only (topology has several nodes)")
-            nb, per_block = self._blocks(n)
-            K._one_shot_kernel[(nb,)](
-                xf, of, n, ws.buffer, ws.flags, ws.peer_ptrs, ws.peer_flag_ptrs, self._ctr, ws.err,
-                self.os_off, self.max_elems, self.osf_off, self.rank, self.node_base, per_block, self.max_spins,
-                G=self.G, BLOCK=self.block, num_warps=self.num_warps)
+            nb, per_block, block, warps = self._config(n)
+            put = self.one_shot_transport == "put"
+            kw = dict(G=self.G, BLOCK=block, USE_PUT=put, num_warps=warps)
+            if put:
+                kw["extern_libs"] = self._extern
+                _load_state.put = True
+            try:
+                K._one_shot_kernel[(nb,)](
+                    xf, of, n, ws.buffer, ws.flags, ws.peer_ptrs, ws.peer_flag_ptrs, self._ctr, ws.err,
+                    self.os_off, self.max_elems, self.osf_off, self.rank, self.node_base, per_block,
+                    self.max_spins, **kw)
+            finally:
+                _load_state.put = False
             return result
         if algorithm not in ("two_shot", "nvrar"):
             raise ValueError(f"algorithm must be one of {DEVICE_ALGORITHMS}, got {algorithm!r}")
         if algorithm == "two_shot" and self.M != 1:
             raise ValueError("two_shot is intra-node only (topology has several nodes); use 'nvrar'")
         cs = cdiv(cdiv(n, self.G), self.align) * self.align
-        nb, per_block = self._blocks(cs)
+        nb, per_block, block, warps = self._config(cs)
         put = self.transport == "put" and self.nsteps > 0
-        kw = dict(G=self.G, NSTEPS=self.nsteps, NSLOT=max(self.nslot, 1), BLOCK=self.block, USE_PUT=put,
-                  num_warps=self.num_warps)
+        kw = dict(G=self.G, NSTEPS=self.nsteps, NSLOT=max(self.nslot, 1), BLOCK=block, USE_PUT=put,
+                  num_warps=warps)
         if put:
             kw["extern_libs"] = self._extern
             _load_state.put = True

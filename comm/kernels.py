@@ -74,9 +74,10 @@ def _finish(ctr_ptr, seq):
 def _one_shot_kernel(
     x_ptr, out_ptr, N, buf_ptr, flag_ptr, peer_ptrs, peer_flag_ptrs, ctr_ptr, err_ptr,
     data_off, cap, flag_off, rank, node_base, per_block, max_spins,
-    G: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, BLOCK: tl.constexpr, USE_PUT: tl.constexpr = False,
 ):
-    """Every rank stores its slice into slot [parity][local rank] of every node peer, then sums slots."""
+    """Every rank writes its slice into slot [parity][local rank] of every other node peer (peer stores, or
+    NVSHMEM put-with-signal straight from x when USE_PUT), then sums the slots and its own x in local-rank order."""
     pid = tl.program_id(0)
     dty: tl.constexpr = x_ptr.dtype.element_ty
     seq = tl.load(ctr_ptr) + 1
@@ -84,18 +85,30 @@ def _one_shot_kernel(
     lr = rank - node_base
     lo = pid * per_block
     hi = tl.minimum(lo + per_block, N)
-    for off in range(lo, hi, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        m = idx < hi
-        v = tl.load(x_ptr + idx, mask=m)
+    if USE_PUT:
+        nbytes = (tl.maximum(hi - lo, 0) * (dty.primitive_bitwidth // 8)).to(tl.int64)
+        dst_sym = (buf_ptr + data_off).to(tl.pointer_type(dty), bitcast=True) + (par * G + lr) * cap + lo
         for j in tl.static_range(G):
-            dst = _ptr(peer_ptrs, node_base + j, data_off, dty)
-            tl.store(dst + (par * G + lr) * cap + idx, v, mask=m)
-    tl.debug_barrier()
+            if j != lr:
+                _putmem_signal_block(dst_sym.to(tl.int64), (x_ptr + lo).to(tl.int64), nbytes,
+                                     (flag_ptr + flag_off + pid * G + lr).to(tl.int64), seq.to(tl.uint64), 9,
+                                     (node_base + j).to(tl.int32))
+    else:
+        for off in range(lo, hi, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            m = idx < hi
+            v = tl.load(x_ptr + idx, mask=m)
+            for j in tl.static_range(G):
+                if j != lr:
+                    dst = _ptr(peer_ptrs, node_base + j, data_off, dty)
+                    tl.store(dst + (par * G + lr) * cap + idx, v, mask=m)
+        tl.debug_barrier()
+        for j in tl.static_range(G):
+            if j != lr:
+                _signal(peer_flag_ptrs, node_base + j, flag_off + pid * G + lr, seq)
     for j in tl.static_range(G):
-        _signal(peer_flag_ptrs, node_base + j, flag_off + pid * G + lr, seq)
-    for j in tl.static_range(G):
-        _wait(flag_ptr + flag_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
+        if j != lr:
+            _wait(flag_ptr + flag_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
     tl.debug_barrier()
     buf = (buf_ptr + data_off).to(tl.pointer_type(dty), bitcast=True)
     for off in range(lo, hi, BLOCK):
@@ -103,7 +116,11 @@ def _one_shot_kernel(
         m = idx < hi
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(G):
-            acc += tl.load(buf + (par * G + j) * cap + idx, mask=m, cache_modifier=".cg").to(tl.float32)
+            if j == lr:
+                v = tl.load(x_ptr + idx, mask=m).to(tl.float32)
+            else:
+                v = tl.load(buf + (par * G + j) * cap + idx, mask=m, cache_modifier=".cg").to(tl.float32)
+            acc += v
         tl.store(out_ptr + idx, acc.to(dty), mask=m)
     _finish(ctr_ptr, seq)
 

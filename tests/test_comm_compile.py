@@ -50,10 +50,12 @@ def test_nvrar_put_kernel_compiles_for_sm90():
     assert "nvshmemx_putmem_signal_block" in ptx
     assert "sys.release.exch" in ptx and "acquire.sys" in ptx
     assert res["cubin_bytes"] > 0
+    res = _compile("_one_shot_kernel", "fp16", dict(G=4, BLOCK=4096, USE_PUT=True), extern=True)
+    assert "nvshmemx_putmem_signal_block" in res["ptx"]
 
 
 def test_peer_store_kernels_compile_for_sm90():
-    res = _compile("_one_shot_kernel", "fp32", dict(G=4, BLOCK=512), extern=False)
+    res = _compile("_one_shot_kernel", "fp32", dict(G=4, BLOCK=512, USE_PUT=False), extern=False)
     assert "sys.release.exch" in res["ptx"] and res["cubin_bytes"] > 0
     res = _compile("_hier_kernel", "fp16", dict(G=2, NSTEPS=0, NSLOT=1, BLOCK=1024, USE_PUT=False), extern=False)
     assert "nvshmem" not in res["ptx"] and res["cubin_bytes"] > 0

@@ -59,6 +59,8 @@ def main() -> None:
         me = (8 << 20) // torch.empty((), dtype=dtype).element_size()
         variants[dtype] = [
             ("1x2 one_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "one_shot"),
+            ("1x2 one_shot ptr", DeviceAllReduce(ws, me, dtype, Topology(world, world), one_shot_transport="ptr"),
+             "one_shot"),
             ("1x2 two_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot"),
             ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar"),
             ("2x1 nvrar ptr", DeviceAllReduce(ws, me, dtype, Topology(world, 1), transport="ptr"), "nvrar"),
@@ -81,16 +83,17 @@ def main() -> None:
                     err = _rel_err(y, ref)
                     nccl = x.clone()
                     dist.all_reduce(nccl)
+                    other = y.clone()
+                    dist.broadcast(other, src=0)  # NCCL has no int16: compare the bits after the broadcast
                     bits = y.view(torch.int16 if isz == 2 else torch.int32)
-                    other = bits.clone()
-                    dist.broadcast(other, src=0)
+                    other = other.view(torch.int16 if isz == 2 else torch.int32)
                     ok = err <= TOL[dtype] and torch.equal(bits, other) and not torch.isnan(y).any()
                     if not ok:
                         failures.append(f"{name} {dtype} n={n} inplace={inplace} err={err:.2e} "
                                         f"same_bits={torch.equal(bits, other)} nccl_err={_rel_err(nccl, ref):.2e}")
     log(f"size sweep done: {len(failures)} failures")
     # CUDA graph replays, fresh random inputs generated inside the graph on each replay
-    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2)]:
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2, 3)]:
         n = (1 << 20) // 2 + 3
         x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
         worst = torch.zeros((), dtype=torch.float64, device="cuda")
