@@ -199,7 +199,7 @@ def test_per_algorithm_link_override(tmp_path):
     assert load_profile(f).to_json()["intra"]["algorithms"]["oneshot"]["alpha_us"] == pytest.approx(9.0)
     d["intra"]["algorithms"] = {"warp": {"alpha_us": 1.0, "bandwidth_GBps": 1.0}}
     f.write_text(json.dumps(d))
-    with pytest.raises(ProfileError, match=r"p\.json: field 'intra': field 'algorithms': unknown custom algorithm 'warp'"):
+    with pytest.raises(ProfileError, match=r"p\.json: field 'intra': field 'algorithms': unknown custom algo"):
         load_profile(f)
     d["intra"]["algorithms"] = {"oneshot": {"alpha_us": 1.0}}
     f.write_text(json.dumps(d))

@@ -100,7 +100,7 @@ def plot_predictions(rows: list[dict[str, Any]], path: str, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or pip install 'fusedlis[plot]')") from None
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or 'fusedlis[plot]')") from None
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.5))
     keys = sorted({(r["layout"], r["allreduce"]) for r in rows})
     for lay, ar in keys:

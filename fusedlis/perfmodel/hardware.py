@@ -266,7 +266,7 @@ def load_profile(path: str | Path) -> Hardware:
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError as e:
-            raise ProfileError(f"{p}: reading YAML needs PyYAML (pip install pyyaml); or write the profile as JSON") from e
+            raise ProfileError(f"{p}: reading YAML needs PyYAML (pip install pyyaml); or write JSON") from e
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

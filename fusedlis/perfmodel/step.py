@@ -3,7 +3,9 @@
 Every kernel costs `hw.kernel_overhead + max(bytes / hbm_bw, flops / peak_flops)` (the intercept-plus-slope
 form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication follows compute, except
 that in decode (one CUDA graph) a fraction `hw.ar_latency_hidden` of each all-reduce's NVLink latency term
-is hidden behind the GEMM before it, as measured for GEMM + all-reduce pairs on 2xH200. In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
+is hidden behind the GEMM before it, as measured for GEMM + all-reduce pairs on 2xH200.
+
+In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
 a token's latency; it only cuts weights per GPU and communication. Prefill with PP sends each sequence of the
 batch through the pipe as a micro-batch.
 """
@@ -210,7 +212,8 @@ def recommend(preds: list[Prediction]) -> list[str]:
         rows = [p for p in preds if p.batch == bsz]
         fit = [p for p in rows if p.fits] or rows
         best = min(fit, key=lambda p: p.token_latency)
-        why = [f"batch {bsz}: use {_label(best)}: {best.token_latency * 1e3:.2f} ms/token, TTFT {best.ttft * 1e3:.1f} ms"]
+        why = [f"batch {bsz}: use {_label(best)}: {best.token_latency * 1e3:.2f} ms/token, "
+               f"TTFT {best.ttft * 1e3:.1f} ms"]
         if not best.fits:
             why.append("(no layout fits in GPU memory; needs more GPUs)")
         others = {}
