@@ -154,29 +154,47 @@ def validate_gemm(hw: Hardware, rows: list[dict[str, Any]], fit: bool) -> list[d
     return out
 
 
+# bench/decode.py "system" -> (all-reduce model, logical nodes of the TP group)
+_DECODE_SYSTEMS = {"fusedlis-nccl": ("nccl", 1), "fusedlis-nvrar-1node": ("nvrar", 1),
+                   "fusedlis-nvrar-2node": ("nvrar", 2), "fusedlis-fused": ("auto", 1), "fusedlis-auto": ("auto", 1)}
+
+
 def validate_decode(hw: Hardware, paths: list[str]) -> list[dict[str, Any]]:
+    """Decode step rows of bench/decode.py (model, tp, system, batch, context, ms_per_token) vs `step_time`.
+
+    Systems outside `_DECODE_SYSTEMS` (eager torch, Hugging Face) are skipped: the model describes CUDA-graph
+    decode. `nvrar-2node` runs 2 logical nodes over NVLink, so its "network" is modelled with NVLink terms.
+    The fused GEMM + all-reduce is costed as GEMM then fusedlis' auto all-reduce.
+    """
     from fusedlis.perfmodel.step import step_time
     from fusedlis.perfmodel.volume import Layout, model_shape
 
     out = []
     for path in paths:
         with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                try:
-                    model, tp, bsz = r["model"], int(r["tp"]), int(r["batch"])
-                    ctx = float(r.get("context") or r.get("seq_len") or r["prompt"])
-                    meas = float(r["ms"]) * 1e3 if r.get("ms") else float(r["us"])
-                except (KeyError, ValueError) as e:
-                    raise SystemExit(f"{path}: decode rows need model, tp, batch, context (or seq_len/prompt) "
-                                     f"and ms or us: {e}") from None
-                algo = coll.resolve(r.get("allreduce") or "nccl")
-                st = step_time(model_shape(model), Layout(tp, 1), hw.with_(gpus_per_node=max(tp, 1)), batch=bsz,
-                               context=ctx, prefill=False, allreduce=algo)
-                pred = st.total * 1e6
-                out.append({"what": "decode", "impl": r.get("impl", "fusedlis"), "model": algo, "gpus": tp,
-                            "case": f"{model} tp{tp} b{bsz} ctx{ctx:g}", "measured_us": meas,
-                            "predicted_us": pred, "rel_err": pred / meas - 1, "role": "profile",
-                            "alpha_us": "", "GBps": ""})
+            lines = [ln for ln in f if not ln.startswith("#")]
+        for r in csv.DictReader(lines):
+            system = r.get("system", "fusedlis-nccl")
+            if system not in _DECODE_SYSTEMS:
+                continue
+            algo, nodes = _DECODE_SYSTEMS[system]
+            try:
+                model, tp, bsz = r["model"], int(r["tp"]), int(r["batch"])
+                ctx = float(r.get("context") or r.get("seq_len") or r["prompt"])
+                ms = r.get("ms_per_token") or r.get("ms")
+                meas = float(ms) * 1e3 if ms else float(r["us"])
+            except (KeyError, ValueError) as e:
+                raise SystemExit(f"{path}: decode rows need model, tp, batch, context and ms_per_token: {e}") from None
+            h = hw.with_(gpus_per_node=max(tp // nodes, 1))
+            if nodes > 1:
+                h = h.with_(inter=h.intra)
+            st = step_time(model_shape(model), Layout(tp, 1), h, batch=bsz, context=ctx, prefill=False,
+                           allreduce=algo)
+            pred = st.total * 1e6
+            out.append({"what": "decode", "impl": system, "model": algo, "gpus": tp,
+                        "case": f"{model} tp{tp} b{bsz} ctx{ctx:g}", "measured_us": meas,
+                        "predicted_us": pred, "rel_err": pred / meas - 1, "role": "profile",
+                        "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}"})
     return out
 
 

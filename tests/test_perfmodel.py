@@ -206,3 +206,14 @@ def test_decode_hides_nvlink_latency_prefill_does_not():
     p0 = step_time(LLAMA_8B, Layout(2, 1), base, batch=1, context=10, prefill=True, allreduce="twoshot")
     p1 = step_time(LLAMA_8B, Layout(2, 1), full, batch=1, context=10, prefill=True, allreduce="twoshot")
     assert p0.comm == p1.comm
+
+
+def test_auto_matches_comm_crossover():
+    from fusedlis.comm.allreduce import ONE_SHOT_MAX_BYTES
+
+    assert coll.AUTO_ONE_SHOT_MAX_BYTES == ONE_SHOT_MAX_BYTES
+    h = hw()
+    small, big = ONE_SHOT_MAX_BYTES, ONE_SHOT_MAX_BYTES + 2
+    assert coll.allreduce("auto", h, 1, 4, small).total == coll.allreduce("oneshot", h, 1, 4, small).total
+    assert coll.allreduce("auto", h, 1, 4, big).total == coll.allreduce("twoshot", h, 1, 4, big).total
+    assert coll.allreduce("auto", h, 2, 4, big).total == coll.allreduce("nvrar", h, 2, 4, big).total

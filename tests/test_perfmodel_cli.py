@@ -242,3 +242,28 @@ def test_validate_reads_bench_formats_and_fits_layer_hiding(tmp_path):
     assert len(lay) == 6 and {r["role"] for r in lay} == {"fit", "held-out"}
     assert all(abs(float(r["rel_err"])) < 0.02 for r in lay)
     assert load_profile(prefix + "_profile.json").ar_latency_hidden == pytest.approx(0.5, abs=0.02)
+
+
+def test_validate_decode_rows(tmp_path):
+    from fusedlis.perfmodel.step import step_time
+    from fusedlis.perfmodel.volume import Layout, model_shape
+
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    hw = get_hardware("h200-ndr")
+    shape = model_shape("llama-3.1-8b")
+    f = tmp_path / "decode_tp2.csv"
+    lines = ["# device=fake", "model,tp,system,batch,context,ms_per_token,floor_ms,ratio_to_floor"]
+    for system, algo in (("fusedlis-nccl", "nccl"), ("fusedlis-fused", "auto"), ("torch-eager-nccl", "nccl")):
+        for b in (1, 32):
+            t = step_time(shape, Layout(2, 1), hw.with_(gpus_per_node=2), batch=b, context=512, prefill=False,
+                          allreduce=algo).total
+            lines.append(f"llama-3.1-8b,2,{system},{b},512,{t * 1e3 * 1.25},1,1")
+    f.write_text("\n".join(lines) + "\n")
+    prefix = str(tmp_path / "d")
+    assert mod.main(["--decode", str(f), "--out-prefix", prefix]) == 0
+    with open(prefix + ".csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["impl"] for r in rows} == {"fusedlis-nccl", "fusedlis-fused"}  # eager torch is not modelled
+    assert all(float(r["rel_err"]) == pytest.approx(1 / 1.25 - 1, abs=1e-3) for r in rows)

@@ -41,8 +41,8 @@ def linear_coefficients(algo: str, nodes: int, gpus_per_node: int) -> tuple[floa
     """
     if nodes > 1 and gpus_per_node > 1:
         raise ValueError("linear coefficients need a single link class: nodes == 1 or gpus_per_node == 1")
-    if coll.resolve(algo) == "nccl":
-        raise ValueError("nccl is min(ring, tree): fit 'ring' or 'tree' instead")
+    if coll.resolve(algo) in ("nccl", "auto"):
+        raise ValueError(f"{algo} chooses between algorithms: fit the one it ran")
 
     def hw(alpha: float, beta: float, gamma: float) -> Hardware:
         link = Link(alpha, beta, alpha, beta)

@@ -55,8 +55,8 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--layouts", default="tp,pp,hybrid",
                    help="comma-separated: tp, pp, hybrid (TP in a node, PP across), or tpXppY (default tp,pp,hybrid)")
     p.add_argument("--allreduce", default="nccl,nvrar",
-                   help="comma-separated TP all-reduce models: nccl, nvrar, ring, tree, rd, rabenseifner, "
-                        "oneshot, twoshot (default nccl,nvrar)")
+                   help="comma-separated TP all-reduce models: nccl, nvrar, auto (fusedlis' choice), ring, tree, "
+                        "rd, rabenseifner, oneshot, twoshot (default nccl,nvrar)")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight/activation element (default 2)")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every prediction as JSON")

@@ -180,12 +180,26 @@ def nccl(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "nccl") -> Co
     return min(ring(hw, nodes, gpn, m, "nccl"), tree(hw, nodes, gpn, m, "nccl"), key=lambda c: c.total)
 
 
+# fusedlis.comm.AllReduce("auto") on one node: one-shot up to this many bytes, two-shot above
+# (fusedlis.comm.allreduce.ONE_SHOT_MAX_BYTES; a test keeps the two equal).
+AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
+
+
+def auto(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "auto") -> Cost:
+    """What fusedlis' AllReduce("auto") runs: one-/two-shot by size on one node, NVRAR across nodes."""
+    if nodes > 1:
+        return nvrar(hw, nodes, gpn, m, "nvrar")
+    if m <= AUTO_ONE_SHOT_MAX_BYTES:
+        return oneshot(hw, nodes, gpn, m, "oneshot")
+    return twoshot(hw, nodes, gpn, m, "twoshot")
+
+
 ALGORITHMS: dict[str, Callable[..., Cost]] = {
     "ring": ring, "tree": tree, "rd": recursive_doubling, "rabenseifner": rabenseifner,
-    "oneshot": oneshot, "twoshot": twoshot, "nvrar": nvrar, "nccl": nccl,
+    "oneshot": oneshot, "twoshot": twoshot, "nvrar": nvrar, "nccl": nccl, "auto": auto,
 }
 ALIASES = {"recursive_doubling": "rd", "recursive-doubling": "rd", "one-shot": "oneshot", "one_shot": "oneshot",
-           "two-shot": "twoshot", "two_shot": "twoshot", "rab": "rabenseifner"}
+           "two-shot": "twoshot", "two_shot": "twoshot", "rab": "rabenseifner", "fusedlis": "auto"}
 
 
 def resolve(name: str) -> str:
@@ -237,6 +251,9 @@ def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> floa
         return lg * nbytes
     if algo in ("tree", "nccl"):
         return 2 * nbytes
+    if algo == "auto":
+        algo = "nvrar" if nodes > 1 else ("oneshot" if nbytes <= AUTO_ONE_SHOT_MAX_BYTES else "twoshot")
+        return bytes_sent(algo, nodes, gpus_per_node, nbytes)
     if algo == "oneshot":
         return (p - 1) * nbytes
     return 2 * (g - 1) / g * nbytes + math.ceil(math.log2(nodes)) * nbytes / g  # nvrar
@@ -256,6 +273,8 @@ def network_bytes(algo: str, nodes: int, gpus_per_node: int, nbytes: float, hw: 
     if algo == "nccl":
         use_tree = hw is not None and tree(hw, n, g, m, "nccl").total < ring(hw, n, g, m, "nccl").total
         algo = "tree" if use_tree else "ring"
+    if algo == "auto":
+        algo = "nvrar"
     p2 = _pow2_floor(p)
     fold = 0.0 if p == p2 else 2 * (p - p2) * m  # non-power-of-two ranks fold in and get the result back
     if algo == "ring":

@@ -221,7 +221,7 @@ def _link(d: Any, where: str) -> Link:
 
     per = {}
     for name, v in algos.items():
-        if name not in ALGORITHMS or name == "nccl":
+        if name not in ALGORITHMS or name in ("nccl", "auto"):
             raise ProfileError(f"{where}: field 'algorithms': unknown custom algorithm {name!r}")
         if not isinstance(v, dict):
             raise ProfileError(f"{where}: field 'algorithms.{name}' must be an object")
