@@ -135,7 +135,9 @@ def _hier_kernel(
     """Two-shot (NSTEPS == 0) and NVRAR: reduce-scatter in the node, rail steps, all-gather in the node.
 
     Program p handles chunk-relative elements [p*per_block, (p+1)*per_block) of every chunk.
-    Chunk j = [min(j*cs, N), min((j+1)*cs, N)) as in `plan.Chunking`.
+    Chunk j = [min(j*cs, N), min((j+1)*cs, N)) as in `plan.Chunking`. A rank keeps its own contribution
+    local (reads x, writes out directly); only peers' data goes through the symmetric buffer.
+    In place (out is x) is safe: a program reads every x element it will overwrite before writing it.
     """
     pid = tl.program_id(0)
     dty: tl.constexpr = x_ptr.dtype.element_ty
@@ -148,42 +150,57 @@ def _hier_kernel(
     bhi = tl.minimum(blo + per_block, my_len)
     local = buf_ptr.to(tl.pointer_type(dty), bitcast=True)
     work = local + work_off  # element offsets from here on
-    # -- phase 1: reduce-scatter inside the node (or a copy when the node has one GPU)
+    # -- phase 1: reduce-scatter inside the node: send chunk j to local rank j
     if G > 1:
         for j in tl.static_range(G):
-            c_lo = tl.minimum(j * cs, N)
-            c_hi = tl.minimum(c_lo + cs, N)
-            dst = _ptr(peer_ptrs, node_base + j, 0, dty) + rs_off + (par * G + lr) * cap
-            for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
-                idx = off + tl.arange(0, BLOCK)
-                m = idx < c_hi - c_lo
-                tl.store(dst + idx, tl.load(x_ptr + c_lo + idx, mask=m), mask=m)
+            if j != lr:
+                c_lo = tl.minimum(j * cs, N)
+                c_hi = tl.minimum(c_lo + cs, N)
+                dst = _ptr(peer_ptrs, node_base + j, 0, dty) + rs_off + (par * G + lr) * cap
+                for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
+                    idx = off + tl.arange(0, BLOCK)
+                    m = idx < c_hi - c_lo
+                    tl.store(dst + idx, tl.load(x_ptr + c_lo + idx, mask=m), mask=m)
         tl.debug_barrier()
         for j in tl.static_range(G):
-            _signal(peer_flag_ptrs, node_base + j, rsf_off + pid * G + lr, seq)
+            if j != lr:
+                _signal(peer_flag_ptrs, node_base + j, rsf_off + pid * G + lr, seq)
         for j in tl.static_range(G):
-            _wait(flag_ptr + rsf_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
+            if j != lr:
+                _wait(flag_ptr + rsf_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
         tl.debug_barrier()
-        for off in range(blo, bhi, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            m = idx < bhi
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # reduce my chunk (sum in local-rank order); two-shot sends the result straight to the all-gather
+    for off in range(blo, bhi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < bhi
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(G):
+            if j == lr:
+                v = tl.load(x_ptr + my_lo + idx, mask=m).to(tl.float32)
+            else:
+                v = tl.load(local + rs_off + (par * G + j) * cap + idx, mask=m, cache_modifier=".cg").to(tl.float32)
+            acc += v
+        red = acc.to(dty)
+        if NSTEPS == 0:
             for j in tl.static_range(G):
-                acc += tl.load(local + rs_off + (par * G + j) * cap + idx, mask=m,
-                               cache_modifier=".cg").to(tl.float32)
-            tl.store(work + (par * (NSLOT + 1)) * cap + idx, acc.to(dty), mask=m)
-    else:
-        for off in range(blo, bhi, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            m = idx < bhi
-            tl.store(work + (par * (NSLOT + 1)) * cap + idx, tl.load(x_ptr + my_lo + idx, mask=m), mask=m)
-    # -- phase 2: rail steps (recursive doubling with fold-in / fold-out), table from the plan
+                if j == lr:
+                    tl.store(out_ptr + my_lo + idx, red, mask=m)
+                else:
+                    dst = _ptr(peer_ptrs, node_base + j, 0, dty) + ag_off + (par * G + lr) * cap
+                    tl.store(dst + idx, red, mask=m)
+        else:
+            tl.store(work + (par * (NSLOT + 1)) * cap + idx, red, mask=m)
+    # -- phase 2: rail steps (recursive doubling with fold-in / fold-out), table from the plan;
+    # with one GPU per node the last step writes the output directly
     for k in tl.static_range(NSTEPS):
         op = tl.load(steps_ptr + 3 * k)
         partner = tl.load(steps_ptr + 3 * k + 1)
         slot = tl.load(steps_ptr + 3 * k + 2)
         src = work + (par * (NSLOT + 1) + k) * cap
-        nxt = work + (par * (NSLOT + 1) + k + 1) * cap
+        if (G == 1) and (k == NSTEPS - 1):
+            nxt = out_ptr + my_lo
+        else:
+            nxt = work + (par * (NSLOT + 1) + k + 1) * cap
         if (op == 1) | (op == 3):  # SEND or EXCHANGE
             if USE_PUT:
                 tl.debug_barrier()
@@ -218,32 +235,35 @@ def _hier_kernel(
                 else:
                     res = (tl.load(src + idx, mask=m).to(tl.float32) + r.to(tl.float32)).to(dty)
                 tl.store(nxt + idx, res, mask=m)
-    fin = work + (par * (NSLOT + 1) + NSTEPS) * cap
-    # -- phase 3: all-gather inside the node (or a copy out)
+    # -- phase 3: all-gather inside the node
     if G > 1:
-        for j in tl.static_range(G):
-            dst = _ptr(peer_ptrs, node_base + j, 0, dty) + ag_off + (par * G + lr) * cap
+        if NSTEPS > 0:
+            fin = work + (par * (NSLOT + 1) + NSTEPS) * cap
             for off in range(blo, bhi, BLOCK):
                 idx = off + tl.arange(0, BLOCK)
                 m = idx < bhi
-                tl.store(dst + idx, tl.load(fin + idx, mask=m), mask=m)
+                v = tl.load(fin + idx, mask=m)
+                for j in tl.static_range(G):
+                    if j == lr:
+                        tl.store(out_ptr + my_lo + idx, v, mask=m)
+                    else:
+                        dst = _ptr(peer_ptrs, node_base + j, 0, dty) + ag_off + (par * G + lr) * cap
+                        tl.store(dst + idx, v, mask=m)
         tl.debug_barrier()
         for j in tl.static_range(G):
-            _signal(peer_flag_ptrs, node_base + j, agf_off + pid * G + lr, seq)
+            if j != lr:
+                _signal(peer_flag_ptrs, node_base + j, agf_off + pid * G + lr, seq)
         for j in tl.static_range(G):
-            _wait(flag_ptr + agf_off + pid * G + j, seq, max_spins, err_ptr, 99, node_base + j)
+            if j != lr:
+                _wait(flag_ptr + agf_off + pid * G + j, seq, max_spins, err_ptr, 99, node_base + j)
         tl.debug_barrier()
         for j in tl.static_range(G):
-            c_lo = tl.minimum(j * cs, N)
-            c_hi = tl.minimum(c_lo + cs, N)
-            srcj = local + ag_off + (par * G + j) * cap
-            for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
-                idx = off + tl.arange(0, BLOCK)
-                m = idx < c_hi - c_lo
-                tl.store(out_ptr + c_lo + idx, tl.load(srcj + idx, mask=m, cache_modifier=".cg"), mask=m)
-    else:
-        for off in range(blo, bhi, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            m = idx < bhi
-            tl.store(out_ptr + my_lo + idx, tl.load(fin + idx, mask=m), mask=m)
+            if j != lr:
+                c_lo = tl.minimum(j * cs, N)
+                c_hi = tl.minimum(c_lo + cs, N)
+                srcj = local + ag_off + (par * G + j) * cap
+                for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
+                    idx = off + tl.arange(0, BLOCK)
+                    m = idx < c_hi - c_lo
+                    tl.store(out_ptr + c_lo + idx, tl.load(srcj + idx, mask=m, cache_modifier=".cg"), mask=m)
     _finish(ctr_ptr, seq)
