@@ -276,9 +276,11 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         return
     ar = [r for r in rows if r["what"] == "allreduce"]
     other = [r for r in rows if r["what"] != "allreduce"]
-    fig, axes = plt.subplots(1, 2 if other else 1, figsize=(13 if other else 7, 4.5), squeeze=False)
-    a = axes[0][0]
-    for i, impl in enumerate(dict.fromkeys(r["impl"] for r in ar)):
+    n = bool(ar) + bool(other)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
+    panels = iter(axes[0])
+    a = next(panels) if ar else None
+    for impl in dict.fromkeys(r["impl"] for r in ar):
         rs = [r for r in ar if r["impl"] == impl]
         xs = [int(r["case"]) for r in rs]
         line, = a.plot(xs, [r["measured_us"] for r in rs], "o", label=f"{impl} measured")
@@ -286,14 +288,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         for r, x in zip(rs, xs):
             if r["role"] == "held-out":
                 a.plot([x], [r["measured_us"]], "s", mfc="none", ms=10, color=line.get_color())
-    a.set_xscale("log", base=2)
-    a.set_xlabel("message bytes")
-    a.set_ylabel("all-reduce µs")
-    a.set_title("all-reduce: measured (dots; squares held out) vs model (lines)")
-    a.legend(fontsize=7)
-    a.grid(True, alpha=0.3)
+    if a is not None:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("message bytes")
+        a.set_ylabel("all-reduce µs")
+        a.set_title("all-reduce: measured (dots; squares held out) vs model (lines)")
+        a.legend(fontsize=7)
+        a.grid(True, alpha=0.3)
     if other:
-        b = axes[0][1]
+        b = next(panels)
         for what, mk in (("gemm", "s"), ("layer", "o"), ("decode", "^")):
             for role, fill in (("fit", "full"), ("held-out", "none"), ("profile", "full")):
                 sel = [r for r in other if r["what"] == what and r["role"] == role]
