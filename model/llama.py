@@ -62,7 +62,8 @@ class Attention(nn.Module):
                               (f"{prefix}.v_proj.weight", cfg.kv_size)], tp, dtype, device)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj.weight", cfg.q_size, cfg.hidden_size, tp, dtype, device)
 
-    def forward(self, x, positions, rope, cache_kv, ops, kv_len):
+    def forward(self, x, positions, rope, cache_kv, ops, kv_len, residual, norm):
+        """Attention sublayer ending in `norm(o_proj(attn) + residual)`: returns (normed, new residual)."""
         B, T, _ = x.shape
         D = self.head_dim
         qkv = self.qkv_proj(x, ops)
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         o = ops.attention(q.reshape(B, T, self.h_local, D), k.reshape(B, T, self.kv_local, D),
                           v.reshape(B, T, self.kv_local, D), positions, rope[0], rope[1],
                           cache_kv[0], cache_kv[1], self.scale, kv_len)
-        return self.o_proj(o.reshape(B, T, self.h_local * D), ops)
+        return self.o_proj.forward_norm(o.reshape(B, T, self.h_local * D), ops, residual, norm)
 
 
 class MLP(nn.Module):
@@ -82,8 +83,9 @@ class MLP(nn.Module):
             tp, dtype, device, activation="swiglu")
         self.down_proj = RowParallelLinear(f"{prefix}.down_proj.weight", i, cfg.hidden_size, tp, dtype, device)
 
-    def forward(self, x, ops):
-        return self.down_proj(self.gate_up_proj(x, ops), ops)
+    def forward(self, x, ops, residual, norm):
+        """MLP sublayer ending in `norm(down_proj(...) + residual)`: returns (normed, new residual)."""
+        return self.down_proj.forward_norm(self.gate_up_proj(x, ops), ops, residual, norm)
 
 
 class DecoderLayer(nn.Module):
@@ -97,14 +99,15 @@ class DecoderLayer(nn.Module):
                                                 cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, f"{p}.mlp", tp, dtype, device)
 
-    def forward(self, x, residual, positions, rope, cache_kv, ops, kv_len):
-        if residual is None:
-            h, residual = self.input_layernorm(x, ops), x
-        else:
-            h, residual = self.input_layernorm(x, ops, residual)
-        h = self.self_attn(h, positions, rope, cache_kv, ops, kv_len)
-        h, residual = self.post_attention_layernorm(h, ops, residual)
-        return self.mlp(h, ops), residual
+    def forward(self, h, residual, positions, rope, cache_kv, ops, kv_len, next_norm):
+        """`h` is this layer's normed input; returns the next norm's output and the new residual.
+
+        Each row-parallel projection ends with the residual add and the following RMSNorm, so a fused
+        GEMM + all-reduce + residual + RMSNorm kernel can replace all of it.
+        """
+        h, residual = self.self_attn(h, positions, rope, cache_kv, ops, kv_len, residual,
+                                     self.post_attention_layernorm)
+        return self.mlp(h, ops, residual, next_norm)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -206,12 +209,12 @@ class LlamaForCausalLM(nn.Module):
         else:
             rope = self._rope
         ops = self.ops
-        x = self.embed_tokens(input_ids, ops)
-        residual = None
+        residual = self.embed_tokens(input_ids, ops)
+        x = self.layers[0].input_layernorm(residual, ops)
         for i, layer in enumerate(self.layers):
             cache_kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else (None, None)
-            x, residual = layer(x, residual, positions, rope, cache_kv, ops, kv_len)
-        x, _ = self.norm(x, ops, residual)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, residual = layer(x, residual, positions, rope, cache_kv, ops, kv_len, nxt)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x, ops).float()

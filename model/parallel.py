@@ -25,7 +25,8 @@ class TPContext:
     rank: int = 0
     size: int = 1
     comm: Any = None
-    # Optional fused row-parallel GEMM + all-reduce: row_linear(x2d, w_shard) -> summed y (or None to decline).
+    # Optional fused row-parallel GEMM + all-reduce: row_linear(x2d, w_shard[, residual, norm_weight, eps]) ->
+    # summed y, or (normed, new_residual) when given a residual and norm weight; None declines (unfused path).
     row_linear: Any = None
 
     def __post_init__(self) -> None:
@@ -113,6 +114,20 @@ class RowParallelLinear(nn.Module):
             if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
         return self.tp.all_reduce(ops.linear(x, self.weight))
+
+    def forward_norm(self, x: torch.Tensor, ops, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(norm(y + residual), y + residual)` for y = this layer's all-reduced output.
+
+        `norm` is a module with `weight` and `eps`; with a fused row_linear the GEMM, all-reduce, residual add
+        and RMSNorm run as one fused kernel pair.
+        """
+        if self.tp.row_linear is not None and self.tp.size > 1:
+            lead = x.shape[:-1]
+            out = self.tp.row_linear(x.reshape(-1, x.shape[-1]), self.weight,
+                                     residual.reshape(-1, self.out_features), norm.weight, norm.eps)
+            if out is not None:
+                return out[0].view(*lead, -1), out[1].view(*lead, -1)
+        return norm(self.forward(x, ops), ops, residual)
 
 
 def _vocab_shard(vocab_size: int, tp: TPContext) -> tuple[int, int, int]:
