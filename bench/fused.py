@@ -32,15 +32,13 @@ def _rmsnorm_torch(h, w, eps):
 
 
 def gemm_candidates(M: int) -> list[dict]:
-    """GEMM tile configs swept by --tune (the default config is always tried too)."""
-    if M <= 4:
-        return [{"USE_DOT": False, "BM": 1 if M == 1 else 4, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st}
-                for bn, bk, nw, st in ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3))]
+    """GEMM tile configs swept by --tune besides the default (BM follows M)."""
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-    out = []
-    for bn, bk, nw, st in ((16, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (32, 64, 4, 6)):
-        if bm * bk * 2 * st + bn * bk * 2 * st <= 200 * 1024:
-            out.append({"USE_DOT": True, "BM": bm, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st})
+    dot = [(32, 256, 4, 3), (64, 128, 4, 4), (16, 128, 4, 5), (32, 128, 4, 6)] if bm <= 32 else \
+        [(32, 128, 4, 3), (64, 64, 4, 4), (16, 64, 4, 6), (64, 128, 8, 3)]
+    out = [{"USE_DOT": True, "BM": bm, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st} for bn, bk, nw, st in dot]
+    if M <= 2:
+        out.append({"USE_DOT": False, "BM": 1 if M == 1 else 2, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 1})
     return out
 
 
@@ -192,6 +190,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--gpus-per-node", type=int, default=None)
     ap.add_argument("--tune", action="store_true", help="sweep GEMM tile configs of the fused kernel first")
+    ap.add_argument("--tune-shapes", default="8B_o,70B_down",
+                    help="shapes swept by --tune; the others reuse the pick of a swept shape with the same N")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
@@ -208,12 +208,12 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         print(f"torch symmetric memory unavailable: {e}", file=sys.stderr)
     Ms = [int(m) for m in args.ms.split(",")]
-    rows, tune_rows = [], []
+    rows, tune_rows, tuned = [], [], {}
     for sname in args.shapes.split(","):
         K, N = SHAPES[sname]
         for M in Ms:
-            best = None
-            if args.tune:
+            best = tuned.get((N, M))
+            if args.tune and sname in args.tune_shapes.split(","):
                 import importlib
 
                 la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
@@ -242,6 +242,7 @@ def main() -> None:
                         f"{'default' if c is None else (c['BM'], c['BN'], c['BK'], c['num_warps'], c['num_stages'])}"
                         f"={float(u):.2f}" for u, (_, c) in zip(t.tolist(), tried)), flush=True)
                 tune_rows.append((sname, K, N, M, "default" if best is None else str(best), float(t[i_best])))
+                tuned[(N, M)] = best
             variants, ncopy = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best)
             for vname, fn in variants.items():
                 try:

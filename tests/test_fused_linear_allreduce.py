@@ -92,7 +92,7 @@ def test_buffer_reuse_across_calls_and_shapes():
     W, G = 4, 2
     wss = la.FusedAllReduceWorkspace.simulate(W, G, 32, 512)
     gen = torch.Generator().manual_seed(3)
-    shapes = [(5, 256, 64, True), (17, 512, 32, False), (1, 128, 96, False), (32, 512, 64, True), (2, 256, 48, True)]
+    shapes = [(5, 256, 64, True), (17, 256, 32, False), (1, 128, 96, False), (2, 256, 48, True)]
     for i, (M, N, K, one_shot) in enumerate(shapes):
         xs, ws, r, nw = _inputs(W, M, N, K, torch.float32, i % 2 == 0, i % 3 == 0, gen)
         outs = la.simulate_linear_allreduce(xs, ws, wss, r, nw, one_shot=one_shot)

@@ -509,13 +509,13 @@ def _pow2(n: int) -> int:
 
 def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
                             one_shot: bool | None = None) -> dict:
-    """Default launch config (block sizes, one-shot vs two-shot) for one rank's GEMM shape."""
-    if M <= 4:
-        bm = _pow2(M)
-        cfg = {"USE_DOT": False, "BM": bm, "BN": 32, "BK": max(32, 256 // bm), "num_warps": 4, "num_stages": 3}
-    else:
-        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-        cfg = {"USE_DOT": True, "BM": bm, "BN": 32, "BK": 128 if bm <= 32 else 64, "num_warps": 4, "num_stages": 4}
+    """Default launch config (block sizes, one-shot vs two-shot) for one rank's GEMM shape.
+
+    `tl.dot` even for M = 1 (rows padded to 16): Triton software-pipelines its operand loads (cp.async,
+    `num_stages` deep), which keeps enough weight bytes in flight; the FMA (GEMV) variant is not pipelined.
+    """
+    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+    cfg = {"USE_DOT": True, "BM": bm, "BN": 32, "BK": 128 if bm <= 32 else 64, "num_warps": 4, "num_stages": 4}
     if dtype == torch.float32 and cfg["USE_DOT"]:
         cfg["BK"] = 32
     if one_shot is None:
@@ -597,6 +597,9 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
 
 def _pick_config(M, N, K, ws, dtype, one_shot, config):
     cfg = linear_allreduce_config(M, N, K, ws.local_size, dtype, one_shot)
+    if not config and ws.device.type != "cuda" and dtype == torch.bfloat16 and M <= 4:
+        # the interpreter cannot do a bf16 tl.dot (triton#11584): GEMV variant
+        cfg.update(USE_DOT=False, BM=_pow2(M), BK=max(32, 256 // _pow2(M)))
     if config:
         cfg.update(config)
         if "BLOCK_C" not in config:
