@@ -157,6 +157,20 @@ def run(args: argparse.Namespace) -> int:
         _log("fusedlis tune: --tp must be >= 1, --eta >= 2 and --rep-ms > 0")
         return 2
 
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    rank, world, writer = _dist_setup(args.fake_timer)
+    try:
+        return _run(args, rank, world, writer)
+    finally:
+        if world > 1 and owned and dist.is_initialized():
+            # A process group left alive at exit can abort the process (gloo: "terminate called ...").
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, writer: bool) -> int:
     import torch
 
     from fusedlis.tuning import cache, fingerprint
@@ -165,7 +179,6 @@ def run(args: argparse.Namespace) -> int:
     from fusedlis.tuning.shapes import OP_MODULES, kernel_module, load_config, model_problems
     from fusedlis.tuning.tuner import tune, verify
 
-    rank, world, writer = _dist_setup(args.fake_timer)
     quiet = rank != 0
     cfg = load_config(args.model)
     dtype = getattr(torch, args.dtype)
