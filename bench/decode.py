@@ -230,6 +230,27 @@ def main() -> int:
     return 0
 
 
+def _save_csv(stem: str, rows: list[dict], meta: str | None = None) -> None:
+    with open(stem + ".csv", "w", newline="") as f:
+        if meta:
+            f.write(meta + "\n")
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing (CSV only then)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def write(rows, out_dir, tp, bw) -> None:
     import triton
 
@@ -239,17 +260,9 @@ def write(rows, out_dir, tp, bw) -> None:
     stem = os.path.join(out_dir, f"decode_tp{tp}_{gpu}_{date}")
     meta = (f"# device={torch.cuda.get_device_name()} x{tp} torch={torch.__version__} triton={triton.__version__} "
             f"python={platform.python_version()} date={date} hbm_copy_bw_TBps={bw / 1e12:.2f}")
-    with open(stem + ".csv", "w", newline="") as f:
-        f.write(meta + "\n")
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    _save_csv(stem, rows, meta)
+    plt = _pyplot()
+    if plt is None:
         return
     keys = sorted({(r["model"], r["context"]) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
@@ -270,16 +283,9 @@ def write(rows, out_dir, tp, bw) -> None:
 def write_breakdown(rows, out_dir, tp) -> None:
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     stem = os.path.join(out_dir, f"decode_breakdown_tp{tp}_{gpu}_{dt.date.today().isoformat()}")
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    _save_csv(stem, rows)
+    plt = _pyplot()
+    if plt is None:
         return
     cats = [c for c, _ in CATEGORIES] + ["other"]
     labels = [f"{r['model'].replace('llama-3.1-', '')}\n{r['system'].replace('fusedlis-', 'fl-')}" for r in rows]
