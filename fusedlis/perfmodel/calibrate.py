@@ -157,9 +157,10 @@ def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, Any]]:
             raise RuntimeError(f"disagrees with NCCL (relative error {err:.2e})")
 
     try:
-        from fusedlis.comm import AllReduce
+        from fusedlis.comm import AllReduce, Topology
 
-        ar = AllReduce(backend="auto", max_bytes=max_bytes)
+        world = dist.get_world_size()
+        ar = AllReduce(backend="auto", max_bytes=max_bytes, topology=Topology(world, world))
         if ar.device_ar is None:
             raise RuntimeError("fell back to NCCL (no NVSHMEM / CUDA kernels)")
         fns = {"oneshot": lambda x, out: ar.device_ar(x, out=out, algorithm="one_shot"),
