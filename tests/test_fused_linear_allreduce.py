@@ -100,6 +100,25 @@ def test_buffer_reuse_across_calls_and_shapes():
     assert all(w_.step() == 1 + len(shapes) for w_ in wss)
 
 
+def test_on_comm_symmetric_workspace():
+    """Buffers carved from fusedlis.comm.SymmetricWorkspace (CPU shared provider), reached via .fused_workspace."""
+    from fusedlis.comm.symmetric import SymmetricWorkspace
+
+    W, G, nbytes, words = 4, 2, 4 << 20, 256
+    shared = torch.zeros(SymmetricWorkspace.shared_size(W, nbytes, words), dtype=torch.uint8)
+    sws = [SymmetricWorkspace.from_shared(shared, r, W, G, nbytes, words) for r in range(W)]
+    wss = [la.FusedAllReduceWorkspace.from_symmetric(sw, 8, 256) for sw in sws]
+
+    class Comm:
+        def __init__(self, ws):
+            self.fused_workspace = ws
+
+    assert la._as_workspace(Comm(wss[0])) is wss[0]
+    gen = torch.Generator().manual_seed(21)
+    xs, ws, r, nw = _inputs(W, 3, 256, 32, torch.float32, True, True, gen)
+    _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw, one_shot=False), xs, ws, r, nw, torch.float32)
+
+
 def test_single_rank_one_launch():
     """World of one: the real single-launch path (GEMM programs, finish programs, device step bump)."""
     ws = la.FusedAllReduceWorkspace.simulate(1, 1, 16, 512)[0]

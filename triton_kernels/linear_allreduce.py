@@ -462,6 +462,32 @@ class FusedAllReduceWorkspace:
         return ws
 
     @classmethod
+    def from_symmetric(cls, sw, max_m: int, max_n: int) -> "FusedAllReduceWorkspace":
+        """Carve the buffers out of a `fusedlis.comm.SymmetricWorkspace` (collective on GPUs).
+
+        Every peer must be load/store reachable (torch provider, or NVSHMEM peers on one NVLink domain).
+        """
+        if not all(sw.reachable):
+            raise NotImplementedError("fused linear_allreduce needs load/store access to every peer; NVSHMEM "
+                                      "puts to unreachable peers are not wired in yet")
+        g = sw.topology.gpus_per_node
+        lay = _Layout(max_m, max_n, g, int(math.log2(max(sw.world_size // g, 1))))
+        total = lay.offsets()["total"]
+        off = sw.alloc_bytes(total)
+        region = sw.buffer[off:off + total]
+        region.zero_()
+        bases = [int(p) + off for p in sw.peer_ptrs.tolist()]
+        ws = cls(rank=sw.rank, world_size=sw.world_size, gpus_per_node=g, max_m=max_m, max_n=max_n,
+                 buffer=region, base_ptrs=bases)
+        if region.is_cuda:
+            import torch.distributed as dist
+
+            torch.cuda.synchronize(region.device)
+            dist.barrier(group=sw.group)  # every peer zeroed its flags before anyone pushes
+        ws.symmetric = sw
+        return ws
+
+    @classmethod
     def simulate(cls, world_size: int, gpus_per_node: int, max_m: int, max_n: int,
                  max_spins: int = 2000) -> list["FusedAllReduceWorkspace"]:
         """One workspace per rank over CPU buffers of one process (for `simulate_linear_allreduce`)."""
