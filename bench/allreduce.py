@@ -76,6 +76,8 @@ def main() -> None:
     ours = {
         "fusedlis_one_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "one_shot"),
         "fusedlis_one_shot_ptr": (DeviceAllReduce(ws, maxn, dtype, t12, one_shot_transport="ptr"), "one_shot"),
+        "fusedlis_one_shot_t1k": (DeviceAllReduce(ws, maxn, dtype, t12, block=1024, num_warps=4), "one_shot"),
+        "fusedlis_one_shot_t16k": (DeviceAllReduce(ws, maxn, dtype, t12, block=16384, num_warps=16), "one_shot"),
         "fusedlis_two_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "two_shot"),
         # first version's launch config (1024-element tiles, 4 warps, <= 32 programs), for comparison
         "fusedlis_two_shot_v0": (DeviceAllReduce(ws, maxn, dtype, t12, max_blocks=32, block=1024, num_warps=4),

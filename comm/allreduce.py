@@ -11,9 +11,11 @@ from fusedlis.comm.topology import Topology
 
 BACKENDS = ("auto", "nvrar", "one_shot", "two_shot", "nccl")
 
-# Crossovers measured on 2xH200 (bench/results/allreduce_*.csv, see docs/comm.md): on one node one_shot wins
-# up to this many bytes, two_shot above.
-ONE_SHOT_MAX_BYTES = 256 << 10
+# Crossovers (bench/results/allreduce_2xH200_*.csv, docs/comm.md): on one node of 2 GPUs the one-shot kernel
+# (NVSHMEM put-with-signal from the input) beat two-shot at every size measured, 8 KB - 4 MB. For more GPUs per
+# node one-shot moves (G-1)x the data per link: the 256 KB crossover there is a guess, not a measurement.
+ONE_SHOT_MAX_BYTES = {2: 8 << 20}
+ONE_SHOT_MAX_BYTES_DEFAULT = 256 << 10
 
 
 def workspace_bytes(topology: Topology, max_elems: int, itemsize: int, align: int = 8) -> int:
@@ -41,7 +43,7 @@ class AllReduce:
     def __init__(self, group: dist.ProcessGroup | None = None, backend: str = "auto", max_bytes: int = 8 << 20,
                  dtype: torch.dtype = torch.bfloat16, *, topology: Topology | None = None, provider: str = "auto",
                  workspace: SymmetricWorkspace | None = None, max_blocks: int = 128,
-                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, check_every: int = 64) -> None:
+                 one_shot_max_bytes: int | None = None, check_every: int = 64) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_bytes <= 0:
@@ -50,6 +52,8 @@ class AllReduce:
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.topology = topology or Topology(self.world_size)
+        if one_shot_max_bytes is None:
+            one_shot_max_bytes = ONE_SHOT_MAX_BYTES.get(self.topology.gpus_per_node, ONE_SHOT_MAX_BYTES_DEFAULT)
         self.one_shot_max_bytes = one_shot_max_bytes
         self.check_every, self._calls = check_every, 0
         self.device_ar = None
@@ -112,6 +116,8 @@ class AllReduce:
             return y
         dst = x if inplace else out
         y = self.device_ar(x, out=dst, algorithm=alg)
+        if dst is not None:
+            y = dst
         self._calls += 1
         if self._calls % self.check_every == 0 and not torch.cuda.is_current_stream_capturing():
             self.ws.check_async()

@@ -65,7 +65,8 @@ def main() -> None:
             ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar"),
             ("2x1 nvrar ptr", DeviceAllReduce(ws, me, dtype, Topology(world, 1), transport="ptr"), "nvrar"),
         ]
-    log("transports: " + ", ".join(f"{n}={a.transport}" for n, a, _ in variants[torch.bfloat16]))
+    log("transports (rail, one-shot): " + ", ".join(f"{n}={a.transport},{a.one_shot_transport}"
+                                                  for n, a, _ in variants[torch.bfloat16]))
     g = torch.Generator(device="cuda").manual_seed(1234 + rank)
     for dtype, vs in variants.items():
         isz = torch.empty((), dtype=dtype).element_size()
@@ -132,6 +133,14 @@ def main() -> None:
         y = ar.all_reduce(x)
         if y is not x or _rel_err(x, ref) > TOL[torch.bfloat16]:
             failures.append(f"AllReduce auto {nbytes} B ({ar.algorithm_for(nbytes)}) wrong")
+    ar21 = AllReduce(dtype=torch.bfloat16, max_bytes=1 << 20, workspace=ws, topology=Topology(world, 1))
+    for nbytes in (2, 65538, 1 << 20):
+        x = torch.randn(nbytes // 2, generator=g, device="cuda").to(torch.bfloat16)
+        ref = x.double()
+        dist.all_reduce(ref)
+        y = ar21(x)
+        if ar21.algorithm_for(nbytes) != "nvrar" or _rel_err(y, ref) > TOL[torch.bfloat16]:
+            failures.append(f"AllReduce 2x1 auto {nbytes} B ({ar21.algorithm_for(nbytes)}) wrong")
     # a rank that never arrives: the other one gets a CommTimeoutError naming rank and step
     lonely = DeviceAllReduce(ws, 1024, torch.float32, Topology(world, world), max_spins=20000)
     dist.barrier()
