@@ -133,6 +133,9 @@ def main() -> None:
         y = ar.all_reduce(x)
         if y is not x or _rel_err(x, ref) > TOL[torch.bfloat16]:
             failures.append(f"AllReduce auto {nbytes} B ({ar.algorithm_for(nbytes)}) wrong")
+    z = torch.randn(4096, generator=g, device="cuda").to(torch.bfloat16)
+    for _ in range(3 * ar.check_every + 1):  # exercises the asynchronous error-word check
+        ar(z)
     ar21 = AllReduce(dtype=torch.bfloat16, max_bytes=1 << 20, workspace=ws, topology=Topology(world, 1))
     for nbytes in (2, 65538, 1 << 20):
         x = torch.randn(nbytes // 2, generator=g, device="cuda").to(torch.bfloat16)
