@@ -74,6 +74,19 @@ def test_bf16_gemv_path(one_shot):
     _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw, one_shot=one_shot), xs, ws, r, nw, torch.bfloat16)
 
 
+@pytest.mark.parametrize("tile", sorted(set(la._TUNED_H200.values())))
+def test_tuned_gpu_tiles(tile):
+    """Every GEMM tile shape the GPU defaults use computes the same thing (fp16, one- and two-shot)."""
+    bm, bn, bk, nw, st = tile
+    gen = torch.Generator().manual_seed(bm * bn + bk)
+    M = {16: 3, 32: 20, 64: 40}[bm]
+    xs, ws, r, nw_ = _inputs(2, M, 256, 2 * bk + 32, torch.float16, True, True, gen)
+    wss = la.FusedAllReduceWorkspace.simulate(2, 2, 64, 256)
+    for one_shot in (True, False):
+        cfg = {"USE_DOT": True, "BM": bm, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st, "ONE_SHOT": one_shot}
+        _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw_, config=cfg), xs, ws, r, nw_, torch.float16)
+
+
 def test_matches_comm_plan_executor():
     """Same sum as the comm package's NVRAR plan executor run on the per-rank GEMM partials."""
     W, G, M, N, K = 4, 2, 6, 256, 64

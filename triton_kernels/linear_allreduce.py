@@ -533,6 +533,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# GEMM tiles picked by `bench/fused.py --tune` on 2x H200 (TP=2, bf16, 2026-11-22; bench/results/fused_*):
+# (N, M bucket) -> (BM, BN, BK, num_warps, num_stages). N=4096 swept on K=2048, N=8192 on K=7168.
+_TUNED_H200 = {
+    (4096, 1): (16, 32, 128, 4, 6), (4096, 8): (16, 32, 128, 4, 4), (4096, 32): (32, 64, 128, 4, 4),
+    (4096, 64): (64, 16, 64, 4, 6), (4096, 128): (64, 64, 128, 8, 3),
+    (8192, 1): (16, 64, 128, 4, 4), (8192, 8): (16, 32, 256, 4, 3), (8192, 32): (32, 32, 128, 4, 6),
+    (8192, 64): (64, 32, 128, 4, 3), (8192, 128): (64, 64, 128, 8, 3),
+}
+
+
+def _m_bucket(M: int) -> int:
+    return 1 if M <= 4 else 8 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+
+
 def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
                             one_shot: bool | None = None) -> dict:
     """Default launch config (block sizes, one-shot vs two-shot) for one rank's GEMM shape.
@@ -542,6 +556,18 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
     """
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     cfg = {"USE_DOT": True, "BM": bm, "BN": 32, "BK": 128 if bm <= 32 else 64, "num_warps": 4, "num_stages": 4}
+    tuned = None
+    try:
+        from fusedlis import tuning
+
+        tuned = tuning.lookup("linear_allreduce", {"M": M, "N": N, "K": K, "dtype": dtype, "local": local})
+    except Exception:  # the tuning cache must never break a launch
+        tuned = None
+    if tuned:
+        cfg.update({k: v for k, v in tuned.items() if k in ("USE_DOT", "BM", "BN", "BK", "num_warps", "num_stages")})
+    elif dtype != torch.float32 and (N, _m_bucket(M)) in _TUNED_H200:
+        bm_, bn, bk, nw, st = _TUNED_H200[(N, _m_bucket(M))]
+        cfg.update(BM=bm_, BN=bn, BK=bk, num_warps=nw, num_stages=st)
     if dtype == torch.float32 and cfg["USE_DOT"]:
         cfg["BK"] = 32
     if one_shot is None:
