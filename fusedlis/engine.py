@@ -291,6 +291,7 @@ class Engine:
             cache = self.cache
         return self.model(x, kv_cache=cache, last_only=True)[:, -1]
 
+    @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: token b at position lens[b]; returns logits [B, vocab]."""
         B = tokens.shape[0]

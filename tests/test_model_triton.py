@@ -22,6 +22,7 @@ def _cached_logits(model, ids, prefix):
     return torch.cat(outs, 1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter (CPU) test; the GPU test below covers CUDA")
 def test_tiny_triton_matches_torch_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEDLIS_CACHE_DIR", str(tmp_path))
     model = fusedlis.load_model("tiny")
