@@ -11,6 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+export FUSEDLIS_ARTIFACT_DIR=$OUT
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu_engine_log.txt"
 [ "${SKIP_TESTS:-0}" = 1 ] || {
   echo "== single-GPU engine + model tests"

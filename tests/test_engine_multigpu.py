@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ def test_tp2_engine_all_allreduce_modes(tmp_path):
                         str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = json.loads(out.read_text())
+    if os.environ.get("FUSEDLIS_ARTIFACT_DIR"):  # keep the per-mode numbers of a device run
+        (Path(os.environ["FUSEDLIS_ARTIFACT_DIR"]) / "engine_tp2_modes.json").write_text(json.dumps(res, indent=1))
     assert {e["allreduce"] for e in res} >= {"nccl", "auto", "nvrar", "fused"}
     for e in res:
         assert e["ok"], e
