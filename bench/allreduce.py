@@ -184,9 +184,11 @@ def write(rows: list[dict], out_dir: str) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 5))
-        for v in dict.fromkeys(r["variant"] for r in rows):
+        names = list(dict.fromkeys(r["variant"] for r in rows))
+        cmap = plt.get_cmap("tab20")
+        for i, v in enumerate(names):
             pts = sorted((r["bytes"], r["us_median"]) for r in rows if r["variant"] == v)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^vD"[i % 5], label=v, color=cmap(i % 20),
                     linestyle="-" if v.startswith("fusedlis") else "--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
