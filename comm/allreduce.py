@@ -27,6 +27,19 @@ def workspace_bytes(topology: Topology, max_elems: int, itemsize: int, align: in
     return (one + (2 * g + 2 * (ns + 1) + 2 * ns + 2 * g) * cap) * itemsize + 8 * 256
 
 
+def choose_algorithm(nbytes: int, topology: Topology, backend: str, max_bytes: int, one_shot_max_bytes: int,
+                     device_ready: bool = True) -> str:
+    """The algorithm for one message: "nccl" without device kernels or above `max_bytes`; an explicit backend
+    as given; "auto": nvrar across nodes, one_shot up to `one_shot_max_bytes` inside one node, else two_shot."""
+    if not device_ready or backend == "nccl" or nbytes > max_bytes:
+        return "nccl"
+    if backend != "auto":
+        return backend
+    if topology.num_nodes > 1:
+        return "nvrar"
+    return "one_shot" if nbytes <= one_shot_max_bytes else "two_shot"
+
+
 class AllReduce:
     """Sum all-reduce over `group` for tensors of `dtype` up to `max_bytes`.
 
@@ -87,13 +100,8 @@ class AllReduce:
 
     def algorithm_for(self, nbytes: int) -> str:
         """Algorithm `__call__` uses for a message of `nbytes` ("nccl" means torch.distributed)."""
-        if self.device_ar is None or nbytes > self.max_bytes:
-            return "nccl"
-        if self.backend != "auto":
-            return self.backend
-        if self.topology.num_nodes > 1:
-            return "nvrar"
-        return "one_shot" if nbytes <= self.one_shot_max_bytes else "two_shot"
+        return choose_algorithm(nbytes, self.topology, self.backend, self.max_bytes, self.one_shot_max_bytes,
+                                self.device_ar is not None)
 
     def __call__(self, x: torch.Tensor, inplace: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return the sum of `x` over the group (written into `x` when `inplace`, or into `out`)."""

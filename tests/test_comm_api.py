@@ -1,0 +1,71 @@
+"""AllReduce policy and DeviceAllReduce input checks (CPU, interpreter, one rank)."""
+
+import pytest
+import torch
+
+from fusedlis.comm import Topology
+from fusedlis.comm.allreduce import AllReduce, choose_algorithm, workspace_bytes
+from fusedlis.comm.device import DeviceAllReduce
+from fusedlis.comm.symmetric import SymmetricWorkspace
+
+
+def test_choose_algorithm():
+    one, two = Topology(2, 2), Topology(4, 2)
+    assert choose_algorithm(8 << 10, one, "auto", 8 << 20, 256 << 10) == "one_shot"
+    assert choose_algorithm(1 << 20, one, "auto", 8 << 20, 256 << 10) == "two_shot"
+    assert choose_algorithm(1 << 20, two, "auto", 8 << 20, 256 << 10) == "nvrar"
+    assert choose_algorithm(16 << 20, two, "auto", 8 << 20, 256 << 10) == "nccl"
+    assert choose_algorithm(8 << 10, one, "two_shot", 8 << 20, 256 << 10) == "two_shot"
+    assert choose_algorithm(8 << 10, one, "auto", 8 << 20, 256 << 10, device_ready=False) == "nccl"
+
+
+def test_bad_backend_and_single_rank_identity():
+    with pytest.raises(ValueError, match="backend"):
+        AllReduce(backend="ring")
+    ar = AllReduce(dtype=torch.float32)  # no process group: one rank, identity
+    x = torch.randn(10)
+    assert ar.all_reduce(x) is x
+    y = ar(x)
+    assert torch.equal(y, x) and y is not x
+
+
+def _ws(world=1):
+    nbytes, flags = 1 << 18, 4096
+    shared = torch.zeros(SymmetricWorkspace.shared_size(world, nbytes, flags), dtype=torch.uint8)
+    return SymmetricWorkspace.from_shared(shared, 0, world, world, nbytes, flags)
+
+
+@pytest.mark.parametrize("alg", ["one_shot", "two_shot", "nvrar"])
+def test_device_single_rank_copies(alg):
+    ws = _ws()
+    ar = DeviceAllReduce(ws, 1000, torch.float32, block=64, max_blocks=4)
+    x = torch.randn(999)
+    out = torch.full_like(x, float("nan"))
+    assert torch.equal(ar(x, out=out, algorithm=alg), x)
+    assert int(ws.counters[ar.ch]) == 1  # the device sequence number advanced once
+
+
+def test_device_input_checks():
+    ws = _ws()
+    ar = DeviceAllReduce(ws, 100, torch.float32, block=64)
+    with pytest.raises(TypeError, match="dtype"):
+        ar(torch.randn(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_elems"):
+        ar(torch.randn(101))
+    with pytest.raises(ValueError, match="contiguous"):
+        ar(torch.randn(10, 2).t())
+    with pytest.raises(ValueError, match="algorithm"):
+        ar(torch.randn(10), algorithm="ring")
+    with pytest.raises(TypeError, match="dtype"):
+        DeviceAllReduce(ws, 100, torch.int32)
+    with pytest.raises(MemoryError):
+        DeviceAllReduce(ws, 1 << 20, torch.float32)
+
+
+def test_workspace_bytes_covers_allocations():
+    for topo in (Topology(2, 2), Topology(2, 1), Topology(8, 4), Topology(12, 4)):
+        need = workspace_bytes(topo, 12345, 2)
+        world = topo.world_size
+        shared = torch.zeros(SymmetricWorkspace.shared_size(world, need, 8192), dtype=torch.uint8)
+        ws = SymmetricWorkspace.from_shared(shared, 0, world, topo.gpus_per_node, need, 8192)
+        DeviceAllReduce(ws, 12345, torch.bfloat16, topo, max_blocks=16)  # must fit
