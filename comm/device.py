@@ -46,6 +46,21 @@ def _install_hook() -> None:
     _hook_installed = True
 
 
+def launch_nvshmem_kernel(kernel, grid, *args, **kwargs):
+    """Launch a Triton kernel that calls NVSHMEM device functions (e.g. `kernels.putmem_signal_block`):
+    links libnvshmem_device.bc and registers each newly loaded module with NVSHMEM (cumodule_init) before
+    its first launch. Use for any such kernel, e.g. fused GEMM + all-reduce on a `SymmetricWorkspace`."""
+    lib = nvshmem_device_library()
+    if lib is None:
+        raise RuntimeError("libnvshmem_device.bc not found (pip install nvidia-nvshmem-cu13, or set NVSHMEM_LIB_DIR)")
+    _install_hook()
+    _load_state.put = True
+    try:
+        return kernel[grid](*args, extern_libs={"libnvshmem_device": lib}, **kwargs)
+    finally:
+        _load_state.put = False
+
+
 class DeviceAllReduce:
     """One-shot / two-shot / NVRAR all-reduce kernels for one dtype and topology on a symmetric workspace.
 

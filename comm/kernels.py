@@ -28,8 +28,10 @@ NVSHMEM_SIGNAL_SET = 9  # NVSHMEM 3.4.5 (torch's docstring saying 0 is wrong)
 
 
 @core.extern
-def _putmem_signal_block(dst, src, nbytes, sig_addr, sig_val, sig_op, pe, _semantic=None):
-    # Block-scoped: Triton runs an extern call in every thread, which is what *_block functions need.
+def putmem_signal_block(dst, src, nbytes, sig_addr, sig_val, sig_op, pe, _semantic=None):
+    """nvshmemx_putmem_signal_block(dst, src, nbytes, sig_addr, sig_val, sig_op, pe): int64 addresses (dst and
+    sig_addr are *local* symmetric addresses), uint64 signal, int32 op (9 = SET, 10 = ADD in NVSHMEM 3.4.5), int32
+    PE. Block-scoped: every thread of the program must reach it (Triton runs an extern call in every thread)."""
     return core.extern_elementwise(
         "", "", [dst, src, nbytes, sig_addr, sig_val, sig_op, pe],
         {(core.dtype("int64"), core.dtype("int64"), core.dtype("int64"), core.dtype("int64"),
@@ -90,7 +92,7 @@ def _one_shot_kernel(
         dst_sym = (buf_ptr + data_off).to(tl.pointer_type(dty), bitcast=True) + (par * G + lr) * cap + lo
         for j in tl.static_range(G):
             if j != lr:
-                _putmem_signal_block(dst_sym.to(tl.int64), (x_ptr + lo).to(tl.int64), nbytes,
+                putmem_signal_block(dst_sym.to(tl.int64), (x_ptr + lo).to(tl.int64), nbytes,
                                      (flag_ptr + flag_off + pid * G + lr).to(tl.int64), seq.to(tl.uint64), 9,
                                      (node_base + j).to(tl.int32))
     else:
@@ -207,7 +209,7 @@ def _hier_kernel(
                 nbytes = (tl.maximum(bhi - blo, 0) * (dty.primitive_bitwidth // 8)).to(tl.int64)
                 dst_sym = local + recv_off + (par * NSLOT + slot) * cap + blo
                 sig = flag_ptr + inf_off + pid * NSLOT + slot
-                _putmem_signal_block(dst_sym.to(tl.int64), (src + blo).to(tl.int64), nbytes,
+                putmem_signal_block(dst_sym.to(tl.int64), (src + blo).to(tl.int64), nbytes,
                                      sig.to(tl.int64), seq.to(tl.uint64), 9, partner.to(tl.int32))
             else:
                 rdst = _ptr(peer_ptrs, partner, 0, dty) + recv_off + (par * NSLOT + slot) * cap
