@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from fusedlis.comm import Topology, build_plan, simulate_all_reduce
 from fusedlis.comm.plan import Chunking, EXCHANGE, RECV_ADD, RECV_COPY, SEND, rail_steps
@@ -21,6 +21,11 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(nodes=16, gpn=8, n=23_437, dtype=torch.bfloat16, seed=1)  # largest world
+@example(nodes=13, gpn=3, n=76_921, dtype=torch.float16, seed=2)  # odd node count, long odd length
+@example(nodes=6, gpn=5, n=100_000, dtype=torch.float32, seed=3)
+@example(nodes=1, gpn=8, n=99_999, dtype=torch.bfloat16, seed=4)
+@example(nodes=7, gpn=8, n=1, dtype=torch.float32, seed=5)  # fewer elements than ranks
 def test_nvrar_matches_float64_sum(nodes, gpn, n, dtype, seed):
     w = nodes * gpn
     if w * n > 3_000_000:  # keep CPU time small: shrink long messages on large worlds
