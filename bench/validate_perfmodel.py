@@ -123,11 +123,19 @@ def _link_for(hw: Hardware, impl_rows: list[dict[str, Any]], fit_sizes: set[int]
     return hw.with_(intra=Link(a, b, a, b))
 
 
-def validate_allreduce(hw: Hardware, rows: list[dict[str, Any]], fit_sizes: set[int] | None) -> list[dict[str, Any]]:
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def validate_allreduce(hw: Hardware, rows: list[dict[str, Any]], fit_sizes: set[int] | None,
+                       fitted: dict[str, Hardware] | None = None) -> list[dict[str, Any]]:
+    """Rows of measured vs model; with `fit_sizes`, each implementation's fitted profile goes into `fitted`."""
     out = []
     for impl in dict.fromkeys(r["impl"] for r in rows):
         rs = sorted((r for r in rows if r["impl"] == impl), key=lambda r: (r["gpus"], r["bytes"]))
         h = _link_for(hw, rs, fit_sizes)
+        if fitted is not None:
+            fitted[_norm(impl)] = h
         for r in rs:
             nodes = r["nodes"]
             pred = coll.allreduce(r["algo"], h, nodes, r["gpus"] // nodes, r["bytes"]).total * 1e6
@@ -203,21 +211,33 @@ def validate_decode(hw: Hardware, paths: list[str]) -> list[dict[str, Any]]:
 
 
 _LAYER_VARIANTS = {"cublas+nccl": "nccl", "cublas+symm_one_shot": "oneshot", "cublas+symm_two_shot": "twoshot"}
+# the measured all-reduce implementation behind each layer variant (normalised names)
+_LAYER_IMPL = {"cublas+nccl": "nccl", "cublas+symm_one_shot": "torchsymmoneshot",
+               "cublas+symm_two_shot": "torchsymmtwoshot"}
 
 
-def validate_layer(hw: Hardware, paths: list[str], fit_m: int | None) -> tuple[list[dict[str, Any]], Hardware]:
+def validate_layer(hw: Hardware, paths: list[str], fit_m: int | None,
+                   fitted: dict[str, Hardware] | None = None) -> tuple[list[dict[str, Any]], Hardware]:
     """Row-parallel layer = GEMM then all-reduce (bench/fused.py CSV: shape,K,N,M,variant,us; TP=2).
 
-    Predicted as the step model does it: kernel_overhead + max(bytes / hbm_bw, flops / peak) for the GEMM,
-    plus the all-reduce of the [M, N] bf16 output with `ar_latency_hidden` of its NVLink latency hidden.
-    With `fit_m`, `ar_latency_hidden` is fitted on the rows with M == fit_m (the others are held out).
-    Returns the rows and the profile used.
+    The GEMM term is the same run's `cublas_gemm_only` time when the file has it (so the rows test how an
+    all-reduce composes with the GEMM before it), else the model's kernel_overhead + max(bytes / hbm_bw,
+    flops / peak). The all-reduce of the [M, N] bf16 output is added with `hw.latency_hidden(algo)` of its
+    NVLink latency hidden. With `fit_m`, the hidden fractions (NCCL, custom) are fitted on the rows with
+    M == fit_m and the others are held out. `fitted` (from `validate_allreduce`) supplies the all-reduce
+    terms of the implementation each variant uses (e.g. torch symmetric memory). Returns rows and profile.
     """
     cases = []
     for path in paths:
         with open(path, newline="") as f:
             lines = [ln for ln in f if not ln.startswith("#")]
-        for r in csv.DictReader(lines):
+        rows = list(csv.DictReader(lines))
+        try:
+            gemm_only = {(r.get("shape"), int(r["K"]), int(r["N"]), int(r["M"])): float(r["us"]) * 1e-6
+                         for r in rows if r.get("variant") == "cublas_gemm_only"}
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"{path}: layer rows need K, N, M, variant, us: {e}") from None
+        for r in rows:
             algo = _LAYER_VARIANTS.get(r.get("variant", ""))
             if algo is None:
                 continue
@@ -225,21 +245,28 @@ def validate_layer(hw: Hardware, paths: list[str], fit_m: int | None) -> tuple[l
                 k, n, m, us = int(r["K"]), int(r["N"]), int(r["M"]), float(r["us"])
             except (KeyError, ValueError) as e:
                 raise SystemExit(f"{path}: layer rows need K, N, M, variant, us: {e}") from None
-            gemm = hw.kernel_overhead + max((k * n + m * (k + n)) * 2 / hw.hbm_bw, 2.0 * m * k * n / hw.peak_flops)
-            cases.append((r, algo, m, us * 1e-6, gemm, coll.allreduce(algo, hw, 1, 2, m * n * 2)))
+            g = gemm_only.get((r.get("shape"), k, n, m))
+            src = "measured"
+            if g is None:
+                src = "model"
+                g = hw.kernel_overhead + max((k * n + m * (k + n)) * 2 / hw.hbm_bw, 2.0 * m * k * n / hw.peak_flops)
+            h_ar = (fitted or {}).get(_LAYER_IMPL[r["variant"]], hw)
+            cases.append((r, algo, m, us * 1e-6, g, src, coll.allreduce(algo, h_ar, 1, 2, m * n * 2)))
     if fit_m is not None:
-        fit = [(us, g + c.total, c.latency - c.inter_latency) for _, _, m, us, g, c in cases if m == fit_m]
-        if not fit:
-            raise SystemExit(f"no layer rows with M={fit_m} to fit ar_latency_hidden")
-        hw = hw.with_(ar_latency_hidden=fit_overlap(fit))
+        fitted = {}
+        for nccl in (True, False):
+            fit = [(us, g + c.total, c.latency - c.inter_latency) for _, algo, m, us, g, _, c in cases
+                   if m == fit_m and (algo == "nccl") == nccl]
+            fitted["nccl_latency_hidden" if nccl else "ar_latency_hidden"] = fit_overlap(fit) if fit else 0.0
+        hw = hw.with_(**fitted)
     out = []
-    for r, algo, m, us, gemm, c in cases:
-        pred = (gemm + c.hiding_latency(hw.ar_latency_hidden).total) * 1e6
+    for r, algo, m, us, g, src, c in cases:
+        pred = (g + c.hiding_latency(hw.latency_hidden(algo)).total) * 1e6
         role = "profile" if fit_m is None else ("fit" if m == fit_m else "held-out")
-        out.append({"what": "layer", "impl": r["variant"], "model": f"gemm+{algo}", "gpus": 2,
+        out.append({"what": "layer", "impl": r["variant"], "model": f"gemm({src})+{algo}", "gpus": 2,
                     "case": f"{r.get('shape', '')} M={m}", "measured_us": us * 1e6, "predicted_us": pred,
                     "rel_err": pred / (us * 1e6) - 1, "role": role, "alpha_us": "",
-                    "GBps": f"hidden={hw.ar_latency_hidden:.2f}"})
+                    "GBps": f"hidden={hw.latency_hidden(algo):.2f}"})
     return out, hw
 
 
@@ -331,11 +358,18 @@ def committed_runs() -> list[list[str]]:
     """The validations whose outputs are committed in bench/results (see `--all`)."""
     r = RESULTS
     rel = lambda p: str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)  # noqa: E731
-    fused = sorted(r.glob("fused_*.csv"))
+    # only bench/fused.py files that time the GEMM alone in the same run (older ones lack that baseline)
+    fused = [p for p in sorted(r.glob("fused_*.csv")) if "cublas_gemm_only" in p.read_text()]
     runs = [["--fit-from", rel(r / "perfmodel_gpufacts_allreduce.csv"), rel(r / "perfmodel_gpufacts_gemm.csv"),
              "--reduce-GBps", "1433", "--out-prefix", rel(r / "perfmodel_validation_gpufacts")]
             + (["--layer", *map(rel, fused)] if fused else [])]
     allreduce = sorted(r.glob("allreduce_*.csv"))
+    if allreduce:  # the newest bench/allreduce.py run, fitted per implementation like the gpu-facts table
+        newest = max(allreduce, key=lambda p: p.stem.split("_")[2])
+        tag = newest.stem.removeprefix("allreduce_")
+        runs.append(["--fit-from", rel(newest), "--reduce-GBps", "1433",
+                     "--out-prefix", rel(r / f"perfmodel_validation_allreduce_{tag}")]
+                    + (["--layer", *map(rel, fused)] if fused else []))
     decode = sorted(r.glob("decode_tp*.csv"))
     for prof in sorted(r.glob("perfmodel_profile_*.json")):
         tag = prof.stem.removeprefix("perfmodel_profile_")
@@ -388,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"# perfmodel validation ({Path(args.out_prefix).name})", "",
               f"Generated by `python bench/validate_perfmodel.py {' '.join(argv)}`.",
               f"Profile: {hw.name}; gamma = {1e-9 / hw.gamma:.0f} GB/s reduced."]
+    fitted: dict[str, Hardware] = {}
     if args.fit_from:
         fit_sizes = {parse_size(s) for s in args.fit_sizes.split(",")}
         ar, gm = read_rows(args.fit_from)
         if ar:
-            rows += validate_allreduce(hw, ar, fit_sizes)
+            rows += validate_allreduce(hw, ar, fit_sizes, fitted)
         if gm:
             rows += validate_gemm(hw, gm, True)
         header.append(f"Fitted per implementation on sizes {sorted(fit_sizes)} (all-reduce); GEMMs sorted by "
@@ -411,11 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode:
         rows += validate_decode(hw, args.decode)
     if args.layer:
-        lay_rows, hw = validate_layer(hw, args.layer, 1 if args.fit_from else None)
+        lay_rows, hw = validate_layer(hw, args.layer, 1 if args.fit_from else None, fitted)
         rows += lay_rows
         if args.fit_from:
-            header.append(f"Layer rows (GEMM + all-reduce in one graph, bench/fused.py): ar_latency_hidden = "
-                          f"{hw.ar_latency_hidden:.2f} fitted on M=1, other M held out.")
+            header.append("Layer rows (GEMM + all-reduce in one graph, bench/fused.py): hidden latency fraction "
+                          f"NCCL {hw.nccl_latency_hidden:.2f}, custom {hw.ar_latency_hidden:.2f}, fitted on M=1; "
+                          "other M held out.")
             save_profile(hw, args.out_prefix + "_profile.json")
     Path(args.out_prefix).parent.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, args.out_prefix, args.tolerance, header)

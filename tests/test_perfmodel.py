@@ -198,6 +198,7 @@ def test_network_bytes_hand():
 def test_decode_hides_nvlink_latency_prefill_does_not():
     base = hw(8)
     full = base.with_(ar_latency_hidden=1.0)
+    assert full.latency_hidden("nccl") == 0.0 and full.latency_hidden("twoshot") == 1.0
     m = 4096 * 2
     ar = coll.allreduce("twoshot", base, 1, 2, m)
     d0 = step_time(LLAMA_8B, Layout(2, 1), base, batch=1, context=10, prefill=False, allreduce="twoshot")
@@ -209,11 +210,12 @@ def test_decode_hides_nvlink_latency_prefill_does_not():
 
 
 def test_auto_matches_comm_crossover():
-    from fusedlis.comm.allreduce import ONE_SHOT_MAX_BYTES
+    from fusedlis.comm.allreduce import ONE_SHOT_MAX_BYTES, ONE_SHOT_MAX_BYTES_DEFAULT
 
     assert coll.AUTO_ONE_SHOT_MAX_BYTES == ONE_SHOT_MAX_BYTES
+    assert coll.AUTO_ONE_SHOT_MAX_BYTES_DEFAULT == ONE_SHOT_MAX_BYTES_DEFAULT
     h = hw()
-    small, big = ONE_SHOT_MAX_BYTES, ONE_SHOT_MAX_BYTES + 2
+    small, big = ONE_SHOT_MAX_BYTES_DEFAULT, ONE_SHOT_MAX_BYTES_DEFAULT + 2
     assert coll.allreduce("auto", h, 1, 4, small).total == coll.allreduce("oneshot", h, 1, 4, small).total
     assert coll.allreduce("auto", h, 1, 4, big).total == coll.allreduce("twoshot", h, 1, 4, big).total
     assert coll.allreduce("auto", h, 2, 4, big).total == coll.allreduce("nvrar", h, 2, 4, big).total

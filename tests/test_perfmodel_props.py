@@ -112,7 +112,8 @@ def test_tp_moves_more_than_pp(g, tokens):
 def test_profile_json_round_trip(name):
     h = BUILTIN[name]
     back = profile_from_dict(h.to_json(), "roundtrip")
-    for f in ("gpus_per_node", "hbm_bw", "peak_flops", "kernel_overhead", "gamma", "ar_latency_hidden"):
+    for f in ("gpus_per_node", "hbm_bw", "peak_flops", "kernel_overhead", "gamma", "ar_latency_hidden",
+              "nccl_latency_hidden"):
         assert abs(getattr(back, f) - getattr(h, f)) <= 1e-9 * abs(getattr(h, f))
     for lk in ("intra", "inter"):
         x, y = getattr(back, lk), getattr(h, lk)

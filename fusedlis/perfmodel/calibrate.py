@@ -385,14 +385,19 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
             notes.append(f"{src[algo]} {algo} NVLink fit: alpha {fa * 1e6:.2f} us, {1e-9 / fb:.0f} GB/s")
     hw = hw.with_(intra=intra)
     layers = [r for r in rows if r.get("kind") == "layer"]
-    if layers:
+    for nccl_rows in (True, False):
         samples = []
         for r in layers:
+            if (r["algo"] == "nccl") != nccl_rows:
+                continue
             c = coll.allreduce(str(r["algo"]), hw, 1, int(r["gpus"]), float(r["bytes"]))
             samples.append((float(r["us"]) * 1e-6, float(r["gemm_us"]) * 1e-6 + c.total, c.latency))
-        h = fit_overlap(samples)
-        hw = hw.with_(ar_latency_hidden=h)
-        notes.append(f"GEMM + all-reduce in one graph: {h:.0%} of the all-reduce latency hidden")
+        if samples:
+            h = fit_overlap(samples)
+            field = "nccl_latency_hidden" if nccl_rows else "ar_latency_hidden"
+            hw = hw.with_(**{field: h})
+            notes.append(f"GEMM + {'NCCL' if nccl_rows else 'custom'} all-reduce in one graph: {h:.0%} of the "
+                         "all-reduce latency hidden")
     name = f"calibrated-{str(dev.get('name', 'gpu')).lower().replace(' ', '-')}"
     return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
 

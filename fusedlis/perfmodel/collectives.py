@@ -180,16 +180,22 @@ def nccl(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "nccl") -> Co
     return min(ring(hw, nodes, gpn, m, "nccl"), tree(hw, nodes, gpn, m, "nccl"), key=lambda c: c.total)
 
 
-# fusedlis.comm.AllReduce("auto") on one node: one-shot up to this many bytes, two-shot above
-# (fusedlis.comm.allreduce.ONE_SHOT_MAX_BYTES; a test keeps the two equal).
-AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
+# fusedlis.comm.AllReduce("auto") on one node of g GPUs: one-shot up to this many bytes, two-shot above
+# (fusedlis.comm.allreduce.ONE_SHOT_MAX_BYTES / _DEFAULT; a test keeps them equal).
+AUTO_ONE_SHOT_MAX_BYTES = {2: 8 << 20}
+AUTO_ONE_SHOT_MAX_BYTES_DEFAULT = 256 << 10
+
+
+def auto_one_shot_max(gpn: int) -> int:
+    """Largest message fusedlis' auto all-reduce sends one-shot on a node of `gpn` GPUs."""
+    return AUTO_ONE_SHOT_MAX_BYTES.get(gpn, AUTO_ONE_SHOT_MAX_BYTES_DEFAULT)
 
 
 def auto(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "auto") -> Cost:
     """What fusedlis' AllReduce("auto") runs: one-/two-shot by size on one node, NVRAR across nodes."""
     if nodes > 1:
         return nvrar(hw, nodes, gpn, m, "nvrar")
-    if m <= AUTO_ONE_SHOT_MAX_BYTES:
+    if m <= auto_one_shot_max(gpn):
         return oneshot(hw, nodes, gpn, m, "oneshot")
     return twoshot(hw, nodes, gpn, m, "twoshot")
 
@@ -252,7 +258,7 @@ def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> floa
     if algo in ("tree", "nccl"):
         return 2 * nbytes
     if algo == "auto":
-        algo = "nvrar" if nodes > 1 else ("oneshot" if nbytes <= AUTO_ONE_SHOT_MAX_BYTES else "twoshot")
+        algo = "nvrar" if nodes > 1 else ("oneshot" if nbytes <= auto_one_shot_max(gpus_per_node) else "twoshot")
         return bytes_sent(algo, nodes, gpus_per_node, nbytes)
     if algo == "oneshot":
         return (p - 1) * nbytes

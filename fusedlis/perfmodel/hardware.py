@@ -98,9 +98,14 @@ class Hardware:
     intra: Link
     inter: Link
     sources: tuple[str, ...] = field(default=())
-    # Fraction of an all-reduce's NVLink latency hidden behind the GEMM before it in a CUDA-graph decode step
-    # (measured: GEMM + all-reduce in one graph costs far less than the two timed apart).
+    # Fraction of an all-reduce's NVLink latency hidden behind the GEMM before it in a CUDA-graph decode step,
+    # for fusedlis/custom kernels and for NCCL (fitted from GEMM + all-reduce pairs timed against the GEMM alone).
     ar_latency_hidden: float = 0.0
+    nccl_latency_hidden: float = 0.0
+
+    def latency_hidden(self, algo: str) -> float:
+        """The hidden fraction that applies to all-reduce algorithm `algo`."""
+        return self.nccl_latency_hidden if algo == "nccl" else self.ar_latency_hidden
 
     def with_(self, **kw: Any) -> "Hardware":
         """A copy with some fields replaced (e.g. `hw.with_(gpus_per_node=4)`)."""
@@ -113,26 +118,31 @@ class Hardware:
             "hbm_GBps": self.hbm_bw / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
             "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
             "reduce_GBps": 1e-9 / self.gamma, "ar_latency_hidden": self.ar_latency_hidden,
+            "nccl_latency_hidden": self.nccl_latency_hidden,
             "intra": self.intra.to_json(), "inter": self.inter.to_json(), "sources": list(self.sources),
         }
 
 
-# Measured on H200 (gpu-facts.md, fit in bench/results/perfmodel_validation_gpufacts.md): decode GEMMs stream
-# weights at 3.73 of the 4.8 TB/s datasheet rate; a copy reaches 4.3. Built-ins apply the same fractions.
-GEMM_HBM_EFFICIENCY = 0.78
+# Measured on 2xH200 (bench/results/fused_NVIDIA_H200x2_1x2_20261122.csv, cuBLAS GEMMs alone in a CUDA graph,
+# M=1, weights rotated past L2): decode GEMMs cost 4.0 us + bytes / 4.37 TB/s, i.e. 91% of the 4.8 TB/s
+# datasheet rate; a copy reaches 4.3 TB/s (gpu-facts.md). GEMM + all-reduce pairs in the same file hide 34% of
+# NCCL's latency and none of the custom kernels' (bench/results/perfmodel_validation_gpufacts.md).
+# Built-ins apply these fractions to every GPU (an assumption off H200).
+GEMM_HBM_EFFICIENCY = 0.91
 COPY_HBM_EFFICIENCY = 0.90
-# Fraction of all-reduce NVLink latency hidden behind the preceding GEMM in a CUDA graph (2xH200 fit).
-AR_LATENCY_HIDDEN = 0.87
+KERNEL_OVERHEAD_US = 4.0
+AR_LATENCY_HIDDEN = 0.0
+NCCL_LATENCY_HIDDEN = 0.34
 
 
-def _hw(name: str, gpu: str, gpn: int, hbm_GBps: float, tflops: float, mem_GB: float, overhead_us: float,
-        intra: Link, inter: Link, sources: list[str]) -> Hardware:
-    eff = (f"HBM: {GEMM_HBM_EFFICIENCY:.0%} of the datasheet rate for GEMM streaming and "
-           f"{COPY_HBM_EFFICIENCY:.0%} for reductions, all-reduce latency hidden after a GEMM "
-           f"{AR_LATENCY_HIDDEN:.0%} (fractions measured on H200, assumed for this GPU)")
+def _hw(name: str, gpu: str, gpn: int, hbm_GBps: float, tflops: float, mem_GB: float, intra: Link, inter: Link,
+        sources: list[str]) -> Hardware:
+    eff = (f"HBM: {GEMM_HBM_EFFICIENCY:.0%} of the datasheet rate for kernels, {COPY_HBM_EFFICIENCY:.0%} for "
+           f"reductions; {KERNEL_OVERHEAD_US:g} us per kernel; NCCL latency hidden after a GEMM "
+           f"{NCCL_LATENCY_HIDDEN:.0%} (measured on H200, assumed for this GPU)")
     return Hardware(name, gpu, gpn, GEMM_HBM_EFFICIENCY * hbm_GBps * 1e9, tflops * 1e12, mem_GB * 1e9,
-                    overhead_us * 1e-6, 3.0 / (COPY_HBM_EFFICIENCY * hbm_GBps * 1e9), intra, inter,
-                    tuple(sources + [eff]), AR_LATENCY_HIDDEN)
+                    KERNEL_OVERHEAD_US * 1e-6, 3.0 / (COPY_HBM_EFFICIENCY * hbm_GBps * 1e9), intra, inter,
+                    tuple(sources + [eff]), AR_LATENCY_HIDDEN, NCCL_LATENCY_HIDDEN)
 
 
 # Link numbers are not all datasheet values. Hopper NVLink (alpha, bandwidth) are the fits to the measured
@@ -145,23 +155,23 @@ _ALPHA_NOTE = ("NVLink alpha/bandwidth fitted to measured 2xH200 all-reduce (gpu
 
 BUILTIN: dict[str, Hardware] = {
     "h100-ndr": _hw(
-        "h100-ndr", "H100 SXM5 80GB", 8, 3350, 989, 80, 6.0,
+        "h100-ndr", "H100 SXM5 80GB", 8, 3350, 989, 80,
         Link.make(3.3, 316, 6.2, 144), Link.make(5.0, 48, 10.0, 45),
         ["NVIDIA H100 datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16, NVLink 900 GB/s bidirectional",
          "NVIDIA DGX H100 user guide: 8 GPUs/node, 8x ConnectX-7 NDR 400 Gb/s (one per GPU)", _ALPHA_NOTE]),
     "h200-ndr": _hw(
-        "h200-ndr", "H200 SXM 141GB", 8, 4800, 989, 141, 6.0,
+        "h200-ndr", "H200 SXM 141GB", 8, 4800, 989, 141,
         Link.make(3.3, 316, 6.2, 144), Link.make(5.0, 48, 10.0, 45),
         ["NVIDIA H200 datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16, NVLink 900 GB/s bidirectional",
          "NVIDIA HGX H200 reference: 8 GPUs/node, 8x NDR 400 Gb/s", _ALPHA_NOTE]),
     "a100-slingshot": _hw(
-        "a100-slingshot", "A100 SXM4 40GB", 4, 1555, 312, 40, 6.0,
+        "a100-slingshot", "A100 SXM4 40GB", 4, 1555, 312, 40,
         Link.make(4.0, 210, 8.0, 96), Link.make(4.0, 24, 15.0, 22),
         ["NVIDIA A100 datasheet: 1,555 GB/s HBM2 (40GB), 312 TFLOP/s dense BF16",
          "NERSC Perlmutter architecture: 4 A100/node, NVLink3 (4 links per GPU pair, 100 GB/s/direction/pair), "
          "4x HPE Slingshot-11 NICs at 200 Gb/s per node (one per GPU)", _ALPHA_NOTE]),
     "gh200-ndr": _hw(
-        "gh200-ndr", "GH200 (H100 96GB HBM3)", 1, 4000, 989, 96, 6.0,
+        "gh200-ndr", "GH200 (H100 96GB HBM3)", 1, 4000, 989, 96,
         Link.make(3.3, 316, 6.2, 144), Link.make(5.0, 48, 10.0, 45),
         ["NVIDIA GH200 datasheet: 96 GB HBM3 at 4 TB/s, H100 compute (989 TFLOP/s dense BF16)",
          "TACC Vista (Cornell CVW 'Vista system components'): 1 GH200 per node, NDR InfiniBand; "
@@ -253,7 +263,8 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         kernel_overhead=_num(d, "kernel_overhead_us", source, required=False, default=5.0, positive=False) * 1e-6,
         gamma=1.0 / (_num(d, "reduce_GBps", source, required=False, default=hbm / 3.0) * 1e9),
         intra=_link(d["intra"], f"{source}: field 'intra'"), inter=_link(d["inter"], f"{source}: field 'inter'"),
-        sources=tuple(sources), ar_latency_hidden=_fraction(d, "ar_latency_hidden", source))
+        sources=tuple(sources), ar_latency_hidden=_fraction(d, "ar_latency_hidden", source),
+        nccl_latency_hidden=_fraction(d, "nccl_latency_hidden", source))
 
 
 def load_profile(path: str | Path) -> Hardware:

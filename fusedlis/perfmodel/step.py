@@ -2,8 +2,9 @@
 
 Every kernel costs `hw.kernel_overhead + max(bytes / hbm_bw, flops / peak_flops)` (the intercept-plus-slope
 form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication follows compute, except
-that in decode (one CUDA graph) a fraction `hw.ar_latency_hidden` of each all-reduce's NVLink latency term
-is hidden behind the GEMM before it, as measured for GEMM + all-reduce pairs on 2xH200.
+that in decode (one CUDA graph) a fraction `hw.latency_hidden(algo)` of each all-reduce's NVLink latency term
+is hidden behind the GEMM before it (fitted from GEMM + all-reduce pairs; on 2xH200 NCCL hides some, the custom
+kernels none).
 
 In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
 a token's latency; it only cuts weights per GPU and communication. Prefill with PP sends each sequence of the
@@ -109,8 +110,8 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
 
     if tp > 1:
         ar = coll.allreduce(algo, hw, nodes, gpn, vol.allreduce_bytes)
-        if not prefill:  # decode runs as one CUDA graph: most NVLink latency hides behind the GEMM before
-            ar = ar.hiding_latency(hw.ar_latency_hidden)
+        if not prefill:  # decode runs as one CUDA graph: part of the latency may hide behind the GEMM before
+            ar = ar.hiding_latency(hw.latency_hidden(algo))
         ar = ar.scale(vol.allreduce_count)
         ag = coll.allgather(algo, hw, nodes, gpn, vol.allgather_bytes)
         st.comm += ar.total + ag.total
