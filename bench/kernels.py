@@ -25,13 +25,28 @@ import statistics
 import sys
 import time
 
-import torch
+if "--dry" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+
+import torch  # noqa: E402
 
 ROTATE_BYTES = 512 << 20
 MODELS = {  # hidden, intermediate, q heads, kv heads, head_dim
     "8b": (4096, 14336, 32, 8, 128),
     "70b": (8192, 28672, 64, 8, 128),
+    "tiny": (64, 96, 4, 2, 16),  # --dry (CPU interpreter) smoke runs only
 }
+DEV = "cuda"
+DTYPE = torch.bfloat16
+
+
+def empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def num_sms():
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
 
 
 def log(*a):
@@ -57,6 +72,11 @@ def linear_shapes(models, tps):
 
 def time_graph(launches, reps: int) -> float:
     """Median µs per launch of `launches` (zero-arg callables), captured into one CUDA graph."""
+    if DEV != "cuda":  # --dry: wall clock, no graphs
+        t0 = time.perf_counter()
+        for f in launches[:2]:
+            f()
+        return (time.perf_counter() - t0) * 1e6 / 2
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -83,15 +103,14 @@ def time_graph(launches, reps: int) -> float:
 
 
 def copy_bandwidth(reps: int) -> dict:
-    n = 2 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    n = 2 << 30 if DEV == "cuda" else 1 << 20
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
     b = torch.empty_like(a)
     t_copy = time_graph([lambda: b.copy_(a)] * 4, reps)
-    x = a.view(torch.bfloat16)
-    acc = torch.empty((), dtype=torch.float32, device="cuda")
-    t_sum = time_graph([lambda: torch.sum(x, dtype=torch.float32, out=acc)] * 4, reps)
+    x = a.view(DTYPE)
+    t_sum = time_graph([lambda: x.sum(dtype=torch.float32)] * 4, reps)
     del a, b
-    torch.cuda.empty_cache()
+    empty_cache()
     return {"copy_TBps": 2 * n / t_copy / 1e6, "sum_read_TBps": n / t_sum / 1e6}
 
 
@@ -99,17 +118,19 @@ def copy_bandwidth(reps: int) -> dict:
 
 def _compile_check(task):
     """Worker: run each config once on the real shape (compiles it), return max rel error per config."""
-    M, N, K, cfgs, activation = task
+    M, N, K, cfgs, activation, dev, dtype = task
+    global DEV, DTYPE
+    DEV, DTYPE = dev, dtype
     torch.manual_seed(M * 7 + N + K)
     from fusedlis.triton_kernels import linear, linear_ref
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / math.sqrt(K)
+    x = torch.randn(M, K, device=DEV, dtype=DTYPE)
+    w = torch.randn(N, K, device=DEV, dtype=DTYPE) / math.sqrt(K)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = linear_ref(x.float(), w.float(), activation=activation).double()  # fp32 ref: error << 1e-2
     out = []
     for cfg in cfgs:
         try:
-            y = torch.full((M, ref.shape[1]), float("nan"), device="cuda", dtype=torch.bfloat16)
+            y = torch.full((M, ref.shape[1]), float("nan"), device=DEV, dtype=DTYPE)
             linear(x, w, activation=activation, config=cfg, out=y)
             y2 = linear(x, w, activation=activation, config=cfg)  # twice: split-K counters must reset
             err = max(((y.double() - ref).norm() / ref.norm()).item(),
@@ -122,16 +143,18 @@ def _compile_check(task):
 
 def bench_linear(args, shapes, ms, ceiling, pool):
     from fusedlis.triton_kernels import linear, linear_configs, linear_default_config, linear_key
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = num_sms()
     cases = []
     for (model, tp, layer, N, K) in shapes:
         for M in ms:
-            key = linear_key(M, N, K, torch.bfloat16, None, False)
+            key = linear_key(M, N, K, DTYPE, None, False)
             key["sms"] = sms
             cfgs = linear_configs(key) if not args.quick else [linear_default_config(key)]
+            if args.dry:
+                cfgs = cfgs[:2]
             cases.append((model, tp, layer, N, K, M, cfgs, linear_default_config(key)))
     t0 = time.time()
-    checks = pool.map(_compile_check, [(M, N, K, cfgs, None) for (_, _, _, N, K, M, cfgs, _) in cases],
+    checks = pool.map(_compile_check, [(M, N, K, cfgs, None, DEV, DTYPE) for (_, _, _, N, K, M, cfgs, _) in cases],
                       chunksize=1)
     log(f"linear: compiled+checked {sum(len(c[6]) for c in cases)} variants in {time.time() - t0:.0f}s")
     rows, best_json = [], {}
@@ -139,9 +162,9 @@ def bench_linear(args, shapes, ms, ceiling, pool):
         model, tp, layer, N, K, M, cfgs, default = case
         wbytes = N * K * 2
         n = max(2, min(256, math.ceil(ROTATE_BYTES / wbytes)))
-        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / math.sqrt(K) for _ in range(n)]
-        xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-        ys = [torch.empty(M, N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+        ws = [torch.randn(N, K, device=DEV, dtype=DTYPE) / math.sqrt(K) for _ in range(n)]
+        xs = [torch.randn(M, K, device=DEV, dtype=DTYPE) for _ in range(n)]
+        ys = [torch.empty(M, N, device=DEV, dtype=DTYPE) for _ in range(n)]
         t_torch = time_graph([lambda i=i: torch.mm(xs[i], ws[i].t(), out=ys[i]) for i in range(n)], args.reps)
         res = []
         for cfg, err in zip(cfgs, errs):
@@ -152,7 +175,7 @@ def bench_linear(args, shapes, ms, ceiling, pool):
                            args.reps)
             res.append((t, cfg, err))
         del ws, xs, ys
-        torch.cuda.empty_cache()
+        empty_cache()
         if not res:
             continue
         t_best, best_cfg, best_err = min(res, key=lambda r: r[0])
@@ -168,7 +191,7 @@ def bench_linear(args, shapes, ms, ceiling, pool):
             "dispatch": dispatch, "n_configs": len(res), "best_err": best_err, "best_config": json.dumps(best_cfg),
         })
         from fusedlis.tuning.keys import key_string
-        kstr = key_string(linear_key(M, N, K, torch.bfloat16, None, False))
+        kstr = key_string(linear_key(M, N, K, DTYPE, None, False))
         best_json[kstr] = best_cfg if dispatch == "triton" else {"backend": "torch"}
         r = rows[-1]
         log(f"{model:>4} tp{tp} {layer:>7} M={M:<3} N={N:<6} K={K:<6} torch {t_torch:7.2f}us "
@@ -187,9 +210,9 @@ def bench_swiglu(args, models, ms):
         h, inter, *_ = MODELS[model]
         N, K = 2 * inter // 2, h
         for M in ms:
-            n = max(2, math.ceil(ROTATE_BYTES / (N * K * 2)))
-            ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / math.sqrt(K) for _ in range(n)]
-            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+            n = max(2, min(256, math.ceil(ROTATE_BYTES / (N * K * 2))))
+            ws = [torch.randn(N, K, device=DEV, dtype=DTYPE) / math.sqrt(K) for _ in range(n)]
+            xs = [torch.randn(M, K, device=DEV, dtype=DTYPE) for _ in range(n)]
             y = linear(xs[0], ws[0], activation="swiglu")
             ref = linear_ref(xs[0].double(), ws[0].double(), activation="swiglu")
             err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -204,7 +227,7 @@ def bench_swiglu(args, models, ms):
                          "torch_us": t_torch, "triton_default_us": t_tri, "err": err})
             log(f"swiglu {model} M={M}: torch mm+silu*mul {t_torch:.2f}us, triton fused {t_tri:.2f}us, err {err:.1e}")
             del ws, xs
-            torch.cuda.empty_cache()
+            empty_cache()
     return rows
 
 
@@ -215,7 +238,7 @@ def bench_attention(args, ceiling):
     from fusedlis.triton_kernels import (decode_attention, decode_attention_configs,
                                          decode_attention_default_config, decode_attention_key,
                                          decode_attention_ref)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = num_sms()
     setups = [("8b", 1, 32, 8), ("8b", 2, 16, 4), ("70b", 8, 8, 1)]
     rows = []
     for model, tp, hq, hkv in setups:
@@ -224,17 +247,17 @@ def bench_attention(args, ceiling):
             for ctx in args.contexts:
                 kvbytes = 2 * B * hkv * ctx * D * 2
                 n = max(2, min(128, math.ceil(ROTATE_BYTES / kvbytes)))
-                kcs = [torch.randn(B, hkv, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-                vcs = [torch.randn(B, hkv, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-                qs = [torch.randn(B, hq, D, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-                lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+                kcs = [torch.randn(B, hkv, ctx, D, device=DEV, dtype=DTYPE) for _ in range(n)]
+                vcs = [torch.randn(B, hkv, ctx, D, device=DEV, dtype=DTYPE) for _ in range(n)]
+                qs = [torch.randn(B, hq, D, device=DEV, dtype=DTYPE) for _ in range(n)]
+                lens = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
                 scale = D ** -0.5
-                key = decode_attention_key(B, hq, hkv, D, ctx, torch.bfloat16)
+                key = decode_attention_key(B, hq, hkv, D, ctx, DTYPE)
                 key["sms"] = sms
                 default = decode_attention_default_config(key)
                 ref = decode_attention_ref(qs[0].double(), kcs[0].double(), vcs[0].double(), lens, scale)
                 res = []
-                for cfg in decode_attention_configs(key):
+                for cfg in decode_attention_configs(key)[:2 if args.dry else None]:
                     o = decode_attention(qs[0], kcs[0], vcs[0], lens, scale, config=cfg)
                     err = ((o.double() - ref).norm() / ref.norm()).item()
                     if not err <= 1e-2:
@@ -246,6 +269,8 @@ def bench_attention(args, ceiling):
                 t_sdpa = time_graph([lambda i=i: F.scaled_dot_product_attention(
                     qs[i].view(B, hq, 1, D), kcs[i], vcs[i], scale=scale, enable_gqa=True) for i in range(n)],
                     args.reps)
+                if not res:
+                    continue
                 t_best, best_cfg, err = min(res, key=lambda r: r[0])
                 t_def = next((t for t, c, _ in res if c == default), float("nan"))
                 by = kvbytes + 2 * B * hq * D * 2
@@ -261,7 +286,7 @@ def bench_attention(args, ceiling):
                     f"default {t_def:7.2f}us {r['triton_default_TBps']:.2f}TB/s | best {t_best:7.2f}us "
                     f"{r['triton_best_TBps']:.2f}TB/s ({r['best_frac_of_copy_bw'] * 100:.0f}%) {best_cfg}")
                 del kcs, vcs, qs
-                torch.cuda.empty_cache()
+                empty_cache()
     return rows
 
 
@@ -270,12 +295,12 @@ def bench_attention(args, ceiling):
 def bench_rmsnorm(args):
     from fusedlis.triton_kernels import rmsnorm, rmsnorm_ref
     rows = []
-    for N in (4096, 8192):
+    for N in ((4096, 8192) if not args.dry else (100,)):
         for M in (1, 32, 128):
             n = 64
-            xs = [torch.randn(M, N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-            rs = [torch.randn(M, N, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-            w = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+            xs = [torch.randn(M, N, device=DEV, dtype=DTYPE) for _ in range(n)]
+            rs = [torch.randn(M, N, device=DEV, dtype=DTYPE) for _ in range(n)]
+            w = torch.randn(N, device=DEV, dtype=DTYPE)
             y, h = rmsnorm(xs[0], w, 1e-5, residual=rs[0])
             yr, hr = rmsnorm_ref(xs[0].double(), w.double(), 1e-5, residual=rs[0].double())
             err = ((y.double() - yr).norm() / yr.norm()).item()
@@ -348,28 +373,34 @@ def plot(path, lin_rows, att_rows, meta):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--parts", default="linear,swiglu,attention,rmsnorm")
+    p.add_argument("--parts", default="linear,attention,swiglu,rmsnorm")
     p.add_argument("--models", default="8b,70b")
     p.add_argument("--tps", default="1,2,8")
     p.add_argument("--ms", default="1,8,32,64,128")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--contexts", default="512,2048,8192")
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="default configs only (no sweep)")
+    p.add_argument("--dry", action="store_true", help="CPU interpreter smoke run on tiny shapes (no timing value)")
     args = p.parse_args(argv)
     args.batches = [int(v) for v in args.batches.split(",")]
     args.contexts = [int(v) for v in args.contexts.split(",")]
-    parts = args.parts.split(",")
-    models = args.models.split(",")
     import triton
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    dev = torch.cuda.get_device_name(0)
+    global DEV, ROTATE_BYTES, DTYPE
+    if args.dry:
+        DEV, ROTATE_BYTES, DTYPE = "cpu", 1 << 16, torch.float16  # interpreter: no bf16 tl.dot
+        args.models, args.tps, args.ms, args.batches, args.contexts = "tiny", "1,2", "1,5", [1, 2], [40]
+        args.workers = 2
+    parts = args.parts.split(",")
+    models = args.models.split(",")
+    dev = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu-interpreter"
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     tag = f"{dev.replace(' ', '-')}_{date}"
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "date": date,
-            "cuda": torch.version.cuda, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+            "cuda": torch.version.cuda, "sms": num_sms()}
     meta.update(copy_bandwidth(args.reps))
     log(json.dumps(meta))
     ceiling = meta["copy_TBps"]
@@ -382,12 +413,12 @@ def main(argv=None):
         write_csv(os.path.join(args.out, f"kernels_linear_{tag}.csv"), lin_rows, meta)
         with open(os.path.join(args.out, f"kernels_linear_best_{tag}.json"), "w") as f:
             json.dump({"meta": meta, "linear": best}, f, indent=1, sort_keys=True)
-    if "swiglu" in parts:
-        sw_rows = bench_swiglu(args, models, [1, 8, 32])
-        write_csv(os.path.join(args.out, f"kernels_swiglu_{tag}.csv"), sw_rows, meta)
     if "attention" in parts:
         att_rows = bench_attention(args, ceiling)
         write_csv(os.path.join(args.out, f"kernels_attention_{tag}.csv"), att_rows, meta)
+    if "swiglu" in parts:
+        sw_rows = bench_swiglu(args, models, [1, 8, 32])
+        write_csv(os.path.join(args.out, f"kernels_swiglu_{tag}.csv"), sw_rows, meta)
     if "rmsnorm" in parts:
         rms_rows = bench_rmsnorm(args)
         write_csv(os.path.join(args.out, f"kernels_rmsnorm_{tag}.csv"), rms_rows, meta)
