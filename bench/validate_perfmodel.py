@@ -364,17 +364,20 @@ def committed_runs() -> list[list[str]]:
              "--reduce-GBps", "1433", "--out-prefix", rel(r / "perfmodel_validation_gpufacts")]
             + (["--layer", *map(rel, fused)] if fused else [])]
     allreduce = sorted(r.glob("allreduce_*.csv"))
+    decode = sorted(r.glob("decode_tp*.csv"))
     if allreduce:  # the newest bench/allreduce.py run, fitted per implementation like the gpu-facts table
         newest = max(allreduce, key=lambda p: p.stem.split("_")[2])
         tag = newest.stem.removeprefix("allreduce_")
-        runs.append(["--fit-from", rel(newest), "--reduce-GBps", "1433",
-                     "--out-prefix", rel(r / f"perfmodel_validation_allreduce_{tag}")]
+        prefix = r / f"perfmodel_validation_allreduce_{tag}"
+        runs.append(["--fit-from", rel(newest), "--reduce-GBps", "1433", "--out-prefix", rel(prefix)]
                     + (["--layer", *map(rel, fused)] if fused else []))
-    decode = sorted(r.glob("decode_tp*.csv"))
+        if decode:  # its profile (fusedlis kernels, NCCL, in-graph GEMMs, hiding) against measured decode steps
+            runs.append(["--profile", rel(Path(str(prefix) + "_profile.json")), "--decode", *map(rel, decode),
+                         "--out-prefix", rel(r / "perfmodel_validation_decode_h200x2")])
     for prof in sorted(r.glob("perfmodel_profile_*.json")):
         tag = prof.stem.removeprefix("perfmodel_profile_")
         args = ["--profile", rel(prof), "--out-prefix", rel(r / f"perfmodel_validation_{tag}")]
-        args += (["--allreduce", *map(rel, allreduce)] if allreduce else [])
+        args += (["--allreduce", rel(max(allreduce, key=lambda p: p.stem.split("_")[2]))] if allreduce else [])
         args += (["--layer", *map(rel, fused)] if fused else [])
         args += (["--decode", *map(rel, decode)] if decode else [])
         if len(args) > 4:

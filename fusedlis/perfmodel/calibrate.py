@@ -344,8 +344,12 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
     gemms = [(float(r["bytes"]), float(r["us"]) * 1e-6) for r in rows if r.get("kind") == "gemm"]
     peaks = [float(r["TFLOPs"]) for r in rows if r.get("kind") == "peak"]
     hw = base
-    notes = [f"calibrated {dev.get('date', '?')} on {dev.get('gpus', '?')} x {dev.get('name', '?')} "
-             f"by fusedlis calibrate; inter-node and unmeasured fields from {base.name}"]
+    if dev:
+        notes = [f"calibrated {dev.get('date', '?')} on {dev.get('gpus', '?')} x {dev.get('name', '?')} "
+                 f"by fusedlis calibrate; inter-node and unmeasured fields from {base.name}"]
+    else:
+        notes = [f"fitted from measurement files (bench/validate_perfmodel.py); inter-node and unmeasured "
+                 f"fields from {base.name}"]
     if copies:
         bw = statistics.median(float(r["GBps"]) for r in copies) * 1e9
         hw = hw.with_(gamma=3.0 / bw)
@@ -365,9 +369,13 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
         intra = Link(intra.alpha, intra.beta, a, b)
         notes.append(f"NCCL NVLink fit (ring model): alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s")
     custom = [r for r in ars if r["impl"] != "nccl"]
-    # per algorithm, the preferred implementation that measured it: fusedlis, then torch-symm*, then others
-    rank = {i: (0 if i == "fusedlis" else 1 if i.startswith("torch-symm") else 2, i)
-            for i in {str(r["impl"]) for r in custom}}
+    # per algorithm, the preferred implementation that measured it: fusedlis (plainest name first, e.g.
+    # "fusedlis_one_shot" before "fusedlis_one_shot_t16k"), then torch symmetric memory, then others
+    def rank(impl: str) -> tuple[int, int, str]:
+        key = "".join(ch for ch in impl.lower() if ch.isalnum())
+        return (0 if key.startswith("fusedlis") else 1 if key.startswith("torchsymm") else 2, len(key), impl)
+
+    rank = {i: rank(i) for i in {str(r["impl"]) for r in custom}}  # type: ignore[assignment]
     by_algo: dict[str, list[tuple[str, int, float, float]]] = {}
     src: dict[str, str] = {}
     for algo in sorted({str(r["algo"]) for r in custom}):
