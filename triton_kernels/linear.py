@@ -170,17 +170,19 @@ def _pick_split(tiles: int, K: int, block_k: int, M: int, N: int, sms: int) -> i
 
 
 def linear_default_config(key: dict) -> dict:
-    """Heuristic config for `key` (see `linear_key`), used when the tuner has no entry."""
+    """Heuristic config for `key` (see `linear_key`), used when the tuner has no entry.
+
+    Tensor-core tiles for every M: their weight loads are software-pipelined through shared memory
+    (cp.async, 4 stages), which the GEMV tiles are not (their SASS shows one 16 B load batch per
+    iteration, waited on before the FMAs). Split-K fills about 2 programs per SM. Unmeasured on GPU:
+    see docs/kernels.md.
+    """
     M, N, K = int(key["M"]), int(key["N"]), int(key["K"])
     n_cols = N // 2 if key.get("activation") == "swiglu" else N
     sms = int(key.get("sms", 132))
-    if M <= 2:
-        cfg = {"USE_DOT": False, "BLOCK_M": _pow2(M), "BLOCK_N": 32 // _pow2(M) * 2 if M > 1 else 32,
-               "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
-    else:
-        bm = min(64, max(16, _pow2(M)))
-        cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128 if bm <= 32 else 64,
-               "num_warps": 4, "num_stages": 4}
+    bm = min(64, max(16, _pow2(M)))
+    cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128 if bm <= 32 else 64,
+           "num_warps": 4, "num_stages": 4}
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"])
     cfg["SPLIT_K"] = _pick_split(tiles, K, cfg["BLOCK_K"], M, N, sms)
     return cfg
