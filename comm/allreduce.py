@@ -99,9 +99,27 @@ class AllReduce:
         self.device_ar = DeviceAllReduce(self.ws, max_elems, dtype, self.topology, max_blocks=max_blocks)
 
     def algorithm_for(self, nbytes: int) -> str:
-        """Algorithm `__call__` uses for a message of `nbytes` ("nccl" means torch.distributed)."""
+        """Algorithm `__call__` uses for a message of `nbytes` ("nccl" means torch.distributed).
+
+        With backend "auto", a choice measured by `fusedlis tune --ops allreduce` for this size, dtype and
+        topology wins over the built-in crossovers.
+        """
+        if self.backend == "auto" and self.device_ar is not None and nbytes <= self.max_bytes:
+            tuned = self._tuned(nbytes)
+            if tuned is not None:
+                return tuned
         return choose_algorithm(nbytes, self.topology, self.backend, self.max_bytes, self.one_shot_max_bytes,
                                 self.device_ar is not None)
+
+    def _tuned(self, nbytes: int) -> str | None:
+        from fusedlis.tuning import lookup
+
+        t = self.topology
+        cfg = lookup("allreduce", {"nbytes": nbytes, "dtype": self.dtype, "world_size": self.world_size,
+                                   "topology": f"{t.num_nodes}x{t.gpus_per_node}"})
+        alg = (cfg or {}).get("algorithm")
+        intra_ok = alg in ("one_shot", "two_shot") and t.num_nodes == 1
+        return alg if alg in ("nccl", "nvrar") or intra_ok else None
 
     def __call__(self, x: torch.Tensor, inplace: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return the sum of `x` over the group (written into `x` when `inplace`, or into `out`)."""

@@ -69,3 +69,23 @@ def test_workspace_bytes_covers_allocations():
         shared = torch.zeros(SymmetricWorkspace.shared_size(world, need, 8192), dtype=torch.uint8)
         ws = SymmetricWorkspace.from_shared(shared, 0, world, topo.gpus_per_node, need, 8192)
         DeviceAllReduce(ws, 12345, torch.bfloat16, topo, max_blocks=16)  # must fit
+
+
+def test_auto_follows_tuned_allreduce_choice(monkeypatch):
+    """A tuned entry for this size/topology overrides the built-in crossover; other sizes keep the default."""
+    import fusedlis.tuning as tuning
+    from fusedlis.comm import AllReduce, Topology
+
+    ar = AllReduce.__new__(AllReduce)
+    ar.backend, ar.device_ar, ar.max_bytes, ar.one_shot_max_bytes = "auto", object(), 8 << 20, 256 << 10
+    ar.topology, ar.world_size, ar.dtype = Topology(2, 2), 2, torch.bfloat16
+    seen = []
+
+    def fake_lookup(op, key):
+        seen.append((op, key))
+        return {"algorithm": "two_shot"} if key["nbytes"] == 4096 else None
+
+    monkeypatch.setattr(tuning, "lookup", fake_lookup)
+    assert ar.algorithm_for(4096) == "two_shot"
+    assert ar.algorithm_for(8192) == "one_shot"
+    assert seen[0] == ("allreduce", {"nbytes": 4096, "dtype": torch.bfloat16, "world_size": 2, "topology": "1x2"})
