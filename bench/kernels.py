@@ -104,10 +104,11 @@ def time_graph(launches, reps: int) -> float:
 
 def copy_bandwidth(reps: int) -> dict:
     n = 2 << 30 if DEV == "cuda" else 1 << 20
-    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
+    # bf16 elements: a uint8 copy_ ran at only 2.77 TB/s (read + write) on H200 on 2026-11-22.
+    a = torch.randn(n // 2, dtype=DTYPE, device=DEV)
     b = torch.empty_like(a)
     t_copy = time_graph([lambda: b.copy_(a)] * 4, reps)
-    x = a.view(DTYPE)
+    x = a
     t_sum = time_graph([lambda: x.sum(dtype=torch.float32)] * 4, reps)
     del a, b
     empty_cache()
@@ -166,6 +167,8 @@ def bench_linear(args, shapes, ms, ceiling, pool):
         xs = [torch.randn(M, K, device=DEV, dtype=DTYPE) for _ in range(n)]
         ys = [torch.empty(M, N, device=DEV, dtype=DTYPE) for _ in range(n)]
         t_torch = time_graph([lambda i=i: torch.mm(xs[i], ws[i].t(), out=ys[i]) for i in range(n)], args.reps)
+        # What callers get with no config: tuner cache, else the measured table, else the heuristic.
+        t_auto = time_graph([lambda i=i: linear(xs[i], ws[i], out=ys[i]) for i in range(n)], args.reps)
         res = []
         for cfg, err in zip(cfgs, errs):
             if not isinstance(err, float) or err > 1e-2:
@@ -185,9 +188,10 @@ def bench_linear(args, shapes, ms, ceiling, pool):
         rows.append({
             "model": model, "tp": tp, "layer": layer, "M": M, "N": N, "K": K, "weight_MB": wbytes / 1e6,
             "rotate_copies": n, "torch_us": t_torch, "triton_default_us": t_def, "triton_best_us": t_best,
-            "torch_TBps": by / t_torch / 1e6, "triton_default_TBps": by / t_def / 1e6,
-            "triton_best_TBps": by / t_best / 1e6, "best_frac_of_copy_bw": by / t_best / 1e6 / ceiling,
-            "best_vs_torch": t_torch / t_best, "default_vs_torch": t_torch / t_def,
+            "auto_us": t_auto, "torch_TBps": by / t_torch / 1e6, "triton_default_TBps": by / t_def / 1e6,
+            "triton_best_TBps": by / t_best / 1e6, "best_frac_of_read_bw": by / t_best / 1e6 / ceiling,
+            "auto_frac_of_read_bw": by / t_auto / 1e6 / ceiling,
+            "best_vs_torch": t_torch / t_best, "default_vs_torch": t_torch / t_def, "auto_vs_torch": t_torch / t_auto,
             "dispatch": dispatch, "n_configs": len(res), "best_err": best_err, "best_config": json.dumps(best_cfg),
         })
         from fusedlis.tuning.keys import key_string
@@ -196,8 +200,8 @@ def bench_linear(args, shapes, ms, ceiling, pool):
         r = rows[-1]
         log(f"{model:>4} tp{tp} {layer:>7} M={M:<3} N={N:<6} K={K:<6} torch {t_torch:7.2f}us "
             f"{r['torch_TBps']:.2f}TB/s | default {t_def:7.2f}us | best {t_best:7.2f}us "
-            f"{r['triton_best_TBps']:.2f}TB/s ({r['best_frac_of_copy_bw'] * 100:.0f}% of copy) "
-            f"x{r['best_vs_torch']:.2f} -> {dispatch} {best_cfg}")
+            f"{r['triton_best_TBps']:.2f}TB/s ({r['best_frac_of_read_bw'] * 100:.0f}% of read BW) "
+            f"x{r['best_vs_torch']:.2f} -> {dispatch} {best_cfg} | auto {t_auto:7.2f}us")
     return rows, best_json
 
 
@@ -278,13 +282,13 @@ def bench_attention(args, ceiling):
                              "kv_MB": kvbytes / 1e6, "sdpa_us": t_sdpa, "triton_default_us": t_def,
                              "triton_best_us": t_best, "sdpa_TBps": by / t_sdpa / 1e6,
                              "triton_default_TBps": by / t_def / 1e6, "triton_best_TBps": by / t_best / 1e6,
-                             "best_frac_of_copy_bw": by / t_best / 1e6 / ceiling,
-                             "default_frac_of_copy_bw": by / t_def / 1e6 / ceiling,
+                             "best_frac_of_read_bw": by / t_best / 1e6 / ceiling,
+                             "default_frac_of_read_bw": by / t_def / 1e6 / ceiling,
                              "best_err": err, "best_config": json.dumps(best_cfg)})
                 r = rows[-1]
                 log(f"attn {model} tp{tp} B={B:<3} ctx={ctx:<5} sdpa {t_sdpa:7.2f}us {r['sdpa_TBps']:.2f}TB/s | "
                     f"default {t_def:7.2f}us {r['triton_default_TBps']:.2f}TB/s | best {t_best:7.2f}us "
-                    f"{r['triton_best_TBps']:.2f}TB/s ({r['best_frac_of_copy_bw'] * 100:.0f}%) {best_cfg}")
+                    f"{r['triton_best_TBps']:.2f}TB/s ({r['best_frac_of_read_bw'] * 100:.0f}% of read BW) {best_cfg}")
                 del kcs, vcs, qs
                 empty_cache()
     return rows
@@ -345,8 +349,8 @@ def plot(path, lin_rows, att_rows, meta):
     xs = range(len(tp2))
     ax.bar([x - 0.2 for x in xs], [r["torch_TBps"] for r in tp2], 0.4, label="torch.matmul (cuBLAS)")
     ax.bar([x + 0.2 for x in xs], [r["triton_best_TBps"] for r in tp2], 0.4, label="fusedlis linear (best cfg)")
-    ax.axhline(meta["copy_TBps"], color="k", ls="--", label=f"copy BW {meta['copy_TBps']:.2f} TB/s")
-    ax.axhline(0.8 * meta["copy_TBps"], color="r", ls=":", label="80% target")
+    ax.axhline(meta["ceiling_TBps"], color="k", ls="--", label=f"read BW {meta['ceiling_TBps']:.2f} TB/s")
+    ax.axhline(0.8 * meta["ceiling_TBps"], color="r", ls=":", label="80% target")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=90, fontsize=7)
     ax.set_ylabel("achieved HBM TB/s")
@@ -358,8 +362,8 @@ def plot(path, lin_rows, att_rows, meta):
             sel = [r for r in att_rows if r["model"] == model and r["tp"] == tp and r["B"] == B]
             ax.plot([r["ctx"] for r in sel], [r["triton_best_TBps"] for r in sel], "o-", label=f"triton {model} tp{tp} B={B}")
             ax.plot([r["ctx"] for r in sel], [r["sdpa_TBps"] for r in sel], "x--", label=f"SDPA {model} tp{tp} B={B}")
-    ax.axhline(meta["copy_TBps"], color="k", ls="--")
-    ax.axhline(0.7 * meta["copy_TBps"], color="r", ls=":", label="70% target")
+    ax.axhline(meta["ceiling_TBps"], color="k", ls="--")
+    ax.axhline(0.7 * meta["ceiling_TBps"], color="r", ls=":", label="70% target")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context")
     ax.set_ylabel("achieved HBM TB/s")
@@ -403,7 +407,9 @@ def main(argv=None):
             "cuda": torch.version.cuda, "sms": num_sms()}
     meta.update(copy_bandwidth(args.reps))
     log(json.dumps(meta))
-    ceiling = meta["copy_TBps"]
+    # The targets are fractions of the HBM *read* bandwidth (decode kernels mostly read).
+    ceiling = max(meta["sum_read_TBps"], meta["copy_TBps"])
+    meta["ceiling_TBps"] = ceiling
     lin_rows, att_rows, rms_rows, sw_rows, best = [], [], [], [], {}
     if "linear" in parts:
         shapes = linear_shapes(models, [int(t) for t in args.tps.split(",")])
@@ -429,18 +435,23 @@ def main(argv=None):
     log(json.dumps(meta))
     if lin_rows:
         tgt = [r for r in lin_rows if r["tp"] == 2 and r["M"] <= 32]
-        miss = [r for r in tgt if r["best_frac_of_copy_bw"] < 0.8]
-        log(f"linear: {len(tgt) - len(miss)}/{len(tgt)} TP=2 M<=32 cases >= 80% of copy BW; misses: "
-            + ", ".join(f"{r['model']}-{r['layer']}-M{r['M']}:{r['best_frac_of_copy_bw'] * 100:.0f}%" for r in miss))
+        for col in ("best", "auto"):
+            miss = [r for r in tgt if r[f"{col}_frac_of_read_bw"] < 0.8]
+            log(f"linear {col}: {len(tgt) - len(miss)}/{len(tgt)} TP=2 M<=32 cases >= 80% of read BW; misses: "
+                + ", ".join(f"{r['model']}-{r['layer']}-M{r['M']}:{r[f'{col}_frac_of_read_bw'] * 100:.0f}%"
+                            for r in miss))
         slow = [r for r in lin_rows if r["best_vs_torch"] < 1 / 1.05]
         log(f"linear: best triton > 5% slower than cuBLAS on {len(slow)}/{len(lin_rows)} cases: "
             + ", ".join(f"{r['model']}-tp{r['tp']}-{r['layer']}-M{r['M']}:x{r['best_vs_torch']:.2f}" for r in slow))
         dslow = [r for r in lin_rows if r["default_vs_torch"] < 1 / 1.05]
         log(f"linear: default config > 5% slower than cuBLAS on {len(dslow)}/{len(lin_rows)} cases")
+        aslow = [r for r in lin_rows if r["auto_vs_torch"] < 1 / 1.05]
+        log(f"linear: auto (no config) > 5% slower than cuBLAS on {len(aslow)}/{len(lin_rows)} cases: "
+            + ", ".join(f"{r['model']}-tp{r['tp']}-{r['layer']}-M{r['M']}:x{r['auto_vs_torch']:.2f}" for r in aslow))
     if att_rows:
         big = [r for r in att_rows if r["ctx"] >= 2048]
         log("attention ctx>=2048 best frac of copy BW: " + ", ".join(
-            f"{r['model']}tp{r['tp']}-B{r['B']}-{r['ctx']}:{r['best_frac_of_copy_bw'] * 100:.0f}%" for r in big))
+            f"{r['model']}tp{r['tp']}-B{r['B']}-{r['ctx']}:{r['best_frac_of_read_bw'] * 100:.0f}%" for r in big))
     return 0
 
 

@@ -1,5 +1,6 @@
 """linear: split-K decode GEMM with residual / SwiGLU epilogues vs a float64 reference."""
 
+import importlib
 import math
 
 import pytest
@@ -112,3 +113,35 @@ def test_linear_gpu_bf16_all_configs(M, N, K):
 @pytest.mark.parametrize("act,res", [("swiglu", False), (None, True)])
 def test_linear_gpu_bf16_epilogues(M, act, res):
     assert run_case(M, 2 * 1792, 4096, torch.bfloat16, act, res, None, device="cuda", seed=M) < 1e-2
+
+
+def test_measured_table_lookup_and_configs_run(monkeypatch):
+    lin = importlib.import_module("fusedlis.triton_kernels.linear")  # the package attr is the function
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    c1 = lin.measured_config(1, 4096, 7168, torch.bfloat16, None, cuda)
+    assert c1 is not None and c1 == lin.measured_config(8, 4096, 7168, torch.bfloat16, None, cuda)  # M bucket
+    assert lin.measured_config(65, 4096, 7168, torch.bfloat16, None, cuda) is None  # beyond measured M
+    assert lin.measured_config(1, 4096, 7168, torch.float16, None, cuda) is None  # only bf16 was measured
+    assert lin.measured_config(1, 4096, 7168, torch.bfloat16, "swiglu", cuda) is None
+    assert lin.measured_config(1, 4096, 7168, torch.bfloat16, None, torch.device("cpu")) is None
+    assert lin.measured_config(1, 123, 7168, torch.bfloat16, None, cuda) is None
+    # Every distinct Triton config in the table is valid for the launcher (run on a small fp32 problem).
+    cfgs = {tuple(sorted(c.items())) for (dev, n, k), v in lin._MEASURED.items() for _, c in v}
+    assert any(dict(c).get("backend") == "torch" for c in cfgs)
+    for c in cfgs:
+        c = dict(c)
+        if c.get("backend") != "torch":
+            c["SPLIT_K"] = min(c["SPLIT_K"], 2)
+            assert run_case(min(c["BLOCK_M"], 5), 40, 600, torch.float32, None, False, c) < 1e-5, c
+
+
+@pytest.mark.parametrize("res", [False, True])
+def test_linear_torch_backend_out_and_residual(res):
+    x = torch.randn(3, 40, dtype=torch.float32)
+    w = torch.randn(24, 40, dtype=torch.float32)
+    r = torch.randn(3, 24) if res else None
+    out = torch.full((3, 24), float("nan"))
+    y = linear(x, w, residual=r, config={"backend": "torch"}, out=out)
+    assert y is out
+    assert rel_err(y, linear_ref(x.double(), w.double(), residual=None if r is None else r.double())) < 1e-5

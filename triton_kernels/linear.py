@@ -161,7 +161,9 @@ def linear_key(M: int, N: int, K: int, dtype: torch.dtype, activation: str | Non
 def _pick_split(tiles: int, K: int, block_k: int, M: int, N: int, sms: int) -> int:
     max_split = max(1, K // (2 * block_k))  # keep >= 2 K-iterations per program
     split = 1
-    while split * 2 <= max_split and tiles * split < 2 * sms:
+    # ~1.2 programs per SM: on H200 the fastest measured configs ran 160-450 programs; more splits
+    # only added partial-tile traffic (bench/results/kernels_linear_NVIDIA-H200_2026-11-22.csv).
+    while split * 2 <= max_split and tiles * split < 1.2 * sms:
         split *= 2
     # Partials cost 8 * SPLIT_K * M * N bytes (write + read); keep them small next to the weight bytes.
     while split > 1 and 8 * split * M * N > 0.25 * N * K * 2:
@@ -170,22 +172,65 @@ def _pick_split(tiles: int, K: int, block_k: int, M: int, N: int, sms: int) -> i
 
 
 def linear_default_config(key: dict) -> dict:
-    """Heuristic config for `key` (see `linear_key`), used when the tuner has no entry.
+    """Heuristic config for `key` (see `linear_key`), used when neither the tuner nor the measured table
+    has an entry.
 
     Tensor-core tiles for every M: their weight loads are software-pipelined through shared memory
-    (cp.async, 4 stages), which the GEMV tiles are not (their SASS shows one 16 B load batch per
-    iteration, waited on before the FMAs). Split-K fills about 2 programs per SM. Unmeasured on GPU:
-    see docs/kernels.md.
+    (cp.async), which the GEMV tiles are not. Tile shapes follow the fastest configs measured on H200
+    (16 KB weight stages: 64x128 with 4 stages, or 32x256 with 3 stages for K >= 8192).
     """
     M, N, K = int(key["M"]), int(key["N"]), int(key["K"])
     n_cols = N // 2 if key.get("activation") == "swiglu" else N
     sms = int(key.get("sms", 132))
     bm = min(64, max(16, _pow2(M)))
-    cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128 if bm <= 32 else 64,
-           "num_warps": 4, "num_stages": 4}
+    if bm >= 64:
+        cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    elif K >= 8192 or bm == 32:
+        cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+    else:
+        cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"])
     cfg["SPLIT_K"] = _pick_split(tiles, K, cfg["BLOCK_K"], M, N, sms)
     return cfg
+
+
+_MEASURED: dict | None = None
+
+
+def measured_config(M: int, N: int, K: int, dtype: torch.dtype, activation: str | None,
+                    device: torch.device) -> dict | None:
+    """Config measured fastest on this GPU model for (N, K) at the smallest measured M >= `M`, from
+    `linear_measured.json` (bench/kernels.py output; `{"backend": "torch"}` where cuBLAS won).
+
+    Only bf16 without activation on a CUDA device whose name is in the table; None otherwise.
+    """
+    global _MEASURED
+    if device.type != "cuda" or dtype != torch.bfloat16 or activation is not None:
+        return None
+    if _MEASURED is None:
+        import json
+        from pathlib import Path
+        try:
+            raw = json.loads((Path(__file__).parent / "linear_measured.json").read_text())
+        except (OSError, ValueError):
+            raw = {}
+        _MEASURED = {}
+        for dev, table in raw.items():
+            if dev.startswith("_"):
+                continue
+            for kstr, cfg in table.items():
+                f = dict(kv.split("=") for kv in kstr.split(","))
+                if f.get("activation") == "none" and f.get("dtype") == "bfloat16":
+                    _MEASURED.setdefault((dev, int(f["N"]), int(f["K"])), []).append((int(f["M"]), cfg))
+        for v in _MEASURED.values():
+            v.sort(key=lambda mc: mc[0])
+    entries = _MEASURED.get((torch.cuda.get_device_name(device), N, K))
+    if not entries:
+        return None
+    for m, cfg in entries:
+        if m >= M:
+            return dict(cfg)
+    return None
 
 
 def linear_configs(key: dict) -> list[dict]:
@@ -281,8 +326,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
     """`y = x @ w.T (+ residual)`, or `silu(x @ gate.T) * (x @ up.T)` for a merged `[gate; up]` weight.
 
     For decode (M <= 256); any M works but large M is better served by cuBLAS. `config` overrides the
-    tuned/default config (keys of `linear_default_config`; ``{"backend": "torch"}`` dispatches to
-    torch.matmul). `out` (optional, [M, N_out], unit stride along N) receives the result.
+    config, which is looked up in order: `fusedlis.tuning.lookup`, the table measured on this GPU model
+    (`measured_config`), `linear_default_config`. Config keys are those of `linear_default_config`;
+    ``{"backend": "torch"}`` dispatches to torch.matmul (the measured table does so only where cuBLAS
+    measured faster). `out` (optional, [M, N_out], unit stride along N) receives the result.
     """
     n_out = _check_linear(x, w, residual, activation, out_dtype)
     M, K = x.shape
@@ -292,14 +339,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
         key = linear_key(M, N, K, x.dtype, activation, residual is not None)
         config = tuning.lookup("linear", key)
         if config is None:
+            config = measured_config(M, N, K, x.dtype, activation, x.device)
+        if config is None:
             key["sms"] = _num_sms(x.device)
             config = linear_default_config(key)
+    if out is not None and (out.shape != (M, n_out) or out.stride(1) != 1 or out.dtype != out_dtype):
+        raise ValueError(f"linear: out must be [{M}, {n_out}] {out_dtype} with unit stride along N")
     if config.get("backend") == "torch":
         return _linear_torch(x, w, residual, activation, out_dtype, out)
     if out is None:
         out = torch.empty((M, n_out), dtype=out_dtype, device=x.device)
-    elif out.shape != (M, n_out) or out.stride(1) != 1 or out.dtype != out_dtype:
-        raise ValueError(f"linear: out must be [{M}, {n_out}] {out_dtype} with unit stride along N")
     if M == 0 or n_out == 0:
         return out
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -329,6 +378,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
 
 
 def _linear_torch(x, w, residual, activation, out_dtype, out):
+    if activation is None and out_dtype == x.dtype and (residual is None or residual.dtype == x.dtype):
+        # One cuBLAS call (residual through the GEMM epilogue), written straight into `out`.
+        if residual is None:
+            return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
+        return torch.addmm(residual, x, w.t(), out=out) if out is not None else torch.addmm(residual, x, w.t())
     y = torch.matmul(x, w.t())
     if activation == "swiglu":
         g, u = y.chunk(2, dim=-1)
