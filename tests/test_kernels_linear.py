@@ -123,7 +123,9 @@ def test_measured_table_lookup_and_configs_run(monkeypatch):
     assert c1 is not None and c1 == lin.measured_config(8, 4096, 7168, torch.bfloat16, None, cuda)  # M bucket
     assert lin.measured_config(65, 4096, 7168, torch.bfloat16, None, cuda) is None  # beyond measured M
     assert lin.measured_config(1, 4096, 7168, torch.float16, None, cuda) is None  # only bf16 was measured
-    assert lin.measured_config(1, 4096, 7168, torch.bfloat16, "swiglu", cuda) is None
+    sw = lin.measured_config(1, 4096, 7168, torch.bfloat16, "swiglu", cuda)  # merged gate_up reuse
+    assert sw is not None and sw["BLOCK_N"] * 2 == c1["BLOCK_N"] and sw["SPLIT_K"] == c1["SPLIT_K"]
+    assert lin.measured_config(64, 4096, 7168, torch.bfloat16, "swiglu", cuda) is None  # cuBLAS entry
     assert lin.measured_config(1, 4096, 7168, torch.bfloat16, None, torch.device("cpu")) is None
     assert lin.measured_config(1, 123, 7168, torch.bfloat16, None, cuda) is None
     # Every distinct Triton config in the table is valid for the launcher (run on a small fp32 problem).

@@ -189,6 +189,8 @@ def linear_default_config(key: dict) -> dict:
         cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
     else:
         cfg = {"USE_DOT": True, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    if key.get("activation") == "swiglu" and cfg["BLOCK_N"] > 16:
+        cfg["BLOCK_N"] //= 2  # each program streams gate AND up rows: keep the bytes per stage
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"])
     cfg["SPLIT_K"] = _pick_split(tiles, K, cfg["BLOCK_K"], M, N, sms)
     return cfg
@@ -202,10 +204,12 @@ def measured_config(M: int, N: int, K: int, dtype: torch.dtype, activation: str 
     """Config measured fastest on this GPU model for (N, K) at the smallest measured M >= `M`, from
     `linear_measured.json` (bench/kernels.py output; `{"backend": "torch"}` where cuBLAS won).
 
-    Only bf16 without activation on a CUDA device whose name is in the table; None otherwise.
+    Only bf16 on a CUDA device whose name is in the table; None otherwise. SwiGLU (not measured itself)
+    reuses the plain GEMM's entry for the merged weight with BLOCK_N halved (a program streams gate and
+    up rows, so the bytes per stage stay the same), and never dispatches to cuBLAS.
     """
     global _MEASURED
-    if device.type != "cuda" or dtype != torch.bfloat16 or activation is not None:
+    if device.type != "cuda" or dtype != torch.bfloat16 or activation not in (None, "swiglu"):
         return None
     if _MEASURED is None:
         import json
@@ -229,7 +233,12 @@ def measured_config(M: int, N: int, K: int, dtype: torch.dtype, activation: str 
         return None
     for m, cfg in entries:
         if m >= M:
-            return dict(cfg)
+            cfg = dict(cfg)
+            if activation == "swiglu":
+                if cfg.get("backend") == "torch" or cfg["BLOCK_N"] < 32:
+                    return None
+                cfg["BLOCK_N"] //= 2
+            return cfg
     return None
 
 
