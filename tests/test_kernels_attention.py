@@ -67,6 +67,8 @@ def test_decode_attention_bad_inputs():
         decode_attention(q, kc, kc, lens.long(), 0.25)
     with pytest.raises(ValueError, match="incompatible"):
         decode_attention(torch.randn(2, 3, 16), kc, kc, lens, 0.25)
+    with pytest.raises(ValueError, match="incompatible"):
+        decode_attention(q, kc[:, :, :0], kc[:, :, :0], lens, 0.25)
     with pytest.raises(TypeError, match="share"):
         decode_attention(q.half(), kc, kc, lens, 0.25)
     with pytest.raises(ValueError, match="contiguous"):

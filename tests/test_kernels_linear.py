@@ -95,6 +95,8 @@ def test_linear_bad_inputs():
         linear(x, w, residual=torch.randn(2, 5))
     with pytest.raises(ValueError, match="residual"):
         linear(x, w, residual=torch.randn(2, 2), activation="swiglu")
+    with pytest.raises(ValueError, match="K must be"):
+        linear(torch.randn(2, 0), torch.randn(4, 0))
     with pytest.raises(ValueError, match="even"):
         linear(x, torch.randn(5, 8), activation="swiglu")
 

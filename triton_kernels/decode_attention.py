@@ -158,7 +158,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, Hq, D = q.shape
     _, Hkv, S, Dc = k_cache.shape
-    if Dc != D or k_cache.shape[0] < B or Hkv == 0 or Hq % Hkv:
+    if Dc != D or k_cache.shape[0] < B or Hkv == 0 or Hq % Hkv or S == 0 or D == 0:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} incompatible with cache {tuple(k_cache.shape)}")
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"decode_attention: q/k_cache/v_cache must share fp16/bf16/fp32, got "

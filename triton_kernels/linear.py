@@ -301,6 +301,8 @@ def _check_linear(x, w, residual, activation, out_dtype):
         raise ValueError(f"linear: x must be [M, K] and w [N, K], got x{tuple(x.shape)} w{tuple(w.shape)}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: x has K={x.shape[1]} but w has K={w.shape[1]}")
+    if x.shape[1] == 0:
+        raise ValueError("linear: K must be >= 1")
     if x.dtype not in _DTYPES or w.dtype not in _DTYPES:
         raise TypeError(f"linear: x/w dtype must be fp16/bf16/fp32, got {x.dtype}/{w.dtype}")
     if x.dtype != w.dtype:
