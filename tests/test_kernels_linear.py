@@ -149,3 +149,15 @@ def test_linear_torch_backend_out_and_residual(res):
     y = linear(x, w, residual=r, config={"backend": "torch"}, out=out)
     assert y is out
     assert rel_err(y, linear_ref(x.double(), w.double(), residual=None if r is None else r.double())) < 1e-5
+
+
+def test_split_k_counters_reset_after_each_call():
+    # The last-arriving program of every tile must zero its counter, or the next call would skip the
+    # fixup (wrong result) on the next launch: check the invariant directly, twice.
+    lin = importlib.import_module("fusedlis.triton_kernels.linear")
+    cfg = {"USE_DOT": False, "BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3}
+    for seed in range(2):
+        assert run_case(3, 50, 100, torch.float32, None, False, cfg, seed=seed) < 1e-5
+        assert lin._WORKSPACE
+        for _, cnt in lin._WORKSPACE.values():
+            assert int(cnt.abs().sum()) == 0
