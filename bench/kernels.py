@@ -411,6 +411,7 @@ def main(argv=None):
     ceiling = max(meta["sum_read_TBps"], meta["copy_TBps"])
     meta["ceiling_TBps"] = ceiling
     lin_rows, att_rows, rms_rows, sw_rows, best = [], [], [], [], {}
+    t_start = time.time()
     if "linear" in parts:
         shapes = linear_shapes(models, [int(t) for t in args.tps.split(",")])
         ms = [int(m) for m in args.ms.split(",")]
@@ -428,6 +429,7 @@ def main(argv=None):
     if "rmsnorm" in parts:
         rms_rows = bench_rmsnorm(args)
         write_csv(os.path.join(args.out, f"kernels_rmsnorm_{tag}.csv"), rms_rows, meta)
+    log(f"bench wall time {time.time() - t_start:.0f}s for parts {parts}")
     if lin_rows or att_rows:
         plot(os.path.join(args.out, f"kernels_{tag}.png"), lin_rows, att_rows, meta)
     # Summary against the targets (last lines: the device tool returns the tail of the output).
