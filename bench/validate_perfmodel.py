@@ -171,17 +171,11 @@ _DECODE_SYSTEMS = {"fusedlis-nccl": ("nccl", 1), "fusedlis-nvrar-1node": ("nvrar
                    "fusedlis-nvrar-2node": ("nvrar", 2), "fusedlis-fused": ("auto", 1), "fusedlis-auto": ("auto", 1)}
 
 
-def validate_decode(hw: Hardware, paths: list[str]) -> list[dict[str, Any]]:
-    """Decode step rows of bench/decode.py (model, tp, system, batch, context, ms_per_token) vs `step_time`.
-
-    Systems outside `_DECODE_SYSTEMS` (eager torch, Hugging Face) are skipped: the model describes CUDA-graph
-    decode. `nvrar-2node` runs 2 logical nodes over NVLink, so its "network" is modelled with NVLink terms.
-    The fused GEMM + all-reduce is costed as GEMM then fusedlis' auto all-reduce.
-    """
-    from fusedlis.perfmodel.step import step_time
+def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], str, int, float, Any, Any]]:
+    """(row, algo, logical nodes, measured seconds, shape, layout) for the modelled decode rows."""
     from fusedlis.perfmodel.volume import Layout, model_shape
 
-    out = []
+    cases = []
     for path in paths:
         with open(path, newline="") as f:
             lines = [ln for ln in f if not ln.startswith("#")]
@@ -191,23 +185,77 @@ def validate_decode(hw: Hardware, paths: list[str]) -> list[dict[str, Any]]:
                 continue
             algo, nodes = _DECODE_SYSTEMS[system]
             try:
-                model, tp, bsz = r["model"], int(r["tp"]), int(r["batch"])
-                ctx = float(r.get("context") or r.get("seq_len") or r["prompt"])
+                tp = int(r["tp"])
+                r["_ctx"] = str(float(r.get("context") or r.get("seq_len") or r["prompt"]))
                 ms = r.get("ms_per_token") or r.get("ms")
-                meas = float(ms) * 1e3 if ms else float(r["us"])
+                meas = float(ms) * 1e-3 if ms else float(r["us"]) * 1e-6
+                int(r["batch"])
+                shape = model_shape(r["model"])
             except (KeyError, ValueError) as e:
                 raise SystemExit(f"{path}: decode rows need model, tp, batch, context and ms_per_token: {e}") from None
-            h = hw.with_(gpus_per_node=max(tp // nodes, 1))
-            if nodes > 1:
-                h = h.with_(inter=h.intra)
-            st = step_time(model_shape(model), Layout(tp, 1), h, batch=bsz, context=ctx, prefill=False,
-                           allreduce=algo)
-            pred = st.total * 1e6
-            out.append({"what": "decode", "impl": system, "model": algo, "gpus": tp,
-                        "case": f"{model} tp{tp} b{bsz} ctx{ctx:g}", "measured_us": meas,
-                        "predicted_us": pred, "rel_err": pred / meas - 1, "role": "profile",
-                        "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}"})
-    return out
+            cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
+    return cases
+
+
+def _decode_hw(hw: Hardware, tp: int, nodes: int) -> Hardware:
+    h = hw.with_(gpus_per_node=max(tp // nodes, 1))
+    return h.with_(inter=h.intra) if nodes > 1 else h  # logical nodes of one host talk over NVLink
+
+
+def fit_decode(hw: Hardware, cases: list) -> Hardware:
+    """Fit kernel_overhead, hbm_bw and gemm_flop_rate to measured decode steps (communication from `hw`).
+
+    The step model is linear in (overhead, 1/bw, 1/gemm rate) once peak FLOPs do not bind (decode), so the
+    coefficients are read off `step_time` with unit parameters and fitted by least squares on relative error.
+    """
+    import numpy as np
+
+    from fusedlis.perfmodel.step import KERNELS_PER_LAYER, KERNELS_PER_STEP, step_time
+
+    big = 1e30
+    rows, rhs = [], []
+    for r, algo, nodes, meas, shape, lay in cases:
+        h = _decode_hw(hw, lay.tp, nodes).with_(peak_flops=big)
+        kw = dict(batch=int(r["batch"]), context=float(r["_ctx"]), prefill=False, allreduce=algo)
+        comm = step_time(shape, lay, h, **kw).comm
+        nbytes = step_time(shape, lay, h.with_(hbm_bw=1.0, gemm_flop_rate=0.0), **kw).compute
+        flops = step_time(shape, lay, h.with_(hbm_bw=big, gemm_flop_rate=1.0), **kw).compute
+        k = shape.num_hidden_layers * KERNELS_PER_LAYER + KERNELS_PER_STEP
+        rows.append([k / meas, nbytes / meas, flops / meas])
+        rhs.append((meas - comm) / meas)
+    (a, x1, x2), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
+    if x1 <= 0:
+        raise SystemExit("decode fit: step time does not grow with bytes; cannot fit a bandwidth")
+    return hw.with_(kernel_overhead=max(float(a), 0.0), hbm_bw=1.0 / float(x1),
+                    gemm_flop_rate=1.0 / float(x2) if x2 > 0 else 0.0)
+
+
+def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None) -> tuple[list[dict[str, Any]], Hardware]:
+    """Decode step rows of bench/decode.py (model, tp, system, batch, context, ms_per_token) vs `step_time`.
+
+    Systems outside `_DECODE_SYSTEMS` (eager torch, Hugging Face) are skipped: the model describes CUDA-graph
+    decode. `nvrar-2node` runs 2 logical nodes over NVLink, so its "network" is modelled with NVLink terms.
+    The fused GEMM + all-reduce is costed as GEMM then fusedlis' auto all-reduce. With `fit_tp`, the engine's
+    compute terms (`fit_decode`) are fitted on the rows with tp == fit_tp and every other row is held out.
+    """
+    from fusedlis.perfmodel.step import step_time
+
+    cases = _decode_cases(hw, paths)
+    if fit_tp is not None:
+        fit = [c for c in cases if c[5].tp == fit_tp]
+        if len(fit) < 3:
+            raise SystemExit(f"decode fit needs >= 3 rows with tp={fit_tp}, found {len(fit)}")
+        hw = fit_decode(hw, fit)
+    out = []
+    for r, algo, nodes, meas, shape, lay in cases:
+        st = step_time(shape, lay, _decode_hw(hw, lay.tp, nodes), batch=int(r["batch"]), context=float(r["_ctx"]),
+                       prefill=False, allreduce=algo)
+        role = "profile" if fit_tp is None else ("fit" if lay.tp == fit_tp else "held-out")
+        out.append({"what": "decode", "impl": r["system"], "model": algo, "gpus": lay.tp,
+                    "case": f"{r['model']} tp{lay.tp} b{r['batch']} ctx{float(r['_ctx']):g}",
+                    "measured_us": meas * 1e6, "predicted_us": st.total * 1e6, "rel_err": st.total / meas - 1,
+                    "role": role, "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}"})
+    return out, hw
 
 
 _LAYER_VARIANTS = {"cublas+nccl": "nccl", "cublas+symm_one_shot": "oneshot", "cublas+symm_two_shot": "twoshot"}
@@ -371,15 +419,19 @@ def committed_runs() -> list[list[str]]:
         prefix = r / f"perfmodel_validation_allreduce_{tag}"
         runs.append(["--fit-from", rel(newest), "--reduce-GBps", "1433", "--out-prefix", rel(prefix)]
                     + (["--layer", *map(rel, fused)] if fused else []))
-        if decode:  # its profile (fusedlis kernels, NCCL, in-graph GEMMs, hiding) against measured decode steps
+        calibrated = list(r.glob("perfmodel_profile_*.json")) + list(r.glob("calibrated_*.json"))
+        if decode and not calibrated:  # its profile against measured decode steps
             runs.append(["--profile", rel(Path(str(prefix) + "_profile.json")), "--decode", *map(rel, decode),
-                         "--out-prefix", rel(r / "perfmodel_validation_decode_h200x2")])
-    for prof in sorted(r.glob("perfmodel_profile_*.json")):
+                         "--decode-fit-tp", "1", "--out-prefix", rel(r / "perfmodel_validation_decode_h200x2")])
+    # profiles written by `fusedlis calibrate` (e.g. calibrated_2xH200_<date>.json) against the other runs
+    for prof in sorted(r.glob("perfmodel_profile_*.json")) + sorted(r.glob("calibrated_*.json")):
         tag = prof.stem.removeprefix("perfmodel_profile_")
         args = ["--profile", rel(prof), "--out-prefix", rel(r / f"perfmodel_validation_{tag}")]
-        args += (["--allreduce", rel(max(allreduce, key=lambda p: p.stem.split("_")[2]))] if allreduce else [])
+        # the variants whose algorithms calibrate measured (NCCL and fusedlis' own one-/two-shot kernels)
+        args += (["--allreduce", rel(max(allreduce, key=lambda p: p.stem.split("_")[2])),
+                  "--only", "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"] if allreduce else [])
         args += (["--layer", *map(rel, fused)] if fused else [])
-        args += (["--decode", *map(rel, decode)] if decode else [])
+        args += (["--decode", *map(rel, decode), "--decode-fit-tp", "1"] if decode else [])
         if len(args) > 4:
             runs.append(args)
     return runs
@@ -404,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-sizes", default="8K,128K,1M,4M", help="all-reduce sizes used for fitting")
     ap.add_argument("--allreduce", nargs="*", default=[], help="measured all-reduce CSVs to compare (no fitting)")
     ap.add_argument("--decode", nargs="*", default=[], help="measured decode-step CSVs to compare")
+    ap.add_argument("--only", default=None,
+                    help="with --allreduce: compare only these variants (comma-separated), e.g. the ones the "
+                         "profile's terms were measured with")
+    ap.add_argument("--decode-fit-tp", type=int, default=None,
+                    help="fit the engine's compute terms on the decode rows of this TP size, hold out the others")
     ap.add_argument("--layer", nargs="*", default=[],
                     help="bench/fused.py CSVs: GEMM + all-reduce layers compared with the serial-sum model")
     ap.add_argument("--reduce-GBps", type=float, default=None,
@@ -445,9 +502,19 @@ def main(argv: list[str] | None = None) -> int:
                       "marked 'profile').")
     if args.allreduce:
         ar, gm = read_rows(args.allreduce)
+        if args.only:
+            keep = {x.strip() for x in args.only.split(",")}
+            ar = [r for r in ar if r["impl"] in keep]
         rows += validate_allreduce(hw, ar, None) + (validate_gemm(hw, gm, False) if gm else [])
     if args.decode:
-        rows += validate_decode(hw, args.decode)
+        dec_rows, hw = validate_decode(hw, args.decode, args.decode_fit_tp)
+        rows += dec_rows
+        if args.decode_fit_tp is not None:
+            header.append(f"Decode rows: the engine's compute terms fitted on the tp={args.decode_fit_tp} rows "
+                          f"(kernel overhead {hw.kernel_overhead * 1e6:.2f} us, {hw.hbm_bw / 1e12:.2f} TB/s, "
+                          f"GEMM {hw.gemm_flop_rate / 1e12:.0f} TFLOP/s on top); every other tp held out, its "
+                          "communication from the all-reduce terms of the profile.")
+            save_profile(hw.with_(name=Path(args.out_prefix).name + "_profile"), args.out_prefix + "_profile.json")
     if args.layer:
         lay_rows, hw = validate_layer(hw, args.layer, 1 if args.fit_from else None, fitted)
         rows += lay_rows

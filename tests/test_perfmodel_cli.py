@@ -282,3 +282,36 @@ def test_gpufacts_allreduce_held_out_sizes_within_15_percent():
     assert len(held) == 16
     bad = [(r["impl"], r["case"]) for r in held if abs(r["rel_err"]) > 0.15]
     assert bad in ([], [("nccl", "2097152")])
+
+
+def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
+    from fusedlis.perfmodel.step import step_time
+    from fusedlis.perfmodel.volume import Layout, model_shape
+
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = get_hardware("h200-ndr").with_(peak_flops=1e30)
+    truth = base.with_(kernel_overhead=7e-6, hbm_bw=4.0e12, gemm_flop_rate=600e12)
+    shape = model_shape("llama-3.1-8b")
+    lines = ["# fake", "model,tp,system,batch,context,ms_per_token"]
+    for tp in (1, 2):
+        for b in (1, 8, 64):
+            for ctx in (512, 4096):
+                t = step_time(shape, Layout(tp, 1), truth.with_(gpus_per_node=tp), batch=b, context=ctx,
+                              prefill=False, allreduce="nccl").total
+                lines.append(f"llama-3.1-8b,{tp},fusedlis-nccl,{b},{ctx},{t * 1e3}")
+    f = tmp_path / "decode_tp.csv"
+    f.write_text("\n".join(lines) + "\n")
+    prof = tmp_path / "p.json"
+    save_profile(base, prof)
+    prefix = str(tmp_path / "d")
+    assert mod.main(["--profile", str(prof), "--decode", str(f), "--decode-fit-tp", "1", "--out-prefix", prefix]) == 0
+    fitted = load_profile(prefix + "_profile.json")
+    assert fitted.kernel_overhead == pytest.approx(7e-6, rel=1e-3)
+    assert fitted.hbm_bw == pytest.approx(4.0e12, rel=1e-3)
+    assert fitted.gemm_flop_rate == pytest.approx(600e12, rel=1e-3)
+    with open(prefix + ".csv") as fh:
+        rows = list(csv.DictReader(fh))
+    held = [r for r in rows if r["role"] == "held-out"]
+    assert len(held) == 6 and all(abs(float(r["rel_err"])) < 1e-3 for r in held)

@@ -102,6 +102,9 @@ class Hardware:
     # for fusedlis/custom kernels and for NCCL (fitted from GEMM + all-reduce pairs timed against the GEMM alone).
     ar_latency_hidden: float = 0.0
     nccl_latency_hidden: float = 0.0
+    # Extra FLOP rate term of decode GEMMs (s += flops / rate on top of streaming the weights); skinny GEMMs with
+    # M of 8-64 rows cost more than their bytes. 0 disables it. Fitted from measured decode steps.
+    gemm_flop_rate: float = 0.0
 
     def latency_hidden(self, algo: str) -> float:
         """The hidden fraction that applies to all-reduce algorithm `algo`."""
@@ -118,7 +121,7 @@ class Hardware:
             "hbm_GBps": self.hbm_bw / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
             "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
             "reduce_GBps": 1e-9 / self.gamma, "ar_latency_hidden": self.ar_latency_hidden,
-            "nccl_latency_hidden": self.nccl_latency_hidden,
+            "nccl_latency_hidden": self.nccl_latency_hidden, "gemm_TFLOPs": self.gemm_flop_rate / 1e12,
             "intra": self.intra.to_json(), "inter": self.inter.to_json(), "sources": list(self.sources),
         }
 
@@ -264,7 +267,8 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         gamma=1.0 / (_num(d, "reduce_GBps", source, required=False, default=hbm / 3.0) * 1e9),
         intra=_link(d["intra"], f"{source}: field 'intra'"), inter=_link(d["inter"], f"{source}: field 'inter'"),
         sources=tuple(sources), ar_latency_hidden=_fraction(d, "ar_latency_hidden", source),
-        nccl_latency_hidden=_fraction(d, "nccl_latency_hidden", source))
+        nccl_latency_hidden=_fraction(d, "nccl_latency_hidden", source),
+        gemm_flop_rate=_num(d, "gemm_TFLOPs", source, required=False, default=0.0, positive=False) * 1e12)
 
 
 def load_profile(path: str | Path) -> Hardware:

@@ -50,6 +50,11 @@ def _kernel(hw: Hardware, nbytes: float, flops: float) -> float:
     return max(nbytes / hw.hbm_bw, flops / hw.peak_flops)
 
 
+def _gemm(hw: Hardware, nbytes: float, flops: float) -> float:
+    extra = flops / hw.gemm_flop_rate if hw.gemm_flop_rate > 0 else 0.0
+    return _kernel(hw, nbytes, flops) + extra
+
+
 def _local_kv_heads(shape: ModelShape, tp: int) -> int:
     # KV heads are replicated when tp exceeds their number.
     return max(1, shape.num_key_value_heads // tp)
@@ -67,7 +72,7 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
     inter = shape.intermediate_size // tp
     t = 0.0
     for n_in, n_out in ((h, (hq + 2 * hkv) * hd), (hq * hd, h), (h, 2 * inter), (inter, h)):
-        t += _kernel(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out)
+        t += _gemm(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out)
     kv_width = 2 * hkv * hd
     if prefill:
         # causal: each of `context` positions attends to half the prompt on average
@@ -104,7 +109,7 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes)
     h, v, b = shape.hidden_size, shape.vocab_size, dtype_bytes
     emb = _kernel(hw, tokens * h * b * 2, 0)
-    head = _kernel(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h)
+    head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h)
     st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
     st.overhead = hw.kernel_overhead * (L * KERNELS_PER_LAYER + KERNELS_PER_STEP)
 
