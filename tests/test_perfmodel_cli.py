@@ -315,3 +315,11 @@ def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
         rows = list(csv.DictReader(fh))
     held = [r for r in rows if r["role"] == "held-out"]
     assert len(held) == 6 and all(abs(float(r["rel_err"])) < 1e-3 for r in held)
+
+
+def test_reduce_row_sets_gamma():
+    rows = [{"kind": "reduce", "bytes": 1 << 30, "us": 750.0, "GBps": 0.0},
+            {"kind": "copy", "bytes": 1 << 31, "us": 792.0, "GBps": 2711.0}]  # reduce wins over copy
+    hw = profile_from_measurements(rows, get_hardware("h200-ndr"))
+    assert hw.gamma == pytest.approx(750e-6 / (1 << 30))
+    assert "fitted from measurement files" in hw.sources[0]

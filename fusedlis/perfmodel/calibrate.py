@@ -3,13 +3,14 @@
 What is measured (bf16, medians, CUDA graphs to hide launch gaps):
 - all-reduce latency over the visible GPUs for each size: NCCL, and fusedlis' own all-reduce
   (`fusedlis.comm.AllReduce`) when it imports and runs, else torch symmetric-memory one-/two-shot;
-- device-to-device copy bandwidth (bytes read + written);
+- a bf16 add of two 1 GiB tensors (the reduction rate, gamma);
+- GEMM alone and GEMM followed by each all-reduce in one graph (how much all-reduce latency hides);
 - decode-shaped GEMMs (M=1, Llama 8B/70B TP=2 weights, rotated through >= 2 GB so L2 does not hold them);
 - a large GEMM's rate.
 
 Fits: `kernel_overhead` and `hbm_bw` from GEMM time = overhead + bytes / bw; NVLink (alpha, beta) for NCCL from
 its times with the ring model, and for custom kernels from theirs with the matching model, by least squares on
-relative error. gamma is taken from the copy bandwidth (a reduction moves 3 bytes per byte reduced).
+relative error. gamma = add time / operand bytes.
 Inter-node terms and anything not measured come from the base profile. Fitting needs no GPU (`fit_link`).
 """
 
@@ -279,12 +280,14 @@ def _measure_single_gpu() -> list[dict[str, Any]]:
     import torch
 
     rows: list[dict[str, Any]] = []
-    n = 1 << 29  # 1 GiB of bf16
-    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    t = _time_graph(lambda: dst.copy_(src), 5)
-    rows.append({"kind": "copy", "bytes": 2 * 2 * n, "us": t * 1e6, "GBps": 2 * 2 * n / t / 1e9})
-    del src, dst
+    n = 1 << 29  # 1 GiB of bf16 per operand
+    a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    c = torch.empty_like(a)
+    # an elementwise kernel: a copy_ captured in a graph becomes a memcpy node run by a copy engine (slower)
+    t = _time_graph(lambda: torch.add(a, b, out=c), 5)
+    rows.append({"kind": "reduce", "bytes": 2 * n, "us": t * 1e6, "GBps": 3 * 2 * n / t / 1e9})
+    del a, b, c
     for k, nn in GEMM_SHAPES:
         wbytes = k * nn * 2
         copies = max(2, math.ceil(2e9 / wbytes))
@@ -341,6 +344,7 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
     """Fit a profile from raw rows (as `measure` returns or `read_raw_csv` reads); unmeasured fields from `base`."""
     dev = next((r for r in rows if r.get("kind") == "device"), {})
     copies = [r for r in rows if r.get("kind") == "copy"]
+    reduces = [r for r in rows if r.get("kind") == "reduce"]
     gemms = [(float(r["bytes"]), float(r["us"]) * 1e-6) for r in rows if r.get("kind") == "gemm"]
     peaks = [float(r["TFLOPs"]) for r in rows if r.get("kind") == "peak"]
     hw = base
@@ -350,7 +354,11 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
     else:
         notes = [f"fitted from measurement files (bench/validate_perfmodel.py); inter-node and unmeasured "
                  f"fields from {base.name}"]
-    if copies:
+    if reduces:
+        g = statistics.median(float(r["us"]) * 1e-6 / float(r["bytes"]) for r in reduces)
+        hw = hw.with_(gamma=g)
+        notes.append(f"bf16 a + b over 1 GiB operands: {3e-12 / g:.2f} TB/s moved; gamma = time / operand bytes")
+    elif copies:
         bw = statistics.median(float(r["GBps"]) for r in copies) * 1e9
         hw = hw.with_(gamma=3.0 / bw)
         notes.append(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write); gamma = 3 / copy bandwidth")

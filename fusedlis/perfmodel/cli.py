@@ -190,8 +190,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "calibrate", help="measure NVLink all-reduce alpha/beta, HBM bandwidth and GEMM rate; write a profile",
         description="Measure the GPUs of this machine (needs CUDA; NVLink terms need >= 2 GPUs): all-reduce "
-                    "latency over NCCL and, if available, fusedlis' own all-reduce, device-to-device copy "
-                    "bandwidth, decode-shaped GEMM times and a large GEMM's rate. Fits the alpha/beta/overhead "
+                    "latency over NCCL and, if available, fusedlis' own all-reduce, a large bf16 add "
+                    "(reduction rate), decode-shaped GEMM times and a large GEMM's rate. Fits the alpha/beta/overhead "
                     "terms and writes a JSON profile for `fusedlis predict --hardware FILE`. Inter-node terms "
                     "cannot be measured on one node: they are copied from --base.")
     p.add_argument("--out", required=True, help="profile JSON to write")
