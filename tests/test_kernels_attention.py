@@ -1,5 +1,7 @@
 """decode_attention: flash-decoding over the KV cache (GQA, per-sequence lengths) vs float64."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -35,7 +37,8 @@ def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False):
 def cases(draw):
     cfg = None
     if draw(st.booleans()):
-        cfg = {"NUM_SPLITS": draw(st.integers(1, 5)), "BLOCK_N": draw(st.sampled_from([16, 32])), "num_warps": 4}
+        cfg = {"NUM_SPLITS": draw(st.integers(1, 5)), "BLOCK_N": draw(st.sampled_from([16, 32])), "num_warps": 4,
+               "FUSED_REDUCE": draw(st.booleans())}
     return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4])),
             draw(st.sampled_from([16, 24, 32])), draw(st.integers(1, 90)),
             draw(st.sampled_from([torch.float32, torch.float16])), cfg)
@@ -47,9 +50,19 @@ def test_decode_attention_matches_reference(case):
     assert run_case(B, Hkv, group, D, S, dtype, cfg) < TOL[dtype]
 
 
-def test_decode_attention_more_splits_than_blocks():
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_attention_more_splits_than_blocks(fused):
     # Many splits are empty for short sequences: their partials must not contribute.
-    assert run_case(2, 2, 2, 16, 200, torch.float32, {"NUM_SPLITS": 12, "BLOCK_N": 16}, seed=3) < 1e-5
+    cfg = {"NUM_SPLITS": 12, "BLOCK_N": 16, "FUSED_REDUCE": fused}
+    assert run_case(2, 2, 2, 16, 200, torch.float32, cfg, seed=3) < 1e-5
+
+
+def test_decode_attention_fused_reduce_counters_reset():
+    mod = importlib.import_module("fusedlis.triton_kernels.decode_attention")
+    for seed in range(2):
+        assert run_case(2, 3, 2, 16, 90, torch.float32, {"NUM_SPLITS": 4, "BLOCK_N": 16, "FUSED_REDUCE": True},
+                        seed=seed) < 1e-5
+        assert mod._COUNTERS and all(int(c.abs().sum()) == 0 for c in mod._COUNTERS.values())
 
 
 def test_decode_attention_configs():
@@ -81,3 +94,14 @@ def test_decode_attention_gpu_bf16(B, Hkv, group, S):
     key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
     for cfg in [None] + decode_attention_configs(key)[:5]:
         assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hkv,group,S", [(1, 4, 4, 2048), (8, 1, 8, 8192), (3, 2, 5, 333)])
+def test_decode_attention_gpu_bf16_fused_reduce(B, Hkv, group, S):
+    key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
+    fused = [c for c in decode_attention_configs(key) if c.get("FUSED_REDUCE")]
+    assert fused
+    for cfg in fused:
+        for seed in range(2):  # twice: the arrival counters must reset
+            assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=seed) < 1e-2, cfg

@@ -53,10 +53,13 @@ for M in (1, 32):
                                                           "stride_ym", "stride_rm")]
     out[f"linear_M{M}"] = stats(_linear_kernel, types, consts, div, cfg["num_warps"], cfg["num_stages"])
 names = _decode_attention_kernel.arg_names
-types = ["*bf16"] * 3 + ["*i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 8 + ["constexpr"] * 5
+types = (["*bf16"] * 3 + ["*i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 8 + ["*bf16", "*i32", "i32", "i32"]
+         + ["constexpr"] * 7)
 div = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "SPLIT_LEN"]
-out["attention"] = stats(_decode_attention_kernel, types,
-                         {"D": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": False}, div, 4, 2)
+for fused in (False, True):
+    out["attention" + ("_fused_reduce" if fused else "")] = stats(
+        _decode_attention_kernel, types, {"D": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": False,
+                                          "FUSED_REDUCE": fused, "BLOCK_S": 32}, div, 4, 2)
 print(json.dumps(out))
 '''
 
@@ -79,7 +82,7 @@ def sass_stats():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["linear_M1", "linear_M32", "attention"])
+@pytest.mark.parametrize("name", ["linear_M1", "linear_M32", "attention", "attention_fused_reduce"])
 def test_sm90_streams_16B_cp_async_without_spills(sass_stats, name):
     s = sass_stats[name]
     assert s["ldgsts128"] > 0, s  # operands stream via 16-byte cp.async

@@ -4,6 +4,8 @@ Pass 1 (`_decode_attention_kernel`): one program per (sequence, kv head, KV spli
 q heads of its GQA group at once, so each K/V row is read from HBM exactly once, runs an online softmax
 over its slice of positions and writes an fp32 partial output and its log-sum-exp.
 Pass 2 (`_decode_attention_reduce_kernel`): one program per (sequence, q head) merges the splits.
+With ``config["FUSED_REDUCE"]`` the last-arriving split program of each (sequence, kv head) merges
+instead (per-tile arrival counter, as in `linear`'s split-K), saving the second launch; opt-in, untimed.
 Cache layout: `[max_batch, Hkv, max_seq_len, D]`; sequence b uses cache row b and positions
 `[0, seq_lens[b])`. Splits are sized from max_seq_len (no host sync on seq_lens), so programs whose slice
 lies past a sequence's length exit after writing an empty partial.
@@ -23,9 +25,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scale,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-                             GROUP, SPLIT_LEN, NUM_SPLITS,
+                             GROUP, SPLIT_LEN, NUM_SPLITS, out_ptr, cnt_ptr, stride_ob, stride_oh,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -76,26 +79,44 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scal
     tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(lse_ptr + out_rows, lse, mask=mask_g)
 
+    if FUSED_REDUCE:
+        # Last-arriving split of this (sequence, kv head) merges all splits of its q heads: one launch.
+        # Same protocol as linear's split-K fixup: barrier, release/acquire counter, .cg re-reads, reset.
+        tl.debug_barrier()
+        Hkv = tl.num_programs(1)
+        arrived = tl.atomic_add(cnt_ptr + b * Hkv + hkv, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            for g in range(GROUP):
+                head = hkv * GROUP + g
+                _merge_splits(o_ptr, lse_ptr, out_ptr, b, head, Hkv * GROUP, NUM_SPLITS, stride_ob, stride_oh,
+                              D, BLOCK_S, BLOCK_D)
+            tl.atomic_xchg(cnt_ptr + b * Hkv + hkv, 0)
+
 
 @triton.jit
-def _decode_attention_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS, stride_ob, stride_oh, H,
-                                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, h, H, NUM_SPLITS, stride_ob, stride_oh,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < NUM_SPLITS
     mask_d = offs_d < D
     rows = (b.to(tl.int64) * H + h) * NUM_SPLITS + offs_s
-    lse = tl.load(lse_ptr + rows, mask=mask_s, other=float("-inf"))
+    lse = tl.load(lse_ptr + rows, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
     m = tl.max(lse, axis=0)
     wgt = tl.where(mask_s & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
     o = tl.load(o_part_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
-                other=0.0)
+                other=0.0, cache_modifier=".cg")
     den = tl.sum(wgt, axis=0)
     res = tl.sum(o * wgt[:, None], axis=0) / tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
              res.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _decode_attention_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS, stride_ob, stride_oh, H,
+                                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    _merge_splits(o_part_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), H, NUM_SPLITS,
+                  stride_ob, stride_oh, D, BLOCK_S, BLOCK_D)
 
 
 def decode_attention_key(B: int, Hq: int, Hkv: int, D: int, S: int, dtype: torch.dtype) -> dict:
@@ -114,7 +135,12 @@ def decode_attention_default_config(key: dict) -> dict:
 
 
 def decode_attention_configs(key: dict) -> list[dict]:
-    """The search space the tuner sweeps for `key` (always contains the default)."""
+    """The search space the tuner sweeps for `key` (always contains the default).
+
+    Configs with ``FUSED_REDUCE: True`` merge the splits inside the main kernel (one launch instead of
+    two); they are correct on CPU (interpreter tests) but were not timed on a GPU yet, so no default uses
+    them.
+    """
     S = int(key["S"])
     base = decode_attention_default_config(key)
     out = [base]
@@ -125,6 +151,13 @@ def decode_attention_configs(key: dict) -> list[dict]:
                 cfg = {"NUM_SPLITS": splits, "BLOCK_N": bn, "num_warps": nw, "num_stages": 2}
                 if cfg not in out:
                     out.append(cfg)
+    # One-launch variants (merge in the last-arriving split program), small split counts only: the merge
+    # holds a [splits, D] fp32 tile per q head in registers.
+    for cfg in list(out):
+        if cfg["NUM_SPLITS"] <= 32:
+            fused = dict(cfg, FUSED_REDUCE=True)
+            if fused not in out:
+                out.append(fused)
     return out
 
 
@@ -139,6 +172,18 @@ def _partials(device, n_rows: int, D: int):
         lse = torch.empty(max(n_rows, 4096), dtype=torch.float32, device=device)
         _PARTIALS[key] = (o, lse)
     return o, lse
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < n:
+        cnt = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)  # zero at rest (self-resetting)
+        _COUNTERS[key] = cnt
+    return cnt
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -184,13 +229,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = Hq // Hkv
     o_part, lse = _partials(q.device, B * Hq * splits, D)
     block_d = triton.next_power_of_2(D)
+    fused = bool(config.get("FUSED_REDUCE", False)) and splits > 1
+    cnt = _counters(q.device, B * Hkv) if fused else lse
     _decode_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, seq_lens, o_part, lse, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        group, split_len, splits,
+        group, split_len, splits, out, cnt, out.stride(0), out.stride(1),
         D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, BLOCK_S=triton.next_power_of_2(splits),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    if fused:
+        return out
     _decode_attention_reduce_kernel[(B, Hq)](
         o_part, lse, out, splits, out.stride(0), out.stride(1), Hq,
         D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
