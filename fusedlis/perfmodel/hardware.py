@@ -126,26 +126,32 @@ class Hardware:
         }
 
 
-# Measured on 2xH200 (bench/results/fused_NVIDIA_H200x2_1x2_20261122.csv, cuBLAS GEMMs alone in a CUDA graph,
-# M=1, weights rotated past L2): decode GEMMs cost 4.0 us + bytes / 4.37 TB/s, i.e. 91% of the 4.8 TB/s
-# datasheet rate; a copy reaches 4.3 TB/s (gpu-facts.md). GEMM + all-reduce pairs in the same file hide 34% of
-# NCCL's latency and none of the custom kernels' (bench/results/perfmodel_validation_gpufacts.md).
-# Built-ins apply these fractions to every GPU (an assumption off H200).
-GEMM_HBM_EFFICIENCY = 0.91
+# Built-ins describe the fusedlis engine's decode, fitted on H200 and scaled to each GPU's datasheet:
+# - kernel overhead 7.3 us, HBM 86% of the datasheet rate (4.13 of 4.8 TB/s) and GEMM flops at 86% of the
+#   datasheet peak on top of the weight stream: the compute terms fitted on TP=1 decode steps of bench/decode.py
+#   (bench/results/perfmodel_validation_calibrated_2xH200_2026-11-22.md), which then predict the TP=2 steps;
+# - reductions at 90% of the datasheet rate (H200 copy 4.3 TB/s, gpu-facts.md);
+# - after a GEMM in one CUDA graph, 34% of NCCL's all-reduce latency hides and 8% of fusedlis' own
+#   (`fusedlis calibrate` on 2xH200, bench/results/calibrated_2xH200_2026-11-22.json).
+# Off H200 these fractions are assumptions.
+GEMM_HBM_EFFICIENCY = 0.86
+GEMM_FLOP_EFFICIENCY = 0.86
 COPY_HBM_EFFICIENCY = 0.90
-KERNEL_OVERHEAD_US = 4.0
-AR_LATENCY_HIDDEN = 0.0
+KERNEL_OVERHEAD_US = 7.3
+AR_LATENCY_HIDDEN = 0.08
 NCCL_LATENCY_HIDDEN = 0.34
 
 
 def _hw(name: str, gpu: str, gpn: int, hbm_GBps: float, tflops: float, mem_GB: float, intra: Link, inter: Link,
         sources: list[str]) -> Hardware:
-    eff = (f"HBM: {GEMM_HBM_EFFICIENCY:.0%} of the datasheet rate for kernels, {COPY_HBM_EFFICIENCY:.0%} for "
-           f"reductions; {KERNEL_OVERHEAD_US:g} us per kernel; NCCL latency hidden after a GEMM "
-           f"{NCCL_LATENCY_HIDDEN:.0%} (measured on H200, assumed for this GPU)")
+    eff = (f"fusedlis engine terms fitted on H200 decode, assumed for this GPU: HBM {GEMM_HBM_EFFICIENCY:.0%} of "
+           f"the datasheet rate for kernels, {COPY_HBM_EFFICIENCY:.0%} for reductions; GEMM flops at "
+           f"{GEMM_FLOP_EFFICIENCY:.0%} of peak on top; {KERNEL_OVERHEAD_US:g} us per kernel; all-reduce latency "
+           f"hidden after a GEMM: NCCL {NCCL_LATENCY_HIDDEN:.0%}, fusedlis {AR_LATENCY_HIDDEN:.0%}")
     return Hardware(name, gpu, gpn, GEMM_HBM_EFFICIENCY * hbm_GBps * 1e9, tflops * 1e12, mem_GB * 1e9,
                     KERNEL_OVERHEAD_US * 1e-6, 3.0 / (COPY_HBM_EFFICIENCY * hbm_GBps * 1e9), intra, inter,
-                    tuple(sources + [eff]), AR_LATENCY_HIDDEN, NCCL_LATENCY_HIDDEN)
+                    tuple(sources + [eff]), AR_LATENCY_HIDDEN, NCCL_LATENCY_HIDDEN,
+                    GEMM_FLOP_EFFICIENCY * tflops * 1e12)
 
 
 # Link numbers are not all datasheet values. Hopper NVLink (alpha, bandwidth) are the fits to the measured

@@ -50,8 +50,9 @@ def _kernel(hw: Hardware, nbytes: float, flops: float) -> float:
     return max(nbytes / hw.hbm_bw, flops / hw.peak_flops)
 
 
-def _gemm(hw: Hardware, nbytes: float, flops: float) -> float:
-    extra = flops / hw.gemm_flop_rate if hw.gemm_flop_rate > 0 else 0.0
+def _gemm(hw: Hardware, nbytes: float, flops: float, skinny: bool) -> float:
+    # Skinny (decode) GEMMs pay for their flops on top of streaming the weights; prefill GEMMs are plain roofline.
+    extra = flops / hw.gemm_flop_rate if skinny and hw.gemm_flop_rate > 0 else 0.0
     return _kernel(hw, nbytes, flops) + extra
 
 
@@ -72,7 +73,7 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
     inter = shape.intermediate_size // tp
     t = 0.0
     for n_in, n_out in ((h, (hq + 2 * hkv) * hd), (hq * hd, h), (h, 2 * inter), (inter, h)):
-        t += _gemm(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out)
+        t += _gemm(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out, not prefill)
     kv_width = 2 * hkv * hd
     if prefill:
         # causal: each of `context` positions attends to half the prompt on average
@@ -109,7 +110,7 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes)
     h, v, b = shape.hidden_size, shape.vocab_size, dtype_bytes
     emb = _kernel(hw, tokens * h * b * 2, 0)
-    head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h)
+    head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h, True)
     st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
     st.overhead = hw.kernel_overhead * (L * KERNELS_PER_LAYER + KERNELS_PER_STEP)
 
