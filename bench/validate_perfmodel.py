@@ -22,9 +22,13 @@ Modes:
   GEMM rows: overhead and bandwidth fitted on every other shape by size plus the largest, the rest held out.
   Reports the held-out error: that is the validation.
 - `--profile FILE`: no fitting; predictions straight from the profile (nccl rows use its NCCL link, others
-  its custom link).
-- `--decode CSV`: measured decode step latency rows (columns model, tp, batch, context, and ms or us) are
-  compared with `step_time` for that TP layout on one node.
+  their algorithm's terms); `--only` keeps the variants the profile was measured with.
+- `--layer CSV`: bench/fused.py rows, GEMM + all-reduce in one graph, against the same file's GEMM-only time
+  plus the all-reduce model (with `--fit-from`, the hidden-latency fractions are fitted on M=1, rest held out).
+- `--decode CSV`: bench/decode.py rows (model, tp, system, batch, context, ms_per_token) against `step_time`
+  for that TP layout on one node; `--decode-fit-tp 1` fits the engine's compute terms on the TP=1 rows and
+  holds out the rest.
+With `--fit-from` or `--decode-fit-tp` the fitted profile is written to `<out-prefix>_profile.json`.
 Rows whose relative error exceeds `--tolerance` (default 0.15) are marked FAIL; the exit code is 0 either way
 unless --strict.
 """
@@ -449,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--all", action="store_true",
-                    help="alone: regenerate every committed validation (gpu-facts data; each "
-                         "bench/results/perfmodel_profile_*.json against the bench/results CSVs)")
+                    help="alone: regenerate every committed validation (gpu-facts data, the newest "
+                         "bench/allreduce.py run, each calibrated_*.json / perfmodel_profile_*.json against the "
+                         "bench/results CSVs)")
     ap.add_argument("--profile", default="h200-ndr", help="hardware profile (built-in name or JSON/YAML file)")
     ap.add_argument("--fit-from", nargs="*", default=[], help="measured CSVs to fit per implementation")
     ap.add_argument("--fit-sizes", default="8K,128K,1M,4M", help="all-reduce sizes used for fitting")
