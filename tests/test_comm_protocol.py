@@ -23,14 +23,15 @@ def _inputs(call, rank, n, dtype):
     return torch.randn(n, generator=g).to(dtype)
 
 
-def _rank_main(rank, world, gpn, cases, shared, results, status):
+def _rank_main(rank, world, gpn, cases, shared, results, status, barrier):
     try:
         ws = SymmetricWorkspace.from_shared(shared, rank, world, gpn, NBYTES, FLAGS)
+        barrier.wait(timeout=120)  # start together: setup skew on a loaded 2-core machine is not a hang
         ars = {}
         for call, (alg, n, dtype) in enumerate(cases):
             if dtype not in ars:
                 ars[dtype] = DeviceAllReduce(ws, 4096, dtype, Topology(world, gpn), block=64, max_blocks=4,
-                                             max_spins=200_000)
+                                             max_spins=5_000_000)
             x = _inputs(call, rank, n, dtype)
             out = torch.full_like(x, float("nan"))
             inplace = call % 3 == 2
@@ -50,7 +51,9 @@ def _run(world, gpn, cases):
     nmax = max(n for _, n, _ in cases)
     results = torch.full((world, len(cases), nmax), float("nan"), dtype=torch.float64).share_memory_()
     status = torch.zeros(world, dtype=torch.int32).share_memory_()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, gpn, cases, shared, results, status)) for r in range(world)]
+    barrier = ctx.Barrier(world)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, gpn, cases, shared, results, status, barrier))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
