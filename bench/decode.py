@@ -75,7 +75,8 @@ def time_engine(eng, batch: int, context: int, steps: int) -> float:
 
 
 CATEGORIES = (
-    ("all-reduce", ("allreduce", "all_reduce", "nccl", "push_kernel", "finish_kernel", "one_shot", "two_shot",
+    # the fused linear_allreduce kernel counts as all-reduce although it also does its GEMM
+    ("all-reduce", ("allreduce", "all_reduce", "nccl", "push_kernel", "finish_kernel", "one_shot", "two_shot", "hier",
                     "nvrar", "symm")),
     ("attention", ("attention", "flash", "sdpa", "softmax", "rope")),
     ("GEMM", ("linear", "gemm", "matmul", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
