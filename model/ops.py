@@ -99,26 +99,23 @@ class TritonOps(TorchOps):
         return self.tk.embedding(ids.reshape(-1).contiguous(), w, vocab_start).view(*shape, w.shape[1])
 
     def attention(self, q, k, v, positions, cos, sin, k_cache, v_cache, scale, kv_len=None):
-        B, T = positions.shape
-        if k_cache is None or T > 1:
-            if k_cache is None:
-                return super().attention(q, k, v, positions, cos, sin, k_cache, v_cache, scale)
-            # Prefill: the kernel rotates and fills the cache; attention over it stays in torch.
-            q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
-                                 k_cache, v_cache)
-            L = kv_len or k_cache.shape[2]
-            keys, vals = k_cache[:B, :, :L], v_cache[:B, :, :L]
-            g = q.shape[2] // keys.shape[1]
-            mask = torch.arange(L, device=q.device).view(1, 1, L) <= positions.unsqueeze(2)
-            o = F.scaled_dot_product_attention(
-                q_rot.transpose(1, 2), keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1),
-                attn_mask=mask.unsqueeze(1), scale=scale)
-            return o.transpose(1, 2)
+        if k_cache is None:
+            return super().attention(q, k, v, positions, cos, sin, k_cache, v_cache, scale)
+        B, T, Hq, D = q.shape
+        # The kernel rotates q and k and writes k, v into the cache.
         q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
                              k_cache, v_cache)
-        seq_lens = (positions[:, 0] + 1).to(torch.int32)
-        o = self.tk.decode_attention(q_rot.view(B, q.shape[2], q.shape[3]), k_cache, v_cache, seq_lens, scale)
-        return o.view(B, 1, q.shape[2], q.shape[3])
+        if T == 1:
+            seq_lens = (positions[:, 0] + 1).to(torch.int32)
+            return self.tk.decode_attention(q_rot.view(B, Hq, D), k_cache, v_cache, seq_lens, scale).view(B, 1, Hq, D)
+        # Prefill: attention over the filled cache stays in torch.
+        L = kv_len or k_cache.shape[2]
+        keys, vals = k_cache[:B, :, :L], v_cache[:B, :, :L]
+        g = Hq // keys.shape[1]
+        mask = torch.arange(L, device=q.device).view(1, 1, L) <= positions.unsqueeze(2)
+        o = F.scaled_dot_product_attention(q_rot.transpose(1, 2), keys.repeat_interleave(g, 1),
+                                           vals.repeat_interleave(g, 1), attn_mask=mask.unsqueeze(1), scale=scale)
+        return o.transpose(1, 2)
 
 
 def get_ops(kernels: str) -> TorchOps:
