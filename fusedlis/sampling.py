@@ -15,9 +15,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        # keep a token while the mass before it is < top_p, so the top token always survives
-        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        from fusedlis.triton_kernels.sampling import top_p_mask_ref  # the one definition of the top-p set
+
+        probs = probs * top_p_mask_ref(logits, temperature, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
