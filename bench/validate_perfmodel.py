@@ -207,10 +207,14 @@ def _decode_hw(hw: Hardware, tp: int, nodes: int) -> Hardware:
 
 
 def fit_decode(hw: Hardware, cases: list) -> Hardware:
-    """Fit kernel_overhead, hbm_bw and gemm_flop_rate to measured decode steps (communication from `hw`).
+    """Fit kernel_overhead, hbm_bw and gemm_row_latency to measured decode steps (communication from `hw`).
 
-    The step model is linear in (overhead, 1/bw, 1/gemm rate) once peak FLOPs do not bind (decode), so the
+    The step model is linear in (overhead, 1/bw, row latency) once peak FLOPs do not bind (decode), so the
     coefficients are read off `step_time` with unit parameters and fitted by least squares on relative error.
+    The batch-dependent GEMM cost is a per-row latency per GEMM kernel, not a FLOP rate: on one GPU count the
+    two are proportional (both scale with batch), but going from batch 8 to 32 cost the engine about as much at
+    TP=2 as at TP=1 (bench/results/decode_tp*.csv), where a FLOP term would have halved. The FLOP-rate term is
+    switched off in the fitted profile.
     """
     import numpy as np
 
@@ -219,19 +223,19 @@ def fit_decode(hw: Hardware, cases: list) -> Hardware:
     big = 1e30
     rows, rhs = [], []
     for r, algo, nodes, meas, shape, lay in cases:
-        h = _decode_hw(hw, lay.tp, nodes).with_(peak_flops=big)
+        h = _decode_hw(hw, lay.tp, nodes).with_(peak_flops=big, gemm_flop_rate=0.0)
         kw = dict(batch=int(r["batch"]), context=float(r["_ctx"]), prefill=False, allreduce=algo)
         comm = step_time(shape, lay, h, **kw).comm
-        nbytes = step_time(shape, lay, h.with_(hbm_bw=1.0, gemm_flop_rate=0.0), **kw).compute
-        flops = step_time(shape, lay, h.with_(hbm_bw=big, gemm_flop_rate=1.0), **kw).compute
+        nbytes = step_time(shape, lay, h.with_(hbm_bw=1.0, gemm_row_latency=0.0), **kw).compute
+        per_row = step_time(shape, lay, h.with_(hbm_bw=big, gemm_row_latency=1.0), **kw).compute
         k = shape.num_hidden_layers * KERNELS_PER_LAYER + KERNELS_PER_STEP
-        rows.append([k / meas, nbytes / meas, flops / meas])
+        rows.append([k / meas, nbytes / meas, per_row / meas])
         rhs.append((meas - comm) / meas)
     (a, x1, x2), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
     if x1 <= 0:
         raise SystemExit("decode fit: step time does not grow with bytes; cannot fit a bandwidth")
-    return hw.with_(kernel_overhead=max(float(a), 0.0), hbm_bw=1.0 / float(x1),
-                    gemm_flop_rate=1.0 / float(x2) if x2 > 0 else 0.0)
+    return hw.with_(kernel_overhead=max(float(a), 0.0), hbm_bw=1.0 / float(x1), gemm_flop_rate=0.0,
+                    gemm_row_latency=max(float(x2), 0.0))
 
 
 def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None) -> tuple[list[dict[str, Any]], Hardware]:
@@ -417,12 +421,14 @@ def committed_runs() -> list[list[str]]:
             + (["--layer", *map(rel, fused)] if fused else [])]
     allreduce = sorted(r.glob("allreduce_*.csv"))
     decode = sorted(r.glob("decode_tp*.csv"))
-    if allreduce:  # the newest bench/allreduce.py run, fitted per implementation like the gpu-facts table
+    if allreduce:  # every bench/allreduce.py run, fitted per implementation like the gpu-facts table
         newest = max(allreduce, key=lambda p: p.stem.split("_")[2])
-        tag = newest.stem.removeprefix("allreduce_")
-        prefix = r / f"perfmodel_validation_allreduce_{tag}"
-        runs.append(["--fit-from", rel(newest), "--reduce-GBps", "1433", "--out-prefix", rel(prefix)]
-                    + (["--layer", *map(rel, fused)] if fused else []))
+        for run in allreduce:
+            tag = run.stem.removeprefix("allreduce_")
+            prefix = r / f"perfmodel_validation_allreduce_{tag}"
+            runs.append(["--fit-from", rel(run), "--reduce-GBps", "1433", "--out-prefix", rel(prefix)]
+                        + (["--layer", *map(rel, fused)] if fused and run == newest else []))
+        prefix = r / f"perfmodel_validation_allreduce_{newest.stem.removeprefix('allreduce_')}"
         calibrated = list(r.glob("perfmodel_profile_*.json")) + list(r.glob("calibrated_*.json"))
         if decode and not calibrated:  # its profile against measured decode steps
             runs.append(["--profile", rel(Path(str(prefix) + "_profile.json")), "--decode", *map(rel, decode),
@@ -430,13 +436,18 @@ def committed_runs() -> list[list[str]]:
     # profiles written by `fusedlis calibrate` (e.g. calibrated_2xH200_<date>.json) against the other runs
     for prof in sorted(r.glob("perfmodel_profile_*.json")) + sorted(r.glob("calibrated_*.json")):
         tag = prof.stem.removeprefix("perfmodel_profile_")
-        args = ["--profile", rel(prof), "--out-prefix", rel(r / f"perfmodel_validation_{tag}")]
+        raw = r / prof.name.replace("calibrated_", "calibrate_raw_").replace(".json", ".csv")
+        # the raw measurements refitted by the current code (the JSON holds an older code's fit); that older
+        # calibrate measured only 2M and 4M above NCCL's protocol switch, so regimes of 2 sizes are allowed
+        src = (["--raw", rel(raw), "--regime-points", "2"] if raw.is_file() and prof.name.startswith("calibrated_")
+               else ["--profile", rel(prof)])
+        args = [*src, "--out-prefix", rel(r / f"perfmodel_validation_{tag}")]
         # the variants whose algorithms calibrate measured (NCCL and fusedlis' own one-/two-shot kernels)
         args += (["--allreduce", rel(max(allreduce, key=lambda p: p.stem.split("_")[2])),
                   "--only", "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"] if allreduce else [])
         args += (["--layer", *map(rel, fused)] if fused else [])
         args += (["--decode", *map(rel, decode), "--decode-fit-tp", "1"] if decode else [])
-        if len(args) > 4:
+        if len(args) > len(src) + 2:
             runs.append(args)
     return runs
 
@@ -457,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
                          "bench/allreduce.py run, each calibrated_*.json / perfmodel_profile_*.json against the "
                          "bench/results CSVs)")
     ap.add_argument("--profile", default="h200-ndr", help="hardware profile (built-in name or JSON/YAML file)")
+    ap.add_argument("--raw", default=None, metavar="CSV",
+                    help="fit the profile from `fusedlis calibrate --raw` measurements with the current fitting code "
+                         "(on top of --profile), instead of using --profile's terms as they are")
+    ap.add_argument("--regime-points", type=int, default=3,
+                    help="with --raw: sizes each all-reduce size regime needs (default 3; a large value: one regime)")
     ap.add_argument("--fit-from", nargs="*", default=[], help="measured CSVs to fit per implementation")
     ap.add_argument("--fit-sizes", default="8K,128K,1M,4M", help="all-reduce sizes used for fitting")
     ap.add_argument("--allreduce", nargs="*", default=[], help="measured all-reduce CSVs to compare (no fitting)")
@@ -479,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.fit_from or args.allreduce or args.decode or args.layer):
         ap.error("give --fit-from, --allreduce, --decode or --layer CSVs")
     hw = get_hardware(args.profile)
+    if args.raw:
+        from fusedlis.perfmodel.calibrate import read_raw_csv
+
+        hw = profile_from_measurements(read_raw_csv(args.raw), hw, args.regime_points).with_(
+            name=Path(args.raw).stem + "_refit")
     if args.reduce_GBps is not None:
         if args.reduce_GBps <= 0:
             ap.error("--reduce-GBps must be > 0")
@@ -487,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"# perfmodel validation ({Path(args.out_prefix).name})", "",
               f"Generated by `python bench/validate_perfmodel.py {' '.join(argv)}`.",
               f"Profile: {hw.name}; gamma = {1e-9 / hw.gamma:.0f} GB/s reduced."]
+    if args.raw:
+        header.append(f"Profile fitted from the raw measurements {args.raw} by the current `profile_from_measurements` "
+                      f"(size regimes need >= {args.regime_points} sizes each): "
+                      + "; ".join(s for s in hw.sources if "fit" in s or "NVLink" in s) + ".")
     fitted: dict[str, Hardware] = {}
     if args.fit_from:
         fit_sizes = {parse_size(s) for s in args.fit_sizes.split(",")}
@@ -517,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.decode_fit_tp is not None:
             header.append(f"Decode rows: the engine's compute terms fitted on the tp={args.decode_fit_tp} rows "
                           f"(kernel overhead {hw.kernel_overhead * 1e6:.2f} us, {hw.hbm_bw / 1e12:.2f} TB/s, "
-                          f"GEMM {hw.gemm_flop_rate / 1e12:.0f} TFLOP/s on top); every other tp held out, its "
+                          f"{hw.gemm_row_latency * 1e9:.0f} ns per activation row per GEMM kernel); every other "
+                          "tp held out, its "
                           "communication from the all-reduce terms of the profile.")
             save_profile(hw.with_(name=Path(args.out_prefix).name + "_profile"), args.out_prefix + "_profile.json")
     if args.layer:

@@ -199,7 +199,7 @@ def test_per_algorithm_link_override(tmp_path):
     assert load_profile(f).to_json()["intra"]["algorithms"]["oneshot"]["alpha_us"] == pytest.approx(9.0)
     d["intra"]["algorithms"] = {"warp": {"alpha_us": 1.0, "bandwidth_GBps": 1.0}}
     f.write_text(json.dumps(d))
-    with pytest.raises(ProfileError, match=r"p\.json: field 'intra': field 'algorithms': unknown custom algo"):
+    with pytest.raises(ProfileError, match=r"p\.json: field 'intra': field 'algorithms': unknown algorithm"):
         load_profile(f)
     d["intra"]["algorithms"] = {"oneshot": {"alpha_us": 1.0}}
     f.write_text(json.dumps(d))
@@ -292,7 +292,7 @@ def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     base = get_hardware("h200-ndr").with_(peak_flops=1e30)
-    truth = base.with_(kernel_overhead=7e-6, hbm_bw=4.0e12, gemm_flop_rate=600e12)
+    truth = base.with_(kernel_overhead=7e-6, hbm_bw=4.0e12, gemm_flop_rate=0.0, gemm_row_latency=0.2e-6)
     shape = model_shape("llama-3.1-8b")
     lines = ["# fake", "model,tp,system,batch,context,ms_per_token"]
     for tp in (1, 2):
@@ -310,7 +310,8 @@ def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
     fitted = load_profile(prefix + "_profile.json")
     assert fitted.kernel_overhead == pytest.approx(7e-6, rel=1e-3)
     assert fitted.hbm_bw == pytest.approx(4.0e12, rel=1e-3)
-    assert fitted.gemm_flop_rate == pytest.approx(600e12, rel=1e-3)
+    assert fitted.gemm_row_latency == pytest.approx(0.2e-6, rel=1e-3)
+    assert fitted.gemm_flop_rate == 0.0
     with open(prefix + ".csv") as fh:
         rows = list(csv.DictReader(fh))
     held = [r for r in rows if r["role"] == "held-out"]

@@ -17,6 +17,7 @@ Inter-node terms and anything not measured come from the base profile. Fitting n
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -75,6 +76,37 @@ def fit_link(samples: list[tuple[str, int, float, float]], gamma: float, nodes: 
         rhs.append((t - m * cg * gamma) / t)
     sol, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
     return max(float(sol[0]), 0.0), max(float(sol[1]), 1e-15)
+
+
+def _rel_sse(samples: list[tuple[str, int, float, float]], gamma: float, nodes: int, a: float, b: float) -> float:
+    err = 0.0
+    for algo, p, m, t in samples:
+        ca, cb, cg = linear_coefficients(algo, nodes, p // nodes)
+        err += ((ca * a + m * (cb * b + cg * gamma)) / t - 1.0) ** 2
+    return err
+
+
+def fit_regimes(samples: list[tuple[str, int, float, float]], gamma: float, nodes: int = 1, min_points: int = 3,
+                gain: float = 0.5) -> list[tuple[float, float, float]]:
+    """Size regimes [(max_bytes, alpha, beta), ..., (inf, alpha, beta)] from (algo, gpus, bytes, seconds) samples.
+
+    Use for an implementation that switches protocol or tile size with message size (NCCL LL/LL128 -> Simple,
+    fusedlis' 1024 -> 4096-element tiles at 32 KB): one (alpha, beta) per regime. Tries every split between two
+    measured sizes that leaves >= `min_points` sizes on each side and keeps the best one only if it cuts the
+    summed squared relative error below `gain` times the single-line fit's; else one regime. The bound is the
+    geometric mean of the two sizes around the split (sizes in between were not measured).
+    """
+    one = fit_link(samples, gamma, nodes)
+    sizes = sorted({m for _, _, m, _ in samples})
+    best_err, best = gain * _rel_sse(samples, gamma, nodes, *one), [(math.inf, *one)]
+    for k in range(min_points, len(sizes) - min_points + 1):
+        lo_s = [x for x in samples if x[2] <= sizes[k - 1]]
+        hi_s = [x for x in samples if x[2] > sizes[k - 1]]
+        lo, hi = fit_link(lo_s, gamma, nodes), fit_link(hi_s, gamma, nodes)
+        err = _rel_sse(lo_s, gamma, nodes, *lo) + _rel_sse(hi_s, gamma, nodes, *hi)
+        if err < best_err:
+            best_err, best = err, [(math.sqrt(sizes[k - 1] * sizes[k]), *lo), (math.inf, *hi)]
+    return best
 
 
 def fit_gemm(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -203,22 +235,33 @@ def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, Any]]:
         return f"none (fusedlis: {err}; torch symm: {type(e2).__name__}: {e2})", {}
 
 
-def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outdir: str) -> None:
-    import json
+def _nccl_allreduce() -> tuple[str, Any]:
+    """(label, fn(x)) for NCCL: through fusedlis' AllReduce(backend="nccl") when it imports, else torch's."""
+    import torch.distributed as dist
 
+    try:
+        from fusedlis.comm import AllReduce
+
+        ar = AllReduce(backend="nccl")
+        return "fusedlis-nccl", lambda x: ar(x, inplace=True)
+    except Exception:  # noqa: BLE001 - the same NCCL call without the wrapper
+        return "torch-nccl", lambda x: dist.all_reduce(x)
+
+
+def _measure_allreduces(world: int, sizes: list[int], iters: int) -> list[dict[str, Any]]:
+    """Every all-reduce and GEMM + all-reduce row, on an initialised NCCL process group (all ranks call it)."""
     import torch
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
     rows: list[dict[str, Any]] = []
     x0 = torch.randn(max(sizes) // 2, dtype=torch.bfloat16, device="cuda")
     dist.all_reduce(x0)
     torch.cuda.synchronize()
+    nccl_label, nccl_fn = _nccl_allreduce()
+    rows.append({"kind": "note", "impl": nccl_label})
     for m in sizes:
         x = x0[: m // 2]
-        t = _time_graph(lambda: dist.all_reduce(x), iters, before_replay=dist.barrier)
+        t = _time_graph(lambda: nccl_fn(x), iters, before_replay=dist.barrier)
         rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m, "us": t * 1e6})
         dist.barrier()
     label, fns = _custom_allreduces(max(sizes))
@@ -231,7 +274,20 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
             t = _time_graph(lambda: fn(x, out), iters, before_replay=dist.barrier)
             rows.append({"kind": "allreduce", "impl": impl, "algo": algo, "gpus": world, "bytes": m, "us": t * 1e6})
             dist.barrier()
-    rows += _measure_layers(world, iters, fns, impl)
+    rows += _measure_layers(world, iters, fns, impl, nccl_fn)
+    return rows
+
+
+def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outdir: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    rows = _measure_allreduces(world, sizes, iters)
     if rank == 0:
         Path(outdir, "rank0.json").write_text(json.dumps(rows))
     dist.barrier()
@@ -241,7 +297,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
 LAYER_SHAPES = [(2048, 4096), (7168, 4096)]  # Llama-3.1-8B o_proj and down_proj at TP=2
 
 
-def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str) -> list[dict[str, Any]]:
+def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str, nccl_fn: Any) -> list[dict[str, Any]]:
     """GEMM alone and GEMM followed by each all-reduce in one graph (M=1, weights rotated past L2)."""
     import torch
     import torch.distributed as dist
@@ -254,7 +310,7 @@ def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str) -> l
         y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
         z = torch.empty_like(y)
         calls = max(copies, iters)
-        variants: dict[tuple[str, str], Any] = {("gemm", "none"): None, ("nccl", "nccl"): lambda: dist.all_reduce(y)}
+        variants: dict[tuple[str, str], Any] = {("gemm", "none"): None, ("nccl", "nccl"): lambda: nccl_fn(y)}
         for algo, fn in fns.items():
             variants[(impl, algo)] = lambda fn=fn: fn(y, z)
         times = {}
@@ -287,6 +343,9 @@ def _measure_single_gpu() -> list[dict[str, Any]]:
     # an elementwise kernel: a copy_ captured in a graph becomes a memcpy node run by a copy engine (slower)
     t = _time_graph(lambda: torch.add(a, b, out=c), 5)
     rows.append({"kind": "reduce", "bytes": 2 * n, "us": t * 1e6, "GBps": 3 * 2 * n / t / 1e9})
+    s_out = torch.empty((), dtype=torch.float32, device="cuda")
+    t = _time_graph(lambda: torch.sum(a, dtype=torch.float32, out=s_out), 5)  # a pure HBM read
+    rows.append({"kind": "read", "bytes": 2 * n, "us": t * 1e6, "GBps": 2 * n / t / 1e9})
     del a, b, c
     for k, nn in GEMM_SHAPES:
         wbytes = k * nn * 2
@@ -317,36 +376,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(sizes: list[int], iters: int = 50, gpus: int | None = None) -> list[dict[str, Any]]:
-    """Run every measurement on the visible GPUs; returns raw rows (dicts with 'kind')."""
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def measure(sizes: list[int], iters: int = 50, gpus: int | None = None) -> list[dict[str, Any]] | None:
+    """Run every measurement on the visible GPUs; returns raw rows (dicts with 'kind').
+
+    Alone it starts one process per GPU itself; under `torchrun --nproc-per-node N` it uses the N ranks and
+    returns the rows on rank 0 and None on the others.
+    """
     import json
 
     import torch
 
     if not torch.cuda.is_available():
         raise RuntimeError("calibrate needs CUDA GPUs; none are visible here")
-    n = torch.cuda.device_count() if gpus is None else gpus
-    if not 1 <= n <= torch.cuda.device_count():
-        raise ValueError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA devices are visible")
-    rows = [{"kind": "device", "name": torch.cuda.get_device_name(0), "gpus": n,
+    if _launched_by_torchrun():
+        import torch.distributed as dist
+
+        rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ["LOCAL_RANK"])
+        if gpus is not None and gpus != n:
+            raise ValueError(f"--gpus {gpus} but torchrun started {n} ranks")
+        torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        ar_rows = _measure_allreduces(n, sizes, iters)
+        dist.barrier()
+        if rank != 0:
+            return None
+    else:
+        n = torch.cuda.device_count() if gpus is None else gpus
+        if not 1 <= n <= torch.cuda.device_count():
+            raise ValueError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA devices are visible")
+        ar_rows = []
+        if n >= 2:
+            import torch.multiprocessing as mp
+
+            with tempfile.TemporaryDirectory() as d:
+                mp.spawn(_worker, args=(n, _free_port(), sizes, iters, d), nprocs=n, join=True)
+                ar_rows = json.loads(Path(d, "rank0.json").read_text())
+    rows = [{"kind": "device", "name": torch.cuda.get_device_name(), "gpus": n,
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
-    if n >= 2:
-        import torch.multiprocessing as mp
-
-        with tempfile.TemporaryDirectory() as d:
-            mp.spawn(_worker, args=(n, _free_port(), sizes, iters, d), nprocs=n, join=True)
-            rows += json.loads(Path(d, "rank0.json").read_text())
-    rows += _measure_single_gpu()
-    return rows
+    return rows + ar_rows + _measure_single_gpu()
 
 
-def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Hardware:
-    """Fit a profile from raw rows (as `measure` returns or `read_raw_csv` reads); unmeasured fields from `base`."""
+def _regime_text(regs: list[tuple[float, float, float]]) -> str:
+    parts = [f"alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s" + (f" up to {mx / 1024:.0f} KiB" if mx != math.inf
+                                                                else "") for mx, a, b in regs]
+    return "; ".join(parts)
+
+
+def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_regime_points: int = 3) -> Hardware:
+    """Fit a profile from raw rows (as `measure` returns or `read_raw_csv` reads); unmeasured fields from `base`.
+
+    Each all-reduce implementation gets size regimes (`fit_regimes`) when its times show a protocol switch and
+    each regime has >= `min_regime_points` measured sizes; a large `min_regime_points` forces one regime.
+    """
     dev = next((r for r in rows if r.get("kind") == "device"), {})
     copies = [r for r in rows if r.get("kind") == "copy"]
     reduces = [r for r in rows if r.get("kind") == "reduce"]
     gemms = [(float(r["bytes"]), float(r["us"]) * 1e-6) for r in rows if r.get("kind") == "gemm"]
     peaks = [float(r["TFLOPs"]) for r in rows if r.get("kind") == "peak"]
+    reads = [float(r["GBps"]) for r in rows if r.get("kind") == "read"]
     hw = base
     if dev:
         notes = [f"calibrated {dev.get('date', '?')} on {dev.get('gpus', '?')} x {dev.get('name', '?')} "
@@ -362,6 +455,9 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
         bw = statistics.median(float(r["GBps"]) for r in copies) * 1e9
         hw = hw.with_(gamma=3.0 / bw)
         notes.append(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write); gamma = 3 / copy bandwidth")
+    if reads:
+        notes.append(f"bf16 sum over 1 GiB: {statistics.median(reads) / 1e3:.2f} TB/s read (streaming HBM rate; "
+                     "hbm_bw below is what decode GEMMs reach)")
     if len(gemms) >= 2:
         ov, bw = fit_gemm(gemms)
         hw = hw.with_(kernel_overhead=ov, hbm_bw=bw)
@@ -373,9 +469,9 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
     intra = hw.intra
     nccl = [("ring", int(r["gpus"]), float(r["bytes"]), float(r["us"]) * 1e-6) for r in ars if r["impl"] == "nccl"]
     if len(nccl) >= 2:
-        a, b = fit_link(nccl, hw.gamma)
-        intra = Link(intra.alpha, intra.beta, a, b)
-        notes.append(f"NCCL NVLink fit (ring model): alpha {a * 1e6:.2f} us, {1e-9 / b:.0f} GB/s")
+        regs = fit_regimes(nccl, hw.gamma, min_points=min_regime_points)
+        intra = intra.with_regimes("nccl", regs)
+        notes.append(f"NCCL NVLink fit (ring model): {_regime_text(regs)}")
     custom = [r for r in ars if r["impl"] != "nccl"]
     # per algorithm, the preferred implementation that measured it: fusedlis (plainest name first, e.g.
     # "fusedlis_one_shot" before "fusedlis_one_shot_t16k"), then torch symmetric memory, then others
@@ -391,14 +487,16 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
         src[algo] = impl
         by_algo[algo] = [(algo, int(r["gpus"]), float(r["bytes"]), float(r["us"]) * 1e-6)
                          for r in custom if r["algo"] == algo and r["impl"] == impl]
-    fits = {algo: fit_link(smp, hw.gamma) for algo, smp in by_algo.items() if len(smp) >= 2}
+    fits = {algo: fit_regimes(smp, hw.gamma, min_points=min_regime_points)
+            for algo, smp in by_algo.items() if len(smp) >= 2}
     if fits:
-        # the plain custom link is two-shot's (NVRAR's intra-node phases are a two-shot)
-        a, b = fits.get("twoshot") or fit_link([x for smp in by_algo.values() for x in smp], hw.gamma)
-        intra = Link(a, b, intra.nccl_alpha, intra.nccl_beta)
-        for algo, (fa, fb) in fits.items():
-            intra = intra.with_algo(algo, fa, fb)
-            notes.append(f"{src[algo]} {algo} NVLink fit: alpha {fa * 1e6:.2f} us, {1e-9 / fb:.0f} GB/s")
+        # the plain custom link is two-shot's largest regime (NVRAR's intra-node phases are a two-shot)
+        _, a, b = (fits.get("twoshot") or [(math.inf, *fit_link([x for smp in by_algo.values() for x in smp],
+                                                                  hw.gamma))])[-1]
+        intra = dataclasses.replace(intra, alpha=a, beta=b)
+        for algo, regs in fits.items():
+            intra = intra.with_regimes(algo, regs)
+            notes.append(f"{src[algo]} {algo} NVLink fit: {_regime_text(regs)}")
     hw = hw.with_(intra=intra)
     layers = [r for r in rows if r.get("kind") == "layer"]
     for nccl_rows in (True, False):
@@ -419,12 +517,15 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware) -> Har
 
 
 def calibrate(base: str = "h200-ndr", sizes: list[int] | None = None, iters: int = 50,
-              gpus: int | None = None) -> tuple[Hardware, list[dict[str, Any]]]:
-    """Measure, then fit: returns (profile, raw rows). `gpus_per_node` stays the base profile's."""
+              gpus: int | None = None) -> tuple[Hardware, list[dict[str, Any]]] | None:
+    """Measure, then fit: returns (profile, raw rows), or None on the non-zero ranks of a torchrun launch.
+    `gpus_per_node` stays the base profile's."""
     sizes = sizes or [8192 << i for i in range(10)]
     if any(m % 2 for m in sizes):
         raise ValueError("all-reduce sizes must be even (bf16 elements)")
     rows = measure(sizes, iters, gpus)
+    if rows is None:
+        return None
     hw = profile_from_measurements(rows, get_hardware(base))
     return hw.with_(gpu=str(rows[0]["name"])), rows
 

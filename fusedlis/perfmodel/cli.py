@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SIZES = "8K,16K,32K,64K,128K,256K,512K,1M,2M,4M"
+# 3M and 6M put >= 3 sizes above NCCL's LL -> Simple switch (about 1.5 MB on 2xH200), so that regime can be fitted
+DEFAULT_SIZES = "8K,16K,32K,64K,128K,256K,512K,1M,2M,3M,4M,6M"
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -189,7 +190,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `calibrate`: measure this machine's GPUs and write a profile; returns the parser."""
     p = subparsers.add_parser(
         "calibrate", help="measure NVLink all-reduce alpha/beta, HBM bandwidth and GEMM rate; write a profile",
-        description="Measure the GPUs of this machine (needs CUDA; NVLink terms need >= 2 GPUs): all-reduce "
+        description="Measure the GPUs of this machine (needs CUDA; NVLink terms need >= 2 GPUs; starts one "
+                    "process per GPU itself, or runs under torchrun --nproc-per-node N): all-reduce "
                     "latency over NCCL and, if available, fusedlis' own all-reduce, a large bf16 add "
                     "(reduction rate), decode-shaped GEMM times and a large GEMM's rate. Fits the alpha/beta/overhead "
                     "terms and writes a JSON profile for `fusedlis predict --hardware FILE`. Inter-node terms "
@@ -213,7 +215,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError("--sizes is empty")
     if args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
-    hw, raw = calibrate(base=args.base, sizes=sizes, iters=args.iters, gpus=args.gpus)
+    result = calibrate(base=args.base, sizes=sizes, iters=args.iters, gpus=args.gpus)
+    if result is None:  # a non-zero torchrun rank: rank 0 writes the files
+        return 0
+    hw, raw = result
     from fusedlis.perfmodel.hardware import save_profile
 
     save_profile(hw, args.out)

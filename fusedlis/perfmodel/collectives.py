@@ -65,8 +65,10 @@ def _pow2_floor(p: int) -> int:
     return 1 << (p.bit_length() - 1)
 
 
-def _step(hw: Hardware, impl: str, intra: bool, n_alpha: float, beta_bytes: float, gamma_bytes: float) -> Cost:
-    a, b = (hw.intra if intra else hw.inter).params(impl)
+def _step(hw: Hardware, impl: str, intra: bool, n_alpha: float, beta_bytes: float, gamma_bytes: float,
+          m: float | None = None) -> Cost:
+    # `m` is the whole all-reduce message: it selects the size regime (protocol) of `impl`'s link terms
+    a, b = (hw.intra if intra else hw.inter).params(impl, m)
     lat, bw = n_alpha * a, beta_bytes * b
     return Cost(lat, bw, gamma_bytes * hw.gamma, 0.0 if intra else lat + bw, 0.0 if intra else lat)
 
@@ -82,7 +84,7 @@ def _nonpow2_fold(hw: Hardware, impl: str, nodes: int, gpn: int, m: float) -> Co
     if p == _pow2_floor(p):
         return ZERO
     intra = nodes == 1
-    return _step(hw, impl, intra, 1, m, m) + _step(hw, impl, intra, 1, m, 0)
+    return _step(hw, impl, intra, 1, m, m, m) + _step(hw, impl, intra, 1, m, 0, m)
 
 
 def ring(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
@@ -91,7 +93,7 @@ def ring(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> 
     p = nodes * gpn
     if p == 1:
         return ZERO
-    return _step(hw, impl, nodes == 1, 2 * (p - 1), 2 * (p - 1) / p * m, (p - 1) / p * m)
+    return _step(hw, impl, nodes == 1, 2 * (p - 1), 2 * (p - 1) / p * m, (p - 1) / p * m, m)
 
 
 def tree(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
@@ -100,8 +102,8 @@ def tree(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> 
     if nodes * gpn == 1:
         return ZERO
     li, le = math.ceil(math.log2(gpn)), math.ceil(math.log2(nodes))
-    c = _step(hw, impl, True, 2 * li, 0, 0) + _step(hw, impl, False, 2 * le, 0, 0)
-    return c + _step(hw, impl, nodes == 1, 0, 2 * m, m)
+    c = _step(hw, impl, True, 2 * li, 0, 0, m) + _step(hw, impl, False, 2 * le, 0, 0, m)
+    return c + _step(hw, impl, nodes == 1, 0, 2 * m, m, m)
 
 
 def recursive_doubling(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") -> Cost:
@@ -111,7 +113,7 @@ def recursive_doubling(hw: Hardware, nodes: int, gpn: int, m: float, impl: str =
     c = _nonpow2_fold(hw, impl, nodes, gpn, m)
     d = 1
     while d < p2:
-        c = c + _step(hw, impl, nodes == 1 or _intra_distance(d, gpn), 1, m, m)
+        c = c + _step(hw, impl, nodes == 1 or _intra_distance(d, gpn), 1, m, m, m)
         d *= 2
     return c
 
@@ -125,16 +127,16 @@ def rabenseifner(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "cust
     while d < p2:
         part = m * d / p2
         intra = nodes == 1 or _intra_distance(d, gpn)
-        c = c + _step(hw, impl, intra, 1, part, part) + _step(hw, impl, intra, 1, part, 0)
+        c = c + _step(hw, impl, intra, 1, part, part, m) + _step(hw, impl, intra, 1, part, 0, m)
         d *= 2
     return c
 
 
 def _direct(hw: Hardware, impl: str, nodes: int, gpn: int, n_alpha: int, intra_bytes: float,
-            inter_bytes: float) -> tuple[float, float, float]:
+            inter_bytes: float, m: float) -> tuple[float, float, float]:
     """One all-to-all style phase: NVLink and network traffic flow at once; returns (latency, bw, inter)."""
-    ai, bi = hw.intra.params(impl)
-    ae, be = hw.inter.params(impl)
+    ai, bi = hw.intra.params(impl, m)
+    ae, be = hw.inter.params(impl, m)
     if nodes == 1:
         return n_alpha * ai, intra_bytes * bi, 0.0
     t_i, t_e = intra_bytes * bi, inter_bytes * be
@@ -147,7 +149,7 @@ def oneshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") 
     p = nodes * gpn
     if p == 1:
         return ZERO
-    lat, bw, inter = _direct(hw, impl, nodes, gpn, 1, (gpn - 1) * m, (p - gpn) * m)
+    lat, bw, inter = _direct(hw, impl, nodes, gpn, 1, (gpn - 1) * m, (p - gpn) * m, m)
     return Cost(lat, bw, (p - 1) * m * hw.gamma, inter, lat if nodes > 1 else 0.0)
 
 
@@ -157,7 +159,7 @@ def twoshot(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") 
     p = nodes * gpn
     if p == 1:
         return ZERO
-    lat, bw, inter = _direct(hw, impl, nodes, gpn, 2, 2 * (gpn - 1) * m / p, 2 * (p - gpn) * m / p)
+    lat, bw, inter = _direct(hw, impl, nodes, gpn, 2, 2 * (gpn - 1) * m / p, 2 * (p - gpn) * m / p, m)
     return Cost(lat, bw, (p - 1) / p * m * hw.gamma, inter, lat if nodes > 1 else 0.0)
 
 
@@ -167,7 +169,7 @@ def nvrar(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "custom") ->
     c = ZERO
     if gpn > 1:
         f = (gpn - 1) / gpn * m
-        c = _step(hw, impl, True, 1, f, f) + _step(hw, impl, True, 1, f, 0)
+        c = _step(hw, impl, True, 1, f, f, m) + _step(hw, impl, True, 1, f, 0, m)
     if nodes > 1:
         rd = recursive_doubling(hw, nodes, 1, m / gpn, impl)
         # recursive_doubling(nodes, 1) charges every step at the network link already.
@@ -241,7 +243,7 @@ def p2p(hw: Hardware, nbytes: float, *, inter: bool, impl: str = "nccl") -> Cost
     """One point-to-point send of `nbytes` (pipeline stage boundary)."""
     if not (nbytes >= 0 and math.isfinite(nbytes)):
         raise ValueError(f"nbytes must be a finite number >= 0, got {nbytes!r}")
-    return _step(hw, impl, not inter, 1, nbytes, 0)
+    return _step(hw, impl, not inter, 1, nbytes, 0, nbytes)
 
 
 def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> float:

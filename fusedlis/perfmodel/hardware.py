@@ -32,54 +32,99 @@ class ProfileError(ValueError):
     """A hardware profile is unknown or malformed; the message names the file and field."""
 
 
+INF = float("inf")
+
+
 @dataclass(frozen=True)
 class Link:
     """One link class. `alpha` in seconds per message step, `beta` in seconds per byte (per direction per GPU).
 
-    `nccl_*` are what NCCL reaches; `per_algo` optionally overrides (alpha, beta) for one custom algorithm
-    (e.g. a one-shot kernel whose single step costs more than a two-shot step): ((name, alpha, beta), ...).
+    `nccl_*` are what NCCL reaches; `per_algo` optionally overrides (alpha, beta) for one algorithm by message
+    size: ((name, alpha, beta, max_bytes), ...), where an entry applies to messages of at most `max_bytes`
+    (the smallest bound that holds wins; `inf` for no bound). Size regimes describe protocol switches: NCCL
+    moves from its LL/LL128 protocols to Simple at a few hundred KB to a few MB, and fusedlis' kernels change
+    tile size at 32 KB; each regime has its own fixed latency and bandwidth. Sizes above every bound of an
+    algorithm fall back to the link's plain (custom or NCCL) terms.
     """
 
     alpha: float
     beta: float
     nccl_alpha: float
     nccl_beta: float
-    per_algo: tuple[tuple[str, float, float], ...] = ()
+    per_algo: tuple[tuple[str, float, float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        # accept the older 3-tuples (name, alpha, beta): no size bound
+        norm = tuple(sorted((x[0], x[1], x[2], x[3] if len(x) > 3 else INF) for x in self.per_algo))
+        object.__setattr__(self, "per_algo", norm)
 
     @classmethod
     def make(cls, alpha_us: float, bandwidth_GBps: float, nccl_alpha_us: float | None = None,
              nccl_bandwidth_GBps: float | None = None,
-             algorithms: dict[str, tuple[float, float]] | None = None) -> "Link":
-        """From human units; `algorithms` maps a custom algorithm name to (alpha_us, bandwidth_GBps)."""
+             algorithms: dict[str, Any] | None = None) -> "Link":
+        """From human units. `algorithms` maps an algorithm name to (alpha_us, bandwidth_GBps), or to a list of
+        (max_bytes, alpha_us, bandwidth_GBps) size regimes (`nccl` only takes the list form)."""
         na = alpha_us if nccl_alpha_us is None else nccl_alpha_us
         nb = bandwidth_GBps if nccl_bandwidth_GBps is None else nccl_bandwidth_GBps
-        per = tuple((k, a * 1e-6, 1.0 / (b * 1e9)) for k, (a, b) in sorted((algorithms or {}).items()))
-        return cls(alpha_us * 1e-6, 1.0 / (bandwidth_GBps * 1e9), na * 1e-6, 1.0 / (nb * 1e9), per)
+        per = []
+        for k, v in (algorithms or {}).items():
+            regimes = [(INF, *v)] if len(v) == 2 and not isinstance(v[0], (tuple, list)) else v
+            per += [(k, a * 1e-6, 1.0 / (b * 1e9), float(mx)) for mx, a, b in regimes]
+        return cls(alpha_us * 1e-6, 1.0 / (bandwidth_GBps * 1e9), na * 1e-6, 1.0 / (nb * 1e9), tuple(per))
 
-    def params(self, impl: str) -> tuple[float, float]:
-        """(alpha, beta) for `impl`: "nccl", a custom algorithm name with an override, or anything else (custom)."""
+    def params(self, impl: str, nbytes: float | None = None) -> tuple[float, float]:
+        """(alpha, beta) for `impl` ("nccl", an algorithm name with an override, or anything else: custom) and a
+        message of `nbytes` (None: the largest regime)."""
+        m = INF if nbytes is None else nbytes
+        for name, a, b, mx in self.per_algo:  # sorted by bound within a name
+            if name == impl and m <= mx:
+                return a, b
         if impl == "nccl":
             return self.nccl_alpha, self.nccl_beta
-        for name, a, b in self.per_algo:
-            if name == impl:
-                return a, b
         return self.alpha, self.beta
 
-    def with_algo(self, name: str, alpha: float, beta: float) -> "Link":
-        """A copy whose algorithm `name` uses (alpha, beta) in seconds, seconds/byte."""
-        per = tuple(x for x in self.per_algo if x[0] != name) + ((name, alpha, beta),)
-        return dataclasses.replace(self, per_algo=tuple(sorted(per)))
+    def regimes(self, impl: str) -> list[tuple[float, float, float]]:
+        """[(max_bytes, alpha, beta), ...] of `impl`, ascending, ending with the unbounded regime."""
+        own = [(mx, a, b) for n, a, b, mx in self.per_algo if n == impl]
+        if not own or own[-1][0] != INF:
+            own.append((INF, *self.params(impl, INF)))
+        return own
+
+    def with_algo(self, name: str, alpha: float, beta: float, max_bytes: float = INF) -> "Link":
+        """A copy whose algorithm `name` uses (alpha, beta) in seconds, seconds/byte up to `max_bytes`
+        (replacing its entry with the same bound)."""
+        per = tuple(x for x in self.per_algo if (x[0], x[3]) != (name, max_bytes)) + ((name, alpha, beta, max_bytes),)
+        return dataclasses.replace(self, per_algo=per)
+
+    def with_regimes(self, name: str, regimes: list[tuple[float, float, float]]) -> "Link":
+        """A copy whose algorithm `name` has exactly these (max_bytes, alpha, beta) regimes. For "nccl" the
+        unbounded regime becomes the link's NCCL terms."""
+        link = dataclasses.replace(self, per_algo=tuple(x for x in self.per_algo if x[0] != name))
+        for mx, a, b in regimes:
+            if name == "nccl" and mx == INF:
+                link = dataclasses.replace(link, nccl_alpha=a, nccl_beta=b)
+            else:
+                link = link.with_algo(name, a, b, mx)
+        return link
 
     def scaled(self, k: float) -> "Link":
         """Every bandwidth multiplied by `k` (latencies unchanged)."""
         return dataclasses.replace(self, beta=self.beta / k, nccl_beta=self.nccl_beta / k,
-                                   per_algo=tuple((n, a, b / k) for n, a, b in self.per_algo))
+                                   per_algo=tuple((n, a, b / k, mx) for n, a, b, mx in self.per_algo))
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"alpha_us": self.alpha * 1e6, "bandwidth_GBps": 1e-9 / self.beta,
                              "nccl_alpha_us": self.nccl_alpha * 1e6, "nccl_bandwidth_GBps": 1e-9 / self.nccl_beta}
-        if self.per_algo:
-            d["algorithms"] = {n: {"alpha_us": a * 1e6, "bandwidth_GBps": 1e-9 / b} for n, a, b in self.per_algo}
+        algos: dict[str, Any] = {}
+        for n, a, b, mx in self.per_algo:
+            e = algos.setdefault(n, {})
+            if mx == INF:
+                e.update({"alpha_us": a * 1e6, "bandwidth_GBps": 1e-9 / b})
+            else:
+                e.setdefault("regimes", []).append({"max_bytes": mx, "alpha_us": a * 1e6,
+                                                    "bandwidth_GBps": 1e-9 / b})
+        if algos:
+            d["algorithms"] = algos
         return d
 
 
@@ -105,6 +150,10 @@ class Hardware:
     # Extra FLOP rate term of decode GEMMs (s += flops / rate on top of streaming the weights); skinny GEMMs with
     # M of 8-64 rows cost more than their bytes. 0 disables it. Fitted from measured decode steps.
     gemm_flop_rate: float = 0.0
+    # Seconds per activation row per decode GEMM kernel (s += rows * this), independent of the GEMM's width: in
+    # measured TP=2 decode steps going from 8 to 32 rows cost about what it cost at TP=1, so the row-dependent
+    # cost of skinny GEMMs does not shrink when N (or K) is split. 0 disables it. Fitted from decode steps.
+    gemm_row_latency: float = 0.0
 
     def latency_hidden(self, algo: str) -> float:
         """The hidden fraction that applies to all-reduce algorithm `algo`."""
@@ -122,6 +171,7 @@ class Hardware:
             "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
             "reduce_GBps": 1e-9 / self.gamma, "ar_latency_hidden": self.ar_latency_hidden,
             "nccl_latency_hidden": self.nccl_latency_hidden, "gemm_TFLOPs": self.gemm_flop_rate / 1e12,
+            "gemm_row_us": self.gemm_row_latency * 1e6,
             "intra": self.intra.to_json(), "inter": self.inter.to_json(), "sources": list(self.sources),
         }
 
@@ -238,14 +288,31 @@ def _link(d: Any, where: str) -> Link:
         raise ProfileError(f"{where}: field 'algorithms' must map algorithm names to objects")
     from fusedlis.perfmodel.collectives import ALGORITHMS
 
-    per = {}
+    per: dict[str, list[tuple[float, float, float]]] = {}
     for name, v in algos.items():
-        if name not in ALGORITHMS or name in ("nccl", "auto"):
-            raise ProfileError(f"{where}: field 'algorithms': unknown custom algorithm {name!r}")
+        if name not in ALGORITHMS or name == "auto":
+            raise ProfileError(f"{where}: field 'algorithms': unknown algorithm {name!r}")
         if not isinstance(v, dict):
             raise ProfileError(f"{where}: field 'algorithms.{name}' must be an object")
         w = f"{where}: field 'algorithms.{name}'"
-        per[name] = (_num(v, "alpha_us", w, positive=False), _num(v, "bandwidth_GBps", w))
+        regs = v.get("regimes", [])
+        if not isinstance(regs, list):
+            raise ProfileError(f"{w}: 'regimes' must be a list of objects with max_bytes, alpha_us, bandwidth_GBps")
+        rows = []
+        for i, r in enumerate(regs):
+            wr = f"{w}.regimes[{i}]"
+            if not isinstance(r, dict):
+                raise ProfileError(f"{wr}: must be an object with max_bytes, alpha_us, bandwidth_GBps")
+            rows.append((_num(r, "max_bytes", wr), _num(r, "alpha_us", wr, positive=False),
+                         _num(r, "bandwidth_GBps", wr)))
+        if "alpha_us" in v or "bandwidth_GBps" in v or not rows:
+            if name == "nccl":
+                raise ProfileError(f"{w}: nccl takes only 'regimes' (its unbounded terms are nccl_alpha_us and "
+                                   "nccl_bandwidth_GBps)")
+            rows.append((INF, _num(v, "alpha_us", w, positive=False), _num(v, "bandwidth_GBps", w)))
+        if len({mx for mx, _, _ in rows}) != len(rows):
+            raise ProfileError(f"{w}: two regimes share one max_bytes")
+        per[name] = rows
     return Link.make(_num(d, "alpha_us", where, positive=False), _num(d, "bandwidth_GBps", where),
                      _num(d, "nccl_alpha_us", where, required=False, positive=False),
                      _num(d, "nccl_bandwidth_GBps", where, required=False), per)
@@ -274,7 +341,8 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         intra=_link(d["intra"], f"{source}: field 'intra'"), inter=_link(d["inter"], f"{source}: field 'inter'"),
         sources=tuple(sources), ar_latency_hidden=_fraction(d, "ar_latency_hidden", source),
         nccl_latency_hidden=_fraction(d, "nccl_latency_hidden", source),
-        gemm_flop_rate=_num(d, "gemm_TFLOPs", source, required=False, default=0.0, positive=False) * 1e12)
+        gemm_flop_rate=_num(d, "gemm_TFLOPs", source, required=False, default=0.0, positive=False) * 1e12,
+        gemm_row_latency=_num(d, "gemm_row_us", source, required=False, default=0.0, positive=False) * 1e-6)
 
 
 def load_profile(path: str | Path) -> Hardware:

@@ -1,7 +1,9 @@
 """Step latency of prefill and decode per layout: roofline compute + kernel overhead + communication.
 
 Every kernel costs `hw.kernel_overhead + max(bytes / hbm_bw, flops / peak_flops)` (the intercept-plus-slope
-form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md). Communication follows compute, except
+form that fits measured cuBLAS decode GEMMs, see docs/perfmodel.md); decode GEMMs add `flops / gemm_flop_rate`
+and `rows * gemm_row_latency` where the profile sets them. Attention reads the KV cache (batch x context x 2 x
+local KV heads x head_dim elements) at `hbm_bw`. Communication follows compute, except
 that in decode (one CUDA graph) a fraction `hw.latency_hidden(algo)` of each all-reduce's NVLink latency term
 is hidden behind the GEMM before it (fitted from GEMM + all-reduce pairs; on 2xH200 NCCL hides some, the custom
 kernels none).
@@ -50,10 +52,13 @@ def _kernel(hw: Hardware, nbytes: float, flops: float) -> float:
     return max(nbytes / hw.hbm_bw, flops / hw.peak_flops)
 
 
-def _gemm(hw: Hardware, nbytes: float, flops: float, skinny: bool) -> float:
-    # Skinny (decode) GEMMs pay for their flops on top of streaming the weights; prefill GEMMs are plain roofline.
-    extra = flops / hw.gemm_flop_rate if skinny and hw.gemm_flop_rate > 0 else 0.0
-    return _kernel(hw, nbytes, flops) + extra
+def _gemm(hw: Hardware, nbytes: float, flops: float, skinny: bool, rows: int = 1) -> float:
+    # Skinny (decode) GEMMs pay for their flops and/or per activation row on top of streaming the weights
+    # (whichever terms the profile has); prefill GEMMs are plain roofline.
+    if not skinny:
+        return _kernel(hw, nbytes, flops)
+    extra = flops / hw.gemm_flop_rate if hw.gemm_flop_rate > 0 else 0.0
+    return _kernel(hw, nbytes, flops) + extra + rows * hw.gemm_row_latency
 
 
 def _local_kv_heads(shape: ModelShape, tp: int) -> int:
@@ -73,7 +78,8 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
     inter = shape.intermediate_size // tp
     t = 0.0
     for n_in, n_out in ((h, (hq + 2 * hkv) * hd), (hq * hd, h), (h, 2 * inter), (inter, h)):
-        t += _gemm(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out, not prefill)
+        t += _gemm(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out, not prefill,
+                   tokens)
     kv_width = 2 * hkv * hd
     if prefill:
         # causal: each of `context` positions attends to half the prompt on average
@@ -110,7 +116,7 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes)
     h, v, b = shape.hidden_size, shape.vocab_size, dtype_bytes
     emb = _kernel(hw, tokens * h * b * 2, 0)
-    head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h, True)
+    head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h, True, batch)
     st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
     st.overhead = hw.kernel_overhead * (L * KERNELS_PER_LAYER + KERNELS_PER_STEP)
 

@@ -16,10 +16,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+# the LlamaConfig fields a shape carries (besides its name)
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama-style decoder that the model needs. Build from a config with `from_config`."""
+    """The dimensions of a Llama-style decoder that the model needs. Build from a config with `from_config`.
+
+    Field checks are `fusedlis.model.LlamaConfig`'s (a `ConfigError`, which is a ValueError, names the field).
+    """
 
     name: str
     vocab_size: int
@@ -32,28 +39,28 @@ class ModelShape:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"model {self.name!r}: {f} must be a positive integer, got {v!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"model {self.name!r}: num_attention_heads {self.num_attention_heads} is not a "
-                             f"multiple of num_key_value_heads {self.num_key_value_heads}")
+        try:
+            self.llama_config()  # validates
+        except ValueError as e:
+            raise type(e)(f"model {self.name!r}: {e}") from e
+
+    def llama_config(self) -> Any:
+        """This shape as a `fusedlis.model.LlamaConfig` (other hyper-parameters at their defaults)."""
+        from fusedlis.model import LlamaConfig
+
+        return LlamaConfig(**{f: getattr(self, f) for f in _SHAPE_FIELDS}, name=self.name)
 
     @classmethod
-    def from_config(cls, cfg: Any, name: str = "model") -> "ModelShape":
-        """From any object (e.g. `fusedlis.model.LlamaConfig`) or dict with the Llama config field names."""
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-        heads, hidden = get("num_attention_heads"), get("hidden_size")
-        head_dim = get("head_dim") or (hidden // heads if heads and hidden else None)
-        try:
-            return cls(name=name, vocab_size=get("vocab_size"), hidden_size=hidden,
-                       intermediate_size=get("intermediate_size"), num_hidden_layers=get("num_hidden_layers"),
-                       num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads") or heads,
-                       head_dim=head_dim, tie_word_embeddings=bool(get("tie_word_embeddings", False)))
-        except TypeError as e:
-            raise ValueError(f"model config {name!r} lacks a field: {e}") from e
+    def from_config(cls, cfg: Any, name: str | None = None) -> "ModelShape":
+        """From a `fusedlis.model.LlamaConfig`, or a Hugging Face config dict (read by `LlamaConfig.from_hf`;
+        `model_type` defaults to "llama")."""
+        from fusedlis.model import LlamaConfig
+
+        if isinstance(cfg, dict):
+            cfg = LlamaConfig.from_hf({"model_type": "llama", **cfg})
+        if not isinstance(cfg, LlamaConfig):
+            raise TypeError(f"expected a LlamaConfig or a config dict, got {type(cfg).__name__}")
+        return cls(name=name or cfg.name, **{f: getattr(cfg, f) for f in _SHAPE_FIELDS})
 
     # parameter counts
     def layer_linear_params(self) -> dict[str, int]:
@@ -73,25 +80,28 @@ class ModelShape:
 
 def model_shape(name_or_path: str) -> ModelShape:
     """A `LlamaConfig` preset by name (e.g. "llama-3.1-8b") or a HF-style config.json path."""
-    import json
     from pathlib import Path
+
+    from fusedlis.model import LlamaConfig
 
     p = Path(name_or_path)
     if p.suffix == ".json" or p.is_file():
         if not p.is_file():
             raise ValueError(f"model config file {name_or_path!r} does not exist")
+        import json
+
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not valid JSON: {e}") from e
-        return ModelShape.from_config(data, p.stem)
-    from fusedlis.model import LlamaConfig
-
-    preset = getattr(LlamaConfig, "preset", None)
-    if preset is None:
-        raise ValueError("fusedlis.model.LlamaConfig has no presets in this build; pass a config.json path")
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a JSON object")
+        try:
+            return ModelShape.from_config(data, p.stem)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from e
     try:
-        cfg = preset(name_or_path)
+        cfg = LlamaConfig.preset(name_or_path)
     except (KeyError, ValueError) as e:
         raise ValueError(f"unknown model {name_or_path!r}: {e}") from e
     return ModelShape.from_config(cfg, name_or_path)
