@@ -112,6 +112,13 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                 ars.append({"impl": impl, "algo": coll.resolve(algo), "gpus": int(gpus),
                             "nodes": int(_get(r, "nodes", path, required=False) or 1),
                             "bytes": parse_size(_get(r, "bytes", path)), "us": float(_get(r, "us", path))})
+    # calibrate --raw names an implementation once for all its algorithms ("fusedlis": oneshot and twoshot)
+    algos: dict[str, set[str]] = {}
+    for a in ars:
+        algos.setdefault(a["impl"], set()).add(a["algo"])
+    for a in ars:
+        if len(algos[a["impl"]]) > 1:
+            a["impl"] = f"{a['impl']}_{a['algo']}"
     return ars, gemms
 
 
@@ -511,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.raw:
         header.append(f"Profile fitted from the raw measurements {args.raw} by the current `profile_from_measurements` "
                       f"(size regimes need >= {args.regime_points} sizes each): "
-                      + "; ".join(s for s in hw.sources if "fit" in s or "NVLink" in s) + ".")
+                      + "; ".join(s for s in hw.sources if "NVLink fit" in s or "GEMM fit" in s) + ".")
     fitted: dict[str, Hardware] = {}
     if args.fit_from:
         fit_sizes = {parse_size(s) for s in args.fit_sizes.split(",")}

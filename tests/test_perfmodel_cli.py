@@ -324,3 +324,88 @@ def test_reduce_row_sets_gamma():
     hw = profile_from_measurements(rows, get_hardware("h200-ndr"))
     assert hw.gamma == pytest.approx(750e-6 / (1 << 30))
     assert "fitted from measurement files" in hw.sources[0]
+
+
+def _synthetic_raw(regimes_nccl, oneshot, sizes):
+    """Raw calibrate rows whose times follow exact alpha-beta lines (per size regime) on 2 GPUs."""
+    from fusedlis.perfmodel import collectives as coll
+    from fusedlis.perfmodel.hardware import Link
+
+    gamma = 1 / 1400e9
+    link = Link(oneshot[0], oneshot[1], 0, 1).with_algo("oneshot", *oneshot).with_regimes("nccl", regimes_nccl)
+    hw = get_hardware("h200-ndr").with_(intra=link, gamma=gamma)
+    rows = [{"kind": "device", "name": "Fake GPU", "gpus": 2, "date": "2026-01-01"},
+            {"kind": "reduce", "bytes": 1 << 30, "us": (1 << 30) * gamma * 1e6}]
+    for m in sizes:
+        rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": 2, "bytes": m,
+                     "us": coll.allreduce("nccl", hw, 1, 2, m).total * 1e6})
+        rows.append({"kind": "allreduce", "impl": "fusedlis", "algo": "oneshot", "gpus": 2, "bytes": m,
+                     "us": coll.allreduce("oneshot", hw, 1, 2, m).total * 1e6})
+    for k, n in ((4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096)):
+        b = 2 * (k * n + k + n)
+        rows.append({"kind": "gemm", "M": 1, "K": k, "N": n, "bytes": b, "us": 4.0 + b / 4.2e12 * 1e6})
+    return rows
+
+
+def test_calibrate_fits_protocol_regimes_from_synthetic_timings(tmp_path):
+    from fusedlis.perfmodel.calibrate import read_raw_csv, write_raw_csv
+
+    sizes = [8192 << i for i in range(10)] + [3 << 20, 6 << 20]
+    ll, simple = (3 << 19, 5e-6, 1 / 150e9), (float("inf"), 12e-6, 1 / 500e9)
+    rows = _synthetic_raw([ll, simple], (6e-6, 1 / 400e9), sizes)
+    write_raw_csv(rows, tmp_path / "raw.csv")
+    hw = profile_from_measurements(read_raw_csv(tmp_path / "raw.csv"), get_hardware("h200-ndr"))
+    regs = hw.intra.regimes("nccl")
+    assert len(regs) == 2
+    assert 1 << 20 < regs[0][0] < 2 << 20  # the switch lies between the measured 1M and 2M
+    assert regs[0][1:] == pytest.approx(ll[1:], rel=1e-6) and regs[1][1:] == pytest.approx(simple[1:], rel=1e-6)
+    assert hw.intra.params("nccl", 4096) == pytest.approx(ll[1:], rel=1e-6)
+    assert hw.intra.params("oneshot", 4 << 20) == pytest.approx((6e-6, 1 / 400e9), rel=1e-6)
+    assert len(hw.intra.regimes("oneshot")) == 1  # a straight line stays one regime
+    assert hw.kernel_overhead == pytest.approx(4e-6, rel=1e-6) and hw.hbm_bw == pytest.approx(4.2e12, rel=1e-6)
+    # the regimes survive the profile file
+    save_profile(hw, tmp_path / "p.json")
+    back = load_profile(tmp_path / "p.json")
+    assert back.intra.regimes("nccl") == pytest.approx(regs, rel=1e-9)
+    # too few sizes above the switch for min_regime_points: one regime
+    one = profile_from_measurements(rows, get_hardware("h200-ndr"), min_regime_points=6)
+    assert len(one.intra.regimes("nccl")) == 1
+
+
+def test_fit_regimes_hand_case():
+    from fusedlis.perfmodel.calibrate import fit_regimes
+
+    # one-shot on 2 GPUs: t = alpha + m (beta + gamma); gamma = 0 here
+    pts = [(8192, 5e-6 + 8192e-12), (16384, 5e-6 + 16384e-12), (32768, 5e-6 + 32768e-12),
+           (1 << 20, 7e-6 + (1 << 20) * 3e-12), (2 << 20, 7e-6 + (2 << 20) * 3e-12), (4 << 20, 7e-6 + (4 << 20) * 3e-12)]
+    regs = fit_regimes([("oneshot", 2, m, t) for m, t in pts], 0.0)
+    assert regs[0][0] == pytest.approx((32768 * (1 << 20)) ** 0.5)
+    assert regs[0][1:] == pytest.approx((5e-6, 1e-12), rel=1e-6)
+    assert regs[1] == pytest.approx((float("inf"), 7e-6, 3e-12), rel=1e-6)
+
+
+def test_profile_regime_errors(tmp_path):
+    d = get_hardware("h200-ndr").to_json()
+    d["intra"]["algorithms"] = {"nccl": {"alpha_us": 1.0, "bandwidth_GBps": 10.0}}
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="nccl takes only 'regimes'"):
+        load_profile(f)
+    d["intra"]["algorithms"] = {"oneshot": {"regimes": [{"max_bytes": 0, "alpha_us": 1, "bandwidth_GBps": 1}]}}
+    f.write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match=r"algorithms.oneshot'.regimes\[0\]: field 'max_bytes' must be > 0"):
+        load_profile(f)
+
+
+def test_model_shape_checks_are_llama_configs():
+    from fusedlis.model import LlamaConfig
+    from fusedlis.model.config import ConfigError
+    from fusedlis.perfmodel.volume import ModelShape, model_shape
+
+    with pytest.raises(ConfigError, match="model 'bad': num_attention_heads"):
+        ModelShape("bad", 10, 8, 16, 1, 3, 2, 4)
+    with pytest.raises(ConfigError, match="head_dim must be even"):
+        ModelShape("odd", 10, 8, 16, 1, 2, 2, 3)
+    cfg = LlamaConfig.preset("llama-3.1-8b")
+    assert ModelShape.from_config(cfg, "x").llama_config().num_parameters() == cfg.num_parameters()
+    assert model_shape("llama-3.1-8b") == ModelShape.from_config(cfg, "llama-3.1-8b")

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Calibrate the performance model on this machine's GPUs, then validate it (issue 8). From the repo root on a
+# machine with >= 2 GPUs:   OUT=/some/dir bash bench/gpu_perfmodel.sh      (about 2-3 minutes)
+# Writes into $OUT (at most 7 files; everything else is in perfmodel_extras.tgz):
+#   gpu_perfmodel_log.txt                 every command and its output
+#   calibrated_<N>x<gpu>_<date>.json      the fitted profile (fusedlis predict --hardware FILE)
+#   calibrate_raw_<N>x<gpu>_<date>.csv    raw measurements (bench/validate_perfmodel.py --raw/--fit-from read it)
+#   perfmodel_validation_new.md           new profile vs committed measurements: bench/allreduce.py (newest run),
+#                                         bench/fused.py layers, bench/decode.py steps (compute terms fitted on TP=1)
+#   perfmodel_validation_new_selfcheck.md the new raw all-reduce times, (alpha, beta) fitted on 8K/128K/1M/4M,
+#                                         the other sizes held out
+#   perfmodel_validation_committed.md     `--all` on the committed files (the numbers in docs/perfmodel.md)
+#   perfmodel_extras.tgz                  the .csv/.png/_profile.json of each validation
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_perfmodel_out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_perfmodel_log.txt"
+: >"$LOG"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+run() {  # run TIMEOUT_S CMD...: log the command, its output and exit status; never abort the script
+  local t=$1; shift
+  echo "\$ $*" | tee -a "$LOG"
+  timeout "$t" "$@" 2>&1 | tee -a "$LOG" | tail -40
+  local rc=${PIPESTATUS[0]}
+  echo "[exit $rc]" | tee -a "$LOG"
+  return 0
+}
+T0=$(date +%s)
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "pip install -e . failed" | tee -a "$LOG"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$LOG" 2>&1 && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+else
+  echo "no .whl/*.whl: fusedlis' own all-reduce needs nvshmem4py; calibrate falls back to torch symmetric memory" \
+    | tee -a "$LOG"
+fi
+NGPU=$(timeout 60 python3 -c "import torch; print(torch.cuda.device_count())" 2>>"$LOG" || echo 0)
+GPU=$(timeout 60 python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1])" 2>>"$LOG" || echo gpu)
+echo "GPUs: $NGPU x $GPU" | tee -a "$LOG"
+TAG="${NGPU}x${GPU}_$(date -u +%Y-%m-%d)"
+PROF="$OUT/calibrated_$TAG.json"
+RAW="$OUT/calibrate_raw_$TAG.csv"
+if [ "$NGPU" -ge 2 ]; then
+  run 170 torchrun --nproc-per-node "$NGPU" -m fusedlis calibrate --out "$PROF" --raw "$RAW" --iters 50
+else
+  echo "calibrate needs >= 2 GPUs for the NVLink terms; found $NGPU" | tee -a "$LOG"
+fi
+
+R=bench/results
+AR=$(ls $R/allreduce_*.csv 2>/dev/null | sort -t_ -k3 | tail -1)
+FUSED=$(grep -l cublas_gemm_only $R/fused_*.csv 2>/dev/null | tr '\n' ' ')
+DEC=$(ls $R/decode_tp*.csv 2>/dev/null | tr '\n' ' ')
+V="python3 bench/validate_perfmodel.py"
+if [ -s "$PROF" ]; then
+  # shellcheck disable=SC2086
+  run 60 $V --profile "$PROF" --allreduce $AR --only nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto \
+    --layer $FUSED --decode $DEC --decode-fit-tp 1 --out-prefix "$OUT/perfmodel_validation_new"
+fi
+if [ -s "$RAW" ]; then
+  run 60 $V --fit-from "$RAW" --out-prefix "$OUT/perfmodel_validation_new_selfcheck"
+  mv "$OUT/perfmodel_validation_new_selfcheck_profile.json" "$OUT/perfmodel_validation_new_selfcheck_fit.json" 2>/dev/null
+fi
+# --all rewrites bench/results/perfmodel_validation_*: keep them, copy the summary lines out
+run 60 $V --all
+{ for f in $R/perfmodel_validation_*.md; do echo "## $f"; grep -E "^- (held-out|profile|fit):" "$f"; done; } \
+  >"$OUT/perfmodel_validation_committed.md"
+run 60 python3 -m pytest -q -p no:cacheprovider tests/test_perfmodel.py tests/test_perfmodel_cli.py tests/test_perfmodel_props.py
+
+cd "$OUT" && tar czf perfmodel_extras.tgz --remove-files $(ls | grep -E '^perfmodel_validation_new.*\.(csv|png|json)$') \
+  2>>"$LOG"
+echo "done in $(( $(date +%s) - T0 )) s; files in $OUT:" | tee -a "$LOG"
+ls -la "$OUT" | tee -a "$LOG"
