@@ -151,14 +151,17 @@ def test_cli_fake_run_writes_cache_csv_png_and_show(iso, capsys):
     skipped = [r for r in rows if r["op"] == "allreduce"]
     assert len(skipped) == 2 and all(r["status"] == "skipped" and "synthetic" in r["message"] for r in skipped)
     rows = [r for r in rows if r["op"] != "allreduce"]
-    assert len(rows) == 2 * 2 + 2
+    # linear qkv, down x 2 batches; attention x 2; fused (row-parallel down only) x 2
+    assert len(rows) == 2 * 2 + 2 + 2
+    assert sorted(r["label"] for r in rows if r["op"] == "linear_allreduce") == \
+        ["fused down M=1 K=7168 N=4096 local=2", "fused down M=8 K=7168 N=4096 local=2"]
     for r in rows:
         assert r["status"] == "tuned" and r["timer"] == "fake" and r["lookup_hit"] == "True"
         assert float(r["tuned_us"]) <= float(r["default_us"])
         assert float(r["lookup_us"]) == pytest.approx(float(r["tuned_us"]))
     assert png.stat().st_size > 1000
     data = cache.read(out)
-    assert len(list(cache.iter_entries(data))) == 6
+    assert len(list(cache.iter_entries(data))) == 8
     assert not (iso / "cache" / "tuning.json").exists()  # --out, not the user cache
     assert tune_main(["--show", "--out", str(out)]) == 0
     shown = capsys.readouterr().out
@@ -238,11 +241,13 @@ def test_cli_allreduce_two_gloo_ranks_in_lockstep(iso):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "fusedlis.tuning.cli", "--model", "llama-3.1-8b", "--tp", "2", "--batch", "1,8",
-             "--ops", "allreduce", "--dtype", "float32", "--out", str(out), "--no-progress"],
+             "--ops", "allreduce,fused", "--dtype", "float32", "--out", str(out), "--no-progress"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     res = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], res
     assert res[0][0].count("allreduce M=") == 2
+    # the fused kernel stores into peer GPUs' memory: skipped on gloo ranks, on both alike, with the reason
+    assert res[0][0].count("skipped: op 'fused' needs CUDA") == 4
     entries = sorted((e for *_, e in cache.iter_entries(cache.read(out))), key=lambda e: e["key"]["nbytes"])
     assert [e["key"]["nbytes"] for e in entries] == [1 * 4096 * 4, 8 * 4096 * 4]
     assert all(e["key"]["world_size"] == 2 and e["key"]["topology"] == "1x2" for e in entries)

@@ -9,12 +9,16 @@ itself through `fusedlis.tuning.lookup` (`time_lookup`).
 copies (>= 1 GiB) that L2 never holds the operands, and rejects configs whose result is wrong.
 `FakeBench` is an analytic cost model for CPU runs of the whole pipeline (tests, dry runs of
 bench/tune_gpu.sh): its numbers are not measurements. `AllReduceBench` times the all-reduce algorithms
-collectively under torchrun.
+collectively under torchrun; the fused GEMM + all-reduce bench is `fusedlis.tuning.fused.FusedBench`.
+
+On CUDA, timings are taken on CUDA graphs by default (`graph_time_us`): the engine replays decode steps
+as graphs, and eager timing of a ~10 µs kernel measures the Python launch path instead of the kernel.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +44,65 @@ def torch_dtype(name: Any) -> torch.dtype:
     return dt
 
 
+def graph_time_us(fn: Callable[[int], Any], nbuf: int, calls: int = 16, replays: int = 15,
+                  collective: bool = False) -> float:
+    """Median µs per call of `fn(j)` (j cycles over `nbuf` input copies) captured in one CUDA graph.
+
+    `max(calls, nbuf)` (at most 64) calls are captured after 3 eager warm-up calls on a side stream; each
+    of `replays` replays is timed with CUDA events. `collective=True` (every rank calls this in lockstep):
+    a barrier before each replay, so one rank's launch skew is not timed, and the MAX of the ranks' medians
+    is returned, so every rank takes the same decision.
+    """
+    import statistics
+
+    import torch.distributed as dist
+
+    calls = max(calls, min(nbuf, 64))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i % nbuf)
+        s.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for i in range(calls):
+                fn(i % nbuf)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(1, replays)):
+        if collective:
+            dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / calls)
+    del g
+    med = statistics.median(times)
+    if collective:
+        t = torch.tensor([med], dtype=torch.float64, device="cuda")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        med = float(t.item())
+    return med
+
+
+def _space(mod: Any, op: str) -> tuple[Callable | None, Callable | None]:
+    """(configs, default_config) functions of `op`: the kernel module's own, else the tuner's (fused op)."""
+    cfgs = getattr(mod, f"{op}_configs", None) if mod is not None else None
+    dflt = getattr(mod, f"{op}_default_config", None) if mod is not None else None
+    if (cfgs is None or dflt is None) and mod is not None and op == "linear_allreduce":
+        from fusedlis.tuning import fused
+
+        cfgs, dflt = fused.linear_allreduce_configs, fused.linear_allreduce_default_config
+    return cfgs, dflt
+
+
 class _Base:
     def __init__(self, problem: Problem, sms: int) -> None:
         self.problem = problem
@@ -47,19 +110,21 @@ class _Base:
         self.sms = sms
         self.mod = kernel_module(problem.op)
         op = problem.op
-        if self.mod is None or not hasattr(self.mod, f"{op}_configs") or not hasattr(self.mod, f"{op}_default_config"):
+        self._configs_fn, self._default_fn = _space(self.mod, op)
+        if self._configs_fn is None or self._default_fn is None:
             raise SkipOp(f"op {op!r}: fusedlis.triton_kernels has no {op}_configs/{op}_default_config yet")
         self.launcher = getattr(self.mod, op, None)
         self._est = _search.ESTIMATORS.get(op, _search.estimate_none)
 
     def _cfg_key(self) -> dict[str, Any]:
-        return {**self.key, "sms": self.sms}
+        # The fused op's space is derived from its launcher, which takes the key without `sms`.
+        return dict(self.key) if self.problem.op == "linear_allreduce" else {**self.key, "sms": self.sms}
 
     def configs(self) -> list[dict[str, Any]]:
-        return [dict(c) for c in getattr(self.mod, f"{self.problem.op}_configs")(self._cfg_key())]
+        return [dict(c) for c in self._configs_fn(self._cfg_key())]
 
     def default(self) -> dict[str, Any]:
-        return dict(getattr(self.mod, f"{self.problem.op}_default_config")(self._cfg_key()))
+        return dict(self._default_fn(self._cfg_key()))
 
     def estimate(self, config: dict[str, Any]) -> _search.Resources:
         own = getattr(self.mod, f"{self.problem.op}_resources", None)
@@ -76,10 +141,15 @@ class _Base:
 # GPU
 
 class GpuBench(_Base):
-    """Real timings on the current CUDA device. `rep_ms` is the do_bench budget at effort 1."""
+    """Real timings on the current CUDA device: CUDA-graph medians (`graph_time_us`, `replays` x effort)
+    by default, or ``triton.testing.do_bench`` medians with `graphs=False` (`rep_ms` budget at effort 1).
+
+    `default()` is what the launcher runs with no tuning cache: for `linear` on a GPU listed in
+    `linear_measured.json` that is the measured table's config, not the heuristic.
+    """
 
     def __init__(self, problem: Problem, rep_ms: float = 25.0, check: bool = True,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, graphs: bool = True, replays: int = 20) -> None:
         # device="cpu" runs the kernels in the Triton interpreter with wall-clock timing: only for tests
         # of this code path, the numbers mean nothing.
         if device is None:
@@ -96,6 +166,10 @@ class GpuBench(_Base):
             raise SkipOp(f"op {problem.op!r}: no GPU bench written for it yet")
         self.rep_ms = rep_ms
         self.check = check
+        self.graphs = graphs and self.device.type == "cuda"
+        self.replays = replays
+        self.timer_name = "cuda-graph-median" if self.graphs else (
+            "do_bench-median" if self.device.type == "cuda" else "cpu-wallclock")
         self.dtype = torch_dtype(self.key["dtype"])
         self.i = 0
         self._checked: set = set()
@@ -128,6 +202,15 @@ class GpuBench(_Base):
             self.nbuf = nbuf
         self._ready = True
 
+    def default(self) -> dict[str, Any]:
+        if self.problem.op == "linear" and self.device.type == "cuda" and hasattr(self.mod, "measured_config"):
+            k = self.key
+            act = None if k.get("activation") in (None, "none") else k["activation"]
+            measured = self.mod.measured_config(int(k["M"]), int(k["N"]), int(k["K"]), self.dtype, act, self.device)
+            if measured is not None:
+                return dict(measured)
+        return super().default()
+
     def _run(self, config: dict[str, Any] | None, j: int) -> torch.Tensor:
         if self.problem.op == "linear":
             return self.launcher(self.x, self.w[j], activation=self.act, config=config)
@@ -154,6 +237,9 @@ class GpuBench(_Base):
         import triton.testing
 
         self._setup()
+        if self.graphs:
+            return graph_time_us(fn, self.nbuf, replays=self.replays * max(1, effort))
+
         def step():
             self.i = (self.i + 1) % self.nbuf
             fn(self.i)
@@ -243,6 +329,16 @@ class FakeBench(_Base):
             flops = 2 * M * N * K
             peak = 600e12 if config.get("USE_DOT", bm >= 16) else 40e12 * min(1.0, 4 / bm)
             t = max(traffic / (self.HBM * self._efficiency(programs, res)), flops / peak)
+        elif self.problem.op == "linear_allreduce":
+            M, N, K, local = int(k["M"]), int(k["N"]), int(k["K"]), int(k.get("local", 2))
+            c = {**self.default(), **config}
+            bm, bn = int(c["BM"]), int(c["BN"])
+            tiles_n = math.ceil(N / bn)
+            programs = math.ceil(M / bm) * tiles_n
+            traffic = N * K * eb + M * K * eb * tiles_n
+            peak = 600e12 if c.get("USE_DOT", True) else 40e12 * min(1.0, 4 / bm)
+            t = max(traffic / (self.HBM * self._efficiency(programs, res)), 2 * M * N * K / peak)
+            t += M * N * 4 * (local - 1) / 300e9 + 2e-6  # partials over NVLink + flag round trip
         else:
             B, Hq, Hkv, D, S = (int(k[x]) for x in ("B", "Hq", "Hkv", "D", "S"))
             bn, splits = int(config["BLOCK_N"]), int(config["NUM_SPLITS"])
@@ -262,6 +358,9 @@ class FakeBench(_Base):
         k, eb = self.key, self.dtype_bytes
         if self.problem.op == "linear":
             return "cublas", int(k["N"]) * int(k["K"]) * eb / (0.6 * self.HBM) * 1e6 + 5.0
+        if self.problem.op == "linear_allreduce":
+            M, N, K = int(k["M"]), int(k["N"]), int(k["K"])
+            return "cublas+nccl", (N * K * eb / (0.6 * self.HBM) + M * N * eb / 100e9) * 1e6 + 20.0
         B, Hkv, D, S = (int(k[x]) for x in ("B", "Hkv", "D", "S"))
         return "sdpa", 2 * B * Hkv * S * D * eb / (0.5 * self.HBM) * 1e6 + 8.0
 
@@ -282,17 +381,44 @@ def _shared_allreduce(max_bytes: int, dtype: torch.dtype):
     return _AR[key]
 
 
-class AllReduceBench:
-    """Which all-reduce algorithm (one_shot / two_shot / nvrar / nccl) is fastest for one message size.
+def allreduce_algorithms() -> tuple[str, ...]:
+    """The device algorithms `fusedlis.comm` offers now (read at run time: the list grows), plus "nccl"."""
+    try:
+        from fusedlis.comm.device import DEVICE_ALGORITHMS
+    except ImportError:
+        DEVICE_ALGORITHMS = ()
+    return tuple(dict.fromkeys([*DEVICE_ALGORITHMS, "nccl"]))
 
-    Collective: every rank must build the same benches and call `time` with the same configs in the same
-    order (the tuner does: exhaustive search, identical problem lists). Times are medians of a fixed
-    number of calls (no adaptive repeat count, which could differ between ranks and deadlock), reduced
-    with MAX over the ranks so every rank takes the same decision. Key:
-    ``{"nbytes", "dtype", "world_size", "topology": "<nodes>x<gpus per node>"}``.
+
+def _honoured_algorithm(ar: Any, alg: str, nbytes: int) -> bool:
+    """Would `AllReduce` use a cache entry naming `alg`? Probed through its own `_tuned` with a fake lookup."""
+    tuned = getattr(ar, "_tuned", None)
+    if tuned is None:
+        return True
+    from fusedlis.tuning.fused import _lookup_answer
+
+    with _lookup_answer({"algorithm": alg}):
+        try:
+            return tuned(nbytes) == alg
+        except Exception:
+            return False
+
+
+class AllReduceBench:
+    """Which all-reduce algorithm is fastest for one message size.
+
+    Candidates: every name in `fusedlis.comm.device.DEVICE_ALGORITHMS` (read at run time) and "nccl"
+    (torch.distributed), minus those `AllReduce` would not take from the cache on this topology (probed
+    through `AllReduce._tuned`; `notes()` names them). Collective: every rank must build the same benches
+    and call `time` with the same configs in the same order (the tuner does: identical problem lists).
+    Each algorithm's sum is checked first and the verdict agreed on by all ranks. On CUDA, each is timed
+    with `graph_time_us` (CUDA graph, barrier before each replay, MAX over ranks); on CPU (gloo) with a
+    fixed number of wall-clock calls (an adaptive repeat count could differ between ranks and deadlock).
+    Key: ``{"nbytes", "dtype", "world_size", "topology": "<nodes>x<gpus per node>"}``.
     """
 
-    def __init__(self, problem: Problem, iters: int = 50, warmup: int = 10) -> None:
+    def __init__(self, problem: Problem, iters: int = 50, warmup: int = 10, graphs: bool = True,
+                 calls: int = 20, replays: int = 15) -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_world_size() < 2:
@@ -302,24 +428,38 @@ class AllReduceBench:
                          f"{dist.get_world_size()}")
         self.problem, self.key = problem, dict(problem.key)
         self.iters, self.warmup = iters, warmup
+        self.calls, self.replays = calls, replays
         self.dtype = torch_dtype(self.key["dtype"])
         self.numel = int(self.key["nbytes"]) // self.dtype.itemsize
         self.ar = _shared_allreduce(int(problem.meta.get("max_bytes", self.key["nbytes"])), self.dtype)
         self.dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.graphs = graphs and self.dev.type == "cuda"
+        self.timer_name = "cuda-graph-median-max-over-ranks" if self.graphs else "events-median-max-over-ranks"
         self.world = dist.get_world_size()
         self._buf = None
+        self._checked: dict[str, str] = {}
+
+    def _candidates(self) -> tuple[list[str], list[str]]:
+        nbytes = int(self.key["nbytes"])
+        if self.ar.device_ar is None:
+            return ["nccl"], []
+        algs = allreduce_algorithms()
+        ok = [a for a in algs if _honoured_algorithm(self.ar, a, nbytes)]
+        return ok, [a for a in algs if a not in ok]
 
     def configs(self) -> list[dict[str, Any]]:
-        if self.ar.device_ar is None:
-            algs = ["nccl"]
-        elif self.ar.topology.num_nodes > 1:
-            algs = ["nvrar", "nccl"]
-        else:
-            algs = ["one_shot", "two_shot", "nvrar", "nccl"]
-        return [{"algorithm": a} for a in algs]
+        return [{"algorithm": a} for a in self._candidates()[0]]
+
+    def notes(self) -> str:
+        dropped = self._candidates()[1]
+        return f"not searched (AllReduce would not use them from the cache here): {','.join(dropped)}" if dropped else ""
 
     def default(self) -> dict[str, Any]:
-        return {"algorithm": self.ar.algorithm_for(int(self.key["nbytes"]))}
+        # What AllReduce picks with no cache entry (its built-in crossovers), not a previous tuning result.
+        from fusedlis.tuning.fused import _lookup_answer
+
+        with _lookup_answer(None):
+            return {"algorithm": self.ar.algorithm_for(int(self.key["nbytes"]))}
 
     def estimate(self, config: dict[str, Any]) -> _search.Resources:
         return _search.Resources(0, 0, 0)
@@ -339,6 +479,8 @@ class AllReduceBench:
 
         import torch.distributed as dist
 
+        if self.graphs:
+            return graph_time_us(lambda j: fn(), 1, self.calls, self.replays * max(1, effort), collective=True)
         dist.barrier()
         for _ in range(self.warmup):
             fn()
@@ -363,6 +505,32 @@ class AllReduceBench:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def _verify(self, alg: str) -> None:
+        import torch.distributed as dist
+
+        if alg in self._checked:
+            if self._checked[alg]:
+                raise ValueError(self._checked[alg])
+            return
+        base, x, out = self._buf
+        # Rank r sends (r+1)*base, the sum is W(W+1)/2 * base.
+        why = ""
+        try:
+            got = self._call(alg, x, out).float()
+            want = base.float() * (self.world * (self.world + 1) / 2)
+            err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
+            if not err <= _TOL.get(self.dtype, 1e-2):
+                why = f"all-reduce {alg!r} gave a wrong sum (relative error {err:.2e})"
+            if alg != "nccl" and self.ar.ws is not None and hasattr(self.ar.ws, "check"):
+                self.ar.ws.check()
+        except Exception as e:  # an algorithm this topology cannot run: fail it on every rank alike
+            why = f"all-reduce {alg!r}: {type(e).__name__}: {e}"
+        bad = torch.tensor([1.0 if why else 0.0], device=self.dev)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self._checked[alg] = why or ("wrong sum or error on another rank" if bad.item() else "")
+        if self._checked[alg]:
+            raise ValueError(self._checked[alg])
+
     def time(self, config: dict[str, Any], effort: int = 1) -> float:
         import torch.distributed as dist
 
@@ -371,25 +539,16 @@ class AllReduceBench:
             g = torch.Generator(device=self.dev).manual_seed(1234)  # same base on every rank
             base = torch.randn(self.numel, device=self.dev, dtype=self.dtype, generator=g)
             self._buf = (base, base * (dist.get_rank() + 1), torch.empty_like(base))
-        base, x, out = self._buf
-        # Correctness first: rank r sends (r+1)*base, the sum is W(W+1)/2 * base. Agreed on by all ranks.
-        got = self._call(alg, x, out).float()
-        want = base.float() * (self.world * (self.world + 1) / 2)
-        err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30))
-        bad = torch.tensor([0.0 if err.item() <= _TOL.get(self.dtype, 1e-2) else 1.0], device=out.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise ValueError(f"all-reduce {alg!r} gave a wrong sum on some rank")
+        self._verify(alg)
+        _, x, out = self._buf
         return self._median_us(lambda: self._call(alg, x, out), max(1, effort))
 
     def baseline(self, effort: int = 1) -> tuple[str, float] | None:
         return "nccl", self.time({"algorithm": "nccl"}, effort)
 
     def time_lookup(self, effort: int = 1) -> float:
-        from fusedlis import tuning
-
-        cfg = tuning.lookup("allreduce", self.key) or self.default()
-        return self.time(cfg, effort)
+        alg = self.ar.algorithm_for(int(self.key["nbytes"]))  # through AllReduce's own cache lookup
+        return self.time({"algorithm": alg}, effort)
 
     def close(self) -> None:
         self._buf = None

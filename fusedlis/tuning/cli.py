@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 ALL_OPS = ("linear", "attention", "allreduce", "fused")
-COLLECTIVE_OPS = ("allreduce",)
+# Kernel op names (Problem.op) timed by all ranks together; the others are split between ranks.
+COLLECTIVE_OPS = ("allreduce", "linear_allreduce")
 COLLECTIVE_TIMER = "events-median-max-over-ranks"
 
 _EPILOG = """\
@@ -21,6 +22,7 @@ examples:
   fusedlis tune --model llama-3.1-8b --tp 2 --batch 1,8,32,64
   fusedlis tune --model llama-3.1-8b --tp 2 --ops linear --strategy halving --out tuned.json
   torchrun --nproc-per-node 2 -m fusedlis.tuning.cli --model llama-3.1-70b --tp 2   (ranks split the shapes)
+  torchrun --nproc-per-node 2 -m fusedlis.tuning.cli --model llama-3.1-8b --tp 2 --ops allreduce,fused
   fusedlis tune --show
 
 The cache is $FUSEDLIS_CACHE_DIR/tuning.json, else $XDG_CACHE_HOME/fusedlis/tuning.json, else
@@ -75,7 +77,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="exhaustive", choices=["exhaustive", "halving"],
                    help="exhaustive (every config, full effort) or successive halving (default exhaustive)")
     p.add_argument("--eta", type=int, default=3, help="halving: keep 1/eta per round (default 3)")
-    p.add_argument("--rep-ms", type=float, default=25.0, help="do_bench time budget per config, ms (default 25)")
+    p.add_argument("--rep-ms", type=float, default=25.0, help="do_bench time budget per config, ms (default 25; "
+                   "only with --no-graphs)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="time linear/attention/allreduce eagerly (do_bench / CUDA events) instead of on CUDA graphs")
+    p.add_argument("--confirm-rounds", type=int, default=3,
+                   help="head-to-head of the best candidate and the default: alternate timings per config "
+                        "(default 3); the candidate must win by more than 1%% and the spread seen")
     p.add_argument("--out", metavar="FILE", help="cache file to write (or to --show); default: the user cache")
     p.add_argument("--csv", metavar="FILE", help="also write the result table as CSV")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart (needs matplotlib)")
@@ -153,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fake_timer and not args.out:
         _log("fusedlis tune: --fake-timer needs --out FILE (synthetic results must not enter the user cache)")
         return 2
-    if args.tp < 1 or args.eta < 2 or args.rep_ms <= 0:
-        _log("fusedlis tune: --tp must be >= 1, --eta >= 2 and --rep-ms > 0")
+    if args.tp < 1 or args.eta < 2 or args.rep_ms <= 0 or args.confirm_rounds < 1:
+        _log("fusedlis tune: --tp must be >= 1, --eta >= 2, --rep-ms > 0 and --confirm-rounds >= 1")
         return 2
 
     import torch.distributed as dist
@@ -182,15 +190,13 @@ def _run(args: argparse.Namespace, rank: int, world: int, writer: bool) -> int:
     quiet = rank != 0
     cfg = load_config(args.model)
     dtype = getattr(torch, args.dtype)
-    if "fused" in args.ops and not quiet:
-        mod = kernel_module("fused")
-        why = (f"fusedlis.triton_kernels.{OP_MODULES['fused']} does not exist" if mod is None
-               else f"fusedlis.triton_kernels.{OP_MODULES['fused']} exposes no linear_allreduce_configs() search "
-                    "space and does not read the tuning cache yet")
-        _log(f"fusedlis tune: skipping fused: {why}")
-    if "allreduce" in args.ops and args.tp == 1 and not quiet:
-        _log("fusedlis tune: skipping allreduce: nothing to reduce at --tp 1")
-    problems = model_problems(cfg, args.tp, args.batch, [o for o in args.ops if o != "fused"],
+    if "fused" in args.ops and not quiet and kernel_module("fused") is None:
+        _log(f"fusedlis tune: skipping fused: fusedlis.triton_kernels.{OP_MODULES['fused']} does not exist")
+    for op in ("allreduce", "fused"):
+        if op in args.ops and args.tp == 1 and not quiet:
+            _log(f"fusedlis tune: skipping {op}: nothing to reduce at --tp 1")
+    ops = [o for o in args.ops if o != "fused" or kernel_module("fused") is not None]
+    problems = model_problems(cfg, args.tp, args.batch, ops,
                               dtype=dtype, seq_lens=args.max_seq_len, layers=args.layers, model_name=args.model)
     if not problems:
         _log("fusedlis tune: nothing to tune")
@@ -198,18 +204,30 @@ def _run(args: argparse.Namespace, rank: int, world: int, writer: bool) -> int:
     # Collective problems run on every rank in the same order, first; the others are split between ranks.
     comm = [p for p in problems if p.op in COLLECTIVE_OPS]
     mine = comm + [p for p in problems if p.op not in COLLECTIVE_OPS][rank::world]
-    timer = "fake" if args.fake_timer else ("do_bench-median" if torch.cuda.is_available() else "cpu-wallclock")
+    if not torch.cuda.is_available():
+        timer = "cpu-wallclock"
+    else:
+        timer = "do_bench-median" if args.no_graphs else "cuda-graph-median"
+    timer = "fake" if args.fake_timer else timer
+    graphs = not args.no_graphs
 
     def make_bench(p):
-        if p.op in COLLECTIVE_OPS:
+        if p.op == "allreduce":
             if args.fake_timer:
                 raise SkipOp(f"op {p.op!r}: no synthetic model; it is timed on real ranks only")
-            return AllReduceBench(p)
-        return FakeBench(p) if args.fake_timer else GpuBench(p, rep_ms=args.rep_ms)
+            return AllReduceBench(p, graphs=graphs)
+        if p.op == "linear_allreduce" and not args.fake_timer:
+            from fusedlis.tuning.fused import FusedBench
 
-    # Real timings: the winner must beat the default by 1% in a 4x longer head-to-head, against noise.
+            return FusedBench(p)
+        return FakeBench(p) if args.fake_timer else GpuBench(p, rep_ms=args.rep_ms, graphs=graphs)
+
+    # Real timings: the winner must beat the default by more than 1% and the spread of an alternating,
+    # 4x longer head-to-head; otherwise the default is stored.
     outcomes = tune(mine, make_bench, strategy=args.strategy, eta=args.eta,
-                    confirm_effort=1 if args.fake_timer else 4, min_gain=0.0 if args.fake_timer else 0.01,
+                    confirm_effort=1 if args.fake_timer else 4,
+                    confirm_rounds=1 if args.fake_timer else args.confirm_rounds,
+                    min_gain=0.0 if args.fake_timer else 0.01,
                     progress=not (args.no_progress or quiet), log=_log if not quiet else (lambda s: None))
     tuned = [o for o in outcomes if o.status == "tuned"]
     entries = [(o.problem.op, o.entry(COLLECTIVE_TIMER if o.problem.op in COLLECTIVE_OPS else timer)) for o in tuned]
@@ -243,9 +261,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, writer: bool) -> int:
     misses = [r["label"] for r in rows if r.get("lookup_hit") is False]
     if misses:
         _log(f"fusedlis tune: WARNING: the launcher's lookup did not return the tuned config for {misses}")
-    extra = {"timer": timer, "device": gpu}
+    for r in rows:
+        r["timer"] = r.get("bench_timer") or timer
     if args.csv:
-        print(f"CSV: {write_csv(rows, args.csv, **extra)}")
+        print(f"CSV: {write_csv(rows, args.csv, device=gpu)}")
     if args.plot:
         title = f"{args.model} tp={args.tp} {args.dtype}, {gpu}" + (" [FAKE timer: not measurements]"
                                                                      if args.fake_timer else "")

@@ -10,7 +10,8 @@ from typing import Any
 
 CSV_FIELDS = ("op", "layer", "label", "key", "status", "default_config", "default_us", "tuned_config",
               "tuned_us", "speedup_vs_default", "baseline", "baseline_us", "speedup_vs_baseline",
-              "lookup_us", "lookup_hit", "configs", "pruned", "failed", "message", "timer", "device")
+              "lookup_us", "lookup_hit", "kept_default", "challenger_config", "challenger_us", "noise", "margin",
+              "configs", "pruned", "failed", "message", "timer", "device")
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -50,10 +51,11 @@ def outcomes_table(rows: Sequence[Mapping[str, Any]]) -> str:
         sd, sb = r["speedup_vs_default"], r["speedup_vs_baseline"]
         hit = r.get("lookup_hit")
         body.append([
-            r["label"], r["tuned_config"], _num(r["tuned_us"], ".1f"), _num(r["default_us"], ".1f"),
+            r["label"], ("(default) " if r.get("kept_default") else "") + r["tuned_config"],
+            _num(r["tuned_us"], ".1f"), _num(r["default_us"], ".1f"),
             "" if sd is None else f"{sd:.2f}x", r["baseline"] or "", _num(r["baseline_us"], ".1f"),
             "" if sb is None else f"{sb:.2f}x", _num(r.get("lookup_us"), ".1f"),
-            "tuned" if hit is not False else "tuned (lookup MISS)",
+            ("tuned" if hit is not False else "tuned (lookup MISS)") + (f"; {r['message']}" if r.get("message") else ""),
         ])
     return format_table(headers, body)
 

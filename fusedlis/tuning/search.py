@@ -111,6 +111,16 @@ def estimate_attention(key: Mapping[str, Any], config: Mapping[str, Any]) -> Res
     return Resources(smem, regs, threads)
 
 
+def estimate_fused(key: Mapping[str, Any], config: Mapping[str, Any]) -> Resources:
+    """`estimate_gemm` for the fused GEMM + all-reduce's tile names (BM/BN/BK); its finish programs are
+    small next to the GEMM tiles."""
+    c = {"BM": 16, "BN": 32, "BK": 128, **config}
+    return estimate_gemm({"dtype": key.get("dtype", "bfloat16")},
+                         {"BLOCK_M": c["BM"], "BLOCK_N": c["BN"], "BLOCK_K": c["BK"],
+                          "USE_DOT": c.get("USE_DOT", True), "num_warps": c.get("num_warps", 4),
+                          "num_stages": c.get("num_stages", 3)})
+
+
 def estimate_none(key: Mapping[str, Any], config: Mapping[str, Any]) -> Resources:
     """For ops without tiles (e.g. all-reduce algorithm choice): nothing to prune."""
     warps, _ = _common(config)
@@ -119,7 +129,8 @@ def estimate_none(key: Mapping[str, Any], config: Mapping[str, Any]) -> Resource
 
 ESTIMATORS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], Resources]] = {
     "linear": estimate_gemm,
-    "fused": estimate_gemm,
+    "fused": estimate_fused,
+    "linear_allreduce": estimate_fused,
     "attention": estimate_attention,
     "decode_attention": estimate_attention,
     "allreduce": estimate_none,
@@ -174,6 +185,10 @@ class SearchResult:
     trials: list[Trial] = field(default_factory=list)
     pruned: list[tuple[Config, str]] = field(default_factory=list)
     failed: list[tuple[Config, str]] = field(default_factory=list)
+    challenger: Config | None = None  # fastest candidate of the search, before the head-to-head
+    challenger_us: float | None = None
+    noise: float = 0.0  # relative spread seen in the head-to-head (0 with one round)
+    margin: float = 0.0  # gain the challenger needed: max(min_gain, noise)
 
     @property
     def speedup(self) -> float | None:
@@ -199,15 +214,31 @@ def _time(timer: Timer, cfg: Config, effort: int, trials: list[Trial], failed: l
     return t
 
 
-def planned_timings(n: int, strategy: str = "exhaustive", eta: int = 3, keep: int = 1) -> int:
+def planned_timings(n: int, strategy: str = "exhaustive", eta: int = 3, keep: int = 1,
+                    confirm_rounds: int = 1) -> int:
     """How many timer calls `search` makes for `n` kept configs (for sizing progress bars)."""
+    final = 2 * max(1, confirm_rounds)
     if strategy == "exhaustive" or n <= keep:
-        return n + 2
+        return n + final
     total = 0
     while n > keep:
         total += n
         n = max(keep, math.ceil(n / eta))
-    return total + 2
+    return total + final
+
+
+def _spread(ts: Sequence[float]) -> float:
+    """Relative spread (max - min) / median of repeated timings of one config."""
+    if len(ts) < 2:
+        return 0.0
+    med = sorted(ts)[len(ts) // 2] if len(ts) % 2 else sum(sorted(ts)[len(ts) // 2 - 1: len(ts) // 2 + 1]) / 2
+    return (max(ts) - min(ts)) / med if med > 0 else 0.0
+
+
+def _median(ts: Sequence[float]) -> float:
+    s = sorted(ts)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def search(
@@ -222,6 +253,7 @@ def search(
     keep: int = 1,
     final_effort: int | None = None,
     confirm_effort: int | None = None,
+    confirm_rounds: int = 1,
     min_gain: float = 0.0,
     tick: Callable[[int], Any] | None = None,
 ) -> SearchResult:
@@ -233,8 +265,13 @@ def search(
     pruned without timing. The winner and the `default` are re-timed back to back at
     ``max(final effort, confirm_effort)``; the winner replaces the default only if it is faster by more
     than the fraction `min_gain` (use ~0.01 against timing noise), so the result is never slower than the
-    default on the measurements taken. Raises ValueError if no config could be timed.
+    default on the measurements taken. With ``confirm_rounds = r > 1`` the two are timed alternately r
+    times each; their medians are compared and the required gain becomes ``max(min_gain, noise)``, where
+    noise is the larger relative spread (max - min) / median of the two series: a challenger within the
+    noise keeps the default. Raises ValueError if no config could be timed.
     """
+    if confirm_rounds < 1:
+        raise ValueError(f"confirm_rounds must be >= 1, got {confirm_rounds}")
     if not 0.0 <= min_gain < 1.0:
         raise ValueError(f"min_gain must be in [0, 1), got {min_gain}")
     if strategy not in ("exhaustive", "halving"):
@@ -272,24 +309,31 @@ def search(
         raise ValueError(f"no config could be timed ({len(pruned)} pruned, {len(failed)} failed)")
     scored.sort(key=lambda tc: tc[0])
 
-    # Final round: winner and default measured back to back at the same effort.
+    # Final round: winner and default measured back to back (alternately, `confirm_rounds` times each).
     effort = max(effort, confirm_effort or 1)
-    best_us = None
-    best = None
-    if scored:
-        best = scored[0][1]
-        best_us = _time(timer, best, effort, trials, failed, tick)
-    if dflt is not None and best is not None and best_us is not None and config_id(best) == config_id(dflt):
-        default_us = best_us  # same config: one measurement, speed-up exactly 1
-        if tick is not None:
-            tick(1)
-    else:
-        default_us = _time(timer, dflt, effort, trials, failed, tick) if dflt is not None else None
-    if best is None or best_us is None or (default_us is not None and default_us * (1 - min_gain) <= best_us):
+    best = scored[0][1] if scored else None
+    challenger, challenger_us = best, (scored[0][0] if scored else None)
+    same = dflt is not None and best is not None and config_id(best) == config_id(dflt)
+    bt: list[float] = []
+    dt: list[float] = []
+    for _ in range(confirm_rounds):
+        if best is not None and (not bt or bt[-1] is not None):
+            t = _time(timer, best, effort, trials, failed, tick)
+            bt.append(t)
+        if dflt is not None and not same and (not dt or dt[-1] is not None):
+            dt.append(_time(timer, dflt, effort, trials, failed, tick))
+        elif tick is not None:
+            tick(1)  # keep the progress bar's plan: the same config is measured once per round
+    best_us = _median(bt) if bt and None not in bt else None
+    default_us = best_us if same else (_median(dt) if dt and None not in dt else None)
+    noise = 0.0 if same else max(_spread([t for t in bt if t is not None]), _spread([t for t in dt if t is not None]))
+    margin = max(min_gain, noise)
+    if best is None or best_us is None or (default_us is not None and default_us * (1 - margin) <= best_us):
         if default_us is None:
             if best is None or best_us is None:
                 raise ValueError("neither the best candidate nor the default config could be timed")
         else:
             best, best_us = dflt, default_us
     assert best is not None and best_us is not None
-    return SearchResult(best, best_us, dflt, default_us, trials, pruned, failed)
+    return SearchResult(best, best_us, dflt, default_us, trials, pruned, failed, challenger=challenger,
+                        challenger_us=challenger_us, noise=noise, margin=margin)

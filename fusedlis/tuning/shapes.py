@@ -39,6 +39,8 @@ class Problem:
             return f"attn B={k['B']} Hq={k['Hq']} Hkv={k['Hkv']} S={k['S']}"
         if self.op == "allreduce":
             return f"allreduce M={self.meta.get('batch', '?')} {k['nbytes']} B w={k['world_size']} {k['topology']}"
+        if self.op == "linear_allreduce":
+            return f"fused {self.layer} M={k['M']} K={k['K']} N={k['N']} local={k['local']}"
         return f"{self.layer} " + " ".join(f"{a}={b}" for a, b in k.items() if a != "dtype")
 
 
@@ -100,6 +102,8 @@ def model_problems(
     vocab_size. ``allreduce`` gives one message per batch size (``M x hidden`` activations, what the
     row-parallel o / down projections reduce), keyed with the world size (= `tp`) and the topology
     ``<nodes>x<gpus_per_node>`` (`gpus_per_node` default: as `fusedlis.comm.Topology` reads it).
+    ``fused`` gives the row-parallel layers among `layers` (o, down) as fused GEMM + all-reduce problems,
+    keyed as `linear_allreduce_config` asks (``local`` = GPUs per node); only for ``tp > 1``.
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
@@ -142,6 +146,19 @@ def model_problems(
                                     "topology": f"{topo.num_nodes}x{topo.gpus_per_node}"},
                                    {"model": name, "tp": tp, "batch": int(M), "layer": "allreduce",
                                     "max_bytes": max(sizes)}))
+        elif op == "fused" and tp > 1:
+            from fusedlis.comm.topology import Topology
+            from fusedlis.tuning.fused import fused_key
+
+            local = Topology(tp, gpus_per_node).gpus_per_node
+            rows = [x for x in ("o", "down") if x in layers]
+            max_n = max((shapes[x][0] for x in rows), default=0)
+            for layer in rows:
+                N, K, _ = shapes[layer]
+                for M in batches:
+                    out.append(Problem("linear_allreduce", layer, fused_key(int(M), N, K, dtype, local),
+                                       {"model": name, "tp": tp, "batch": int(M), "layer": layer,
+                                        "max_m": max(int(b) for b in batches), "max_n": max_n}))
         elif op == "attention":
             for S in seq_lens:
                 for B in batches:

@@ -32,7 +32,19 @@ class Outcome:
     n_configs: int = 0
     n_pruned: int = 0
     n_failed: int = 0
+    timer: str | None = None  # the bench's timer name, when it has its own (collective, CUDA-graph)
+    challenger: dict[str, Any] | None = None  # fastest candidate before the head-to-head with the default
+    challenger_us: float | None = None
+    noise: float | None = None  # relative spread of the head-to-head timings
+    margin: float | None = None  # gain the challenger had to show to replace the default
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_default(self) -> bool | None:
+        """True when the stored config is the default (no candidate beat it beyond the margin)."""
+        if self.best is None or self.default is None:
+            return None
+        return _search.config_id(self.best) == _search.config_id(self.default)
 
     @property
     def speedup_default(self) -> float | None:
@@ -48,7 +60,8 @@ class Outcome:
         return _cache.make_entry(
             self.problem.op, self.problem.key, self.best, time_us=self.best_us, default_us=self.default_us,
             default_config=self.default, baseline=self.baseline, baseline_us=self.baseline_us,
-            meta=self.problem.meta, timer=timer, configs_tried=self.n_configs)
+            meta=self.problem.meta, timer=self.timer or timer, configs_tried=self.n_configs,
+            kept_default=self.kept_default, noise=self.noise, margin=self.margin)
 
     def row(self) -> dict[str, Any]:
         """Flat dict for CSV / tables."""
@@ -59,8 +72,11 @@ class Outcome:
             "tuned_config": _fmt_cfg(self.best), "tuned_us": self.best_us,
             "speedup_vs_default": self.speedup_default, "baseline": self.baseline,
             "baseline_us": self.baseline_us, "speedup_vs_baseline": self.speedup_baseline,
-            "lookup_us": self.lookup_us, "lookup_hit": self.lookup_hit,
+            "lookup_us": self.lookup_us, "lookup_hit": self.lookup_hit, "kept_default": self.kept_default,
+            "challenger_config": _fmt_cfg(self.challenger), "challenger_us": self.challenger_us,
+            "noise": self.noise, "margin": self.margin,
             "configs": self.n_configs, "pruned": self.n_pruned, "failed": self.n_failed, "message": self.message,
+            "bench_timer": self.timer,
         }
 
 
@@ -80,12 +96,16 @@ def tune(
     eta: int = 3,
     limits: _search.Limits | None = None,
     confirm_effort: int = 1,
+    confirm_rounds: int = 1,
     min_gain: float = 0.0,
     progress: bool = True,
     log: Callable[[str], Any] = lambda s: print(s, file=sys.stderr),
 ) -> list[Outcome]:
     """Search every problem's configs with the bench `make_bench(problem)` returns.
 
+    The bench's default config is always a candidate (added when its config list lacks it), and a
+    candidate replaces it only by winning the head-to-head of `search` (`confirm_rounds`, `min_gain`);
+    otherwise the default itself is the outcome, so what is stored never measured slower than the default.
     Problems whose op cannot be benched here (`SkipOp`) are skipped with one message per op; any other
     error in one problem marks it failed and the pass goes on.
     """
@@ -101,6 +121,8 @@ def tune(
             bench = make_bench(p)
             configs = bench.configs()
             default = bench.default()
+            if all(_search.config_id(c) != _search.config_id(default) for c in configs):
+                configs = [dict(default), *configs]
         except SkipOp as e:
             skipped_ops[p.op] = str(e)
             log(f"fusedlis tune: skipping {p.op}: {e}")
@@ -110,7 +132,8 @@ def tune(
             outcomes.append(Outcome(p, "failed", f"listing configs: {type(e).__name__}: {e}"))
             continue
         kept, _ = _search.prune(configs, bench.estimate, limits)
-        prepared.append((p, bench, configs, default, _search.planned_timings(len(kept), strategy, eta) + 1))
+        prepared.append((p, bench, configs, default,
+                         _search.planned_timings(len(kept), strategy, eta, confirm_rounds=confirm_rounds) + 1))
 
     total = sum(n for *_, n in prepared)
     bar = _progress(total, progress)
@@ -118,7 +141,8 @@ def tune(
         for p, bench, configs, default, _n in prepared:
             bar.set_description(p.label)
             outcomes.append(_tune_one(p, bench, configs, default, bar.update, strategy=strategy, eta=eta,
-                                      limits=limits, confirm_effort=confirm_effort, min_gain=min_gain))
+                                      limits=limits, confirm_effort=confirm_effort, confirm_rounds=confirm_rounds,
+                                      min_gain=min_gain))
     finally:
         bar.close()
     order = {id(p): i for i, p in enumerate(problems)}
@@ -134,11 +158,20 @@ def _tune_one(p, bench, configs, default, tick, **search_args) -> Outcome:
         tick(1)
         out = Outcome(p, "tuned", best=res.best, best_us=res.best_us, default=res.default,
                       default_us=res.default_us, n_configs=len(configs), n_pruned=len(res.pruned),
-                      n_failed=len(res.failed))
+                      n_failed=len(res.failed), timer=getattr(bench, "timer_name", None),
+                      challenger=res.challenger, challenger_us=res.challenger_us, noise=res.noise,
+                      margin=res.margin)
         if base is not None:
             out.baseline, out.baseline_us = base
+        notes = [bench.notes()] if hasattr(bench, "notes") else []
         if res.default_us is None:
-            out.message = "default config failed to run"
+            notes.insert(0, "default config failed to run")
+        elif out.kept_default and res.challenger is not None and \
+                _search.config_id(res.challenger) != _search.config_id(res.default):
+            notes.insert(0, f"kept default: best candidate within the {100 * res.margin:.1f}% margin")
+        if res.failed:
+            notes.append(f"{len(res.failed)} configs failed, e.g. {res.failed[0][1][:120]}")
+        out.message = "; ".join(n for n in notes if n)
         return out
     except SkipOp as e:
         return Outcome(p, "skipped", str(e))
