@@ -659,10 +659,17 @@ def main(argv: list[str] | None = None) -> int:
             steps = args.steps if compiled else args.ref_steps
             if rank == 0:
                 print(f"{label}: transformers loaded, {allocated():.1f} GB allocated; "
-                      f"attn={model.config._attn_implementation} compile={args.hf_compile}", flush=True)
+                      f"attn={getattr(model.config, '_attn_implementation', '?')} compile={args.hf_compile}",
+                      flush=True)
             fwd = hf_forward(model, args.hf_compile)
             time_hf(model, fwd, args.batches, args.contexts, steps, dev,
                     on_result=lambda B, ctx, ms: emit(make_row(model_name, tp, label, B, ctx, steps, ms, floor_ms)))
+            if compiled and rank == 0:
+                from torch._dynamo.utils import counters
+
+                # graphs compiled, and whether inductor ran them without CUDA graphs (then reduce-overhead did not apply)
+                print(f"{label}: dynamo {dict(counters['stats'])}; inductor cudagraph skips "
+                      f"{dict(counters['inductor']).get('cudagraph_skips', 0)}", flush=True)
             del model, fwd
             free_memory()
     if rank == 0 and rows:

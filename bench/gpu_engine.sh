@@ -76,6 +76,9 @@ triton.__version__, 'transformers', transformers.__version__, 'accelerate', acce
     ) >"$R/phaseA_gpu0.txt" 2>&1 &
     gpu0=$!
     (
+      # half the host's cores for inductor's compile workers, so the GPU0 runs (the eager torch reference is
+      # launch-bound) keep theirs
+      export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))
       step tp1_hf 240 env CUDA_VISIBLE_DEVICES=1 python3 $DECODE --models llama-3.1-8b --modes none --hf \
         --steps "$STEPS" --tag 8b-hf \
         || step tp1_hf_eager 120 env CUDA_VISIBLE_DEVICES=1 python3 $DECODE --models llama-3.1-8b --modes none \
