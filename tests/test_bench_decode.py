@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import decode  # noqa: E402
 
 from fusedlis.model import LlamaConfig  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _row(system: str, batch: int, ctx: int, ms: float, tp: int = 2, model: str = "llama-3.1-8b",
@@ -126,7 +133,7 @@ def test_end_to_end_tp2_gloo(tmp_path):
     """Two CPU ranks over gloo: fusedlis torch path, and transformers with tp_plan='auto' where accelerate is
     installed (transformers needs it for a tp_plan)."""
     hf = importlib.util.find_spec("transformers") and importlib.util.find_spec("accelerate")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            str(ROOT / "bench" / "decode.py"), "--device", "cpu", "--models", "tiny", "--modes", "torch",
            "--batch", "1,2", "--context", "8,16", "--steps", "2", "--out", str(tmp_path / "res"),
            "--hf-ckpt-dir", str(tmp_path / "ck"), "--hf-compile", "none"] + (["--hf"] if hf else [])
