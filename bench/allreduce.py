@@ -71,21 +71,26 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     dtype = torch.bfloat16
     maxn = max(sizes) // 2
-    ws = SymmetricWorkspace(512 << 20, flag_words=1 << 15, provider=args.provider)
+    ws = SymmetricWorkspace(1 << 30, flag_words=1 << 15, provider=args.provider)
     t12, t21 = Topology(world, world), Topology(world, 1)
+    def dar(topo, **kw):
+        kw.setdefault("ll_max_elems", 0)  # LL slots only where an LL variant uses them (workspace size)
+        return DeviceAllReduce(ws, maxn, dtype, topo, **kw)
+
     ours = {
-        "fusedlis_one_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "one_shot"),
-        "fusedlis_one_shot_ptr": (DeviceAllReduce(ws, maxn, dtype, t12, one_shot_transport="ptr"), "one_shot"),
-        "fusedlis_one_shot_t1k": (DeviceAllReduce(ws, maxn, dtype, t12, block=1024, num_warps=4), "one_shot"),
-        "fusedlis_one_shot_t16k": (DeviceAllReduce(ws, maxn, dtype, t12, block=16384, num_warps=16), "one_shot"),
-        "fusedlis_two_shot": (DeviceAllReduce(ws, maxn, dtype, t12), "two_shot"),
-        # first version's launch config (1024-element tiles, 4 warps, <= 32 programs), for comparison
-        "fusedlis_two_shot_v0": (DeviceAllReduce(ws, maxn, dtype, t12, max_blocks=32, block=1024, num_warps=4),
-                                 "two_shot"),
-        f"fusedlis_nvrar_2x1_{'put' if ws.uses_nvshmem else 'ptr'}": (DeviceAllReduce(ws, maxn, dtype, t21), "nvrar"),
+        "fusedlis_one_shot": (dar(t12), "one_shot"),
+        "fusedlis_one_shot_ptr": (dar(t12, one_shot_transport="ptr"), "one_shot"),
+        "fusedlis_one_shot_t1k": (dar(t12, block=1024, num_warps=4), "one_shot"),
+        "fusedlis_two_shot": (dar(t12), "two_shot"),
+        "fusedlis_one_shot_ll": (dar(t12, ll_max_elems=maxn), "one_shot_ll"),
+        "fusedlis_one_shot_ll_t1k": (dar(t12, ll_max_elems=maxn, block=1024, num_warps=4), "one_shot_ll"),
+        "fusedlis_one_shot_ll_t2k": (dar(t12, ll_max_elems=maxn, block=2048, num_warps=8), "one_shot_ll"),
+        "fusedlis_two_shot_ll": (dar(t12, ll_max_elems=maxn), "two_shot_ll"),
+        "fusedlis_two_shot_ll_t1k": (dar(t12, ll_max_elems=maxn, block=1024, num_warps=4), "two_shot_ll"),
+        f"fusedlis_nvrar_2x1_{'put' if ws.uses_nvshmem else 'ptr'}": (dar(t21), "nvrar"),
     }
     if ws.uses_nvshmem:
-        ours["fusedlis_nvrar_2x1_ptr"] = (DeviceAllReduce(ws, maxn, dtype, t21, transport="ptr"), "nvrar")
+        ours["fusedlis_nvrar_2x1_ptr"] = (dar(t21, transport="ptr"), "nvrar")
     auto = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t12)
     if hasattr(symm_mem, "set_backend"):
         try:

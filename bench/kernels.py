@@ -183,6 +183,30 @@ def bench_linear(args, shapes, ms, ceiling, pool):
             continue
         t_best, best_cfg, best_err = min(res, key=lambda r: r[0])
         t_def = next((t for t, c, _ in res if c == default), float("nan"))
+        # programmatic dependent launch (triton_kernels/_pdl.py): the same configs with it off, and with the
+        # L2 weight prefetch off or doubled
+        pdl_cols = {}
+        if DEV == "cuda":
+            from fusedlis.triton_kernels._pdl import pdl_enabled
+            if pdl_enabled(torch.device("cuda")):
+                ws = [torch.randn(N, K, device=DEV, dtype=DTYPE) / math.sqrt(K) for _ in range(n)]
+                xs = [torch.randn(M, K, device=DEV, dtype=DTYPE) for _ in range(n)]
+                ys = [torch.empty(M, N, device=DEV, dtype=DTYPE) for _ in range(n)]
+                pf = min(math.ceil(K / best_cfg.get("SPLIT_K", 1) / best_cfg["BLOCK_K"]), 2) * best_cfg["BLOCK_K"] // 64
+                for name, c in (("best_pf0_us", {**best_cfg, "PF_LINES": 0}),
+                                ("best_pf2x_us", {**best_cfg, "PF_LINES": 2 * pf})):
+                    pdl_cols[name] = time_graph([lambda i=i, c=c: linear(xs[i], ws[i], config=c, out=ys[i])
+                                                 for i in range(n)], args.reps)
+                os.environ["FUSEDLIS_PDL"] = "0"
+                try:
+                    pdl_cols["best_nopdl_us"] = time_graph(
+                        [lambda i=i: linear(xs[i], ws[i], config=best_cfg, out=ys[i]) for i in range(n)], args.reps)
+                    pdl_cols["auto_nopdl_us"] = time_graph(
+                        [lambda i=i: linear(xs[i], ws[i], out=ys[i]) for i in range(n)], args.reps)
+                finally:
+                    os.environ.pop("FUSEDLIS_PDL")
+                del ws, xs, ys
+                empty_cache()
         by = wbytes + M * K * 2 + M * N * 2
         dispatch = "triton" if t_best <= t_torch else "torch"
         rows.append({
@@ -193,6 +217,8 @@ def bench_linear(args, shapes, ms, ceiling, pool):
             "auto_frac_of_read_bw": by / t_auto / 1e6 / ceiling,
             "best_vs_torch": t_torch / t_best, "default_vs_torch": t_torch / t_def, "auto_vs_torch": t_torch / t_auto,
             "dispatch": dispatch, "n_configs": len(res), "best_err": best_err, "best_config": json.dumps(best_cfg),
+            **{k: pdl_cols.get(k, float("nan")) for k in ("best_nopdl_us", "auto_nopdl_us", "best_pf0_us",
+                                                          "best_pf2x_us")},
         })
         from fusedlis.tuning.keys import key_string
         kstr = key_string(linear_key(M, N, K, DTYPE, None, False))
@@ -201,7 +227,8 @@ def bench_linear(args, shapes, ms, ceiling, pool):
         log(f"{model:>4} tp{tp} {layer:>7} M={M:<3} N={N:<6} K={K:<6} torch {t_torch:7.2f}us "
             f"{r['torch_TBps']:.2f}TB/s | default {t_def:7.2f}us | best {t_best:7.2f}us "
             f"{r['triton_best_TBps']:.2f}TB/s ({r['best_frac_of_read_bw'] * 100:.0f}% of read BW) "
-            f"x{r['best_vs_torch']:.2f} -> {dispatch} {best_cfg} | auto {t_auto:7.2f}us")
+            f"x{r['best_vs_torch']:.2f} -> {dispatch} {best_cfg} | auto {t_auto:7.2f}us | "
+            + " ".join(f"{k[:-3]} {v:.2f}" for k, v in pdl_cols.items()))
     return rows, best_json
 
 

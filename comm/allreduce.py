@@ -9,42 +9,49 @@ from fusedlis.comm.plan import cdiv, inter_slot_count
 from fusedlis.comm.symmetric import SymmetricWorkspace, nvshmem_available, warn_once
 from fusedlis.comm.topology import Topology
 
-BACKENDS = ("auto", "nvrar", "one_shot", "two_shot", "nccl")
+BACKENDS = ("auto", "nvrar", "one_shot", "two_shot", "one_shot_ll", "two_shot_ll", "nccl")
 
 # Crossovers (bench/results/allreduce_2xH200_*.csv, docs/comm.md): on one node of 2 GPUs the one-shot kernel
 # (NVSHMEM put-with-signal from the input) beat two-shot at every size measured, 8 KB - 4 MB. For more GPUs per
 # node one-shot moves (G-1)x the data per link: the 256 KB crossover there is a guess, not a measurement.
 ONE_SHOT_MAX_BYTES = {2: 8 << 20}
 ONE_SHOT_MAX_BYTES_DEFAULT = 256 << 10
+LL_MAX_BYTES = 4 << 20  # LL slots are sized for messages up to this (single node)
 
 
-def workspace_bytes(topology: Topology, max_elems: int, itemsize: int, align: int = 8) -> int:
+def workspace_bytes(topology: Topology, max_elems: int, itemsize: int, align: int = 8,
+                    ll_max_elems: int | None = None) -> int:
     """Symmetric bytes one `DeviceAllReduce` needs (with allocation padding)."""
     g, m = topology.gpus_per_node, topology.num_nodes
     ns = max(inter_slot_count(m), 1)
     cap = cdiv(cdiv(max_elems, g), align) * align
     one = 2 * g * max_elems if m == 1 else 0
-    return (one + (2 * g + 2 * (ns + 1) + 2 * ns + 2 * g) * cap) * itemsize + 8 * 256
+    ll = min(max_elems, max_elems if ll_max_elems is None else ll_max_elems) if m == 1 and g > 1 else 0
+    ll_cap = cdiv(cdiv(ll, g), align) * align
+    return (one + (2 * g + 2 * (ns + 1) + 2 * ns + 2 * g) * cap + 2 * g * ll + 4 * g * ll_cap) * itemsize + 12 * 256
 
 
 def choose_algorithm(nbytes: int, topology: Topology, backend: str, max_bytes: int, one_shot_max_bytes: int,
-                     device_ready: bool = True) -> str:
+                     device_ready: bool = True, ll_max_bytes: int = 0) -> str:
     """The algorithm for one message: "nccl" without device kernels or above `max_bytes`; an explicit backend
-    as given; "auto": nvrar across nodes, one_shot up to `one_shot_max_bytes` inside one node, else two_shot."""
+    as given; "auto": nvrar across nodes; inside one node one_shot up to `one_shot_max_bytes`, else two_shot,
+    in the LL protocol ("_ll") up to `ll_max_bytes`."""
     if not device_ready or backend == "nccl" or nbytes > max_bytes:
         return "nccl"
     if backend != "auto":
         return backend
     if topology.num_nodes > 1:
         return "nvrar"
-    return "one_shot" if nbytes <= one_shot_max_bytes else "two_shot"
+    alg = "one_shot" if nbytes <= one_shot_max_bytes else "two_shot"
+    return alg + "_ll" if nbytes <= ll_max_bytes else alg
 
 
 class AllReduce:
     """Sum all-reduce over `group` for tensors of `dtype` up to `max_bytes`.
 
-    backend: "auto" (one_shot / two_shot on one node by message size, nvrar across nodes, NCCL above
-    `max_bytes`), "nvrar", "one_shot", "two_shot" (fusedlis Triton kernels on NVSHMEM), or "nccl"
+    backend: "auto" (one_shot / two_shot on one node by message size, in the LL protocol up to `ll_max_bytes`;
+    nvrar across nodes; NCCL above `max_bytes`), "nvrar", "one_shot", "two_shot", "one_shot_ll", "two_shot_ll"
+    (fusedlis Triton kernels on NVSHMEM; "_ll" = flag-in-data protocol, single node), or "nccl"
     (torch.distributed, whatever its backend is). Without NVSHMEM (or CUDA) it falls back to
     torch.distributed with one warning. Plugs into the model as `ctx.all_reduce(y)` (in place).
 
@@ -56,7 +63,8 @@ class AllReduce:
     def __init__(self, group: dist.ProcessGroup | None = None, backend: str = "auto", max_bytes: int = 8 << 20,
                  dtype: torch.dtype = torch.bfloat16, *, topology: Topology | None = None, provider: str = "auto",
                  workspace: SymmetricWorkspace | None = None, max_blocks: int = 128,
-                 one_shot_max_bytes: int | None = None, check_every: int = 64) -> None:
+                 one_shot_max_bytes: int | None = None, ll_max_bytes: int = LL_MAX_BYTES,
+                 check_every: int = 64) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_bytes <= 0:
@@ -69,6 +77,7 @@ class AllReduce:
             one_shot_max_bytes = ONE_SHOT_MAX_BYTES.get(self.topology.gpus_per_node, ONE_SHOT_MAX_BYTES_DEFAULT)
         self.one_shot_max_bytes = one_shot_max_bytes
         self.check_every, self._calls = check_every, 0
+        self.ll_max_bytes = 0
         self.device_ar = None
         self.ws = workspace
         self.backend = backend
@@ -86,17 +95,20 @@ class AllReduce:
                 warn_once(f"fusedlis AllReduce: {reason}; falling back to torch.distributed (NCCL)")
             self.backend = "nccl"
             return
-        if self.topology.num_nodes > 1 and backend in ("one_shot", "two_shot"):
+        if self.topology.num_nodes > 1 and backend.startswith(("one_shot", "two_shot")):
             raise ValueError(f"backend {backend!r} is intra-node only; topology has {self.topology.num_nodes} nodes")
         from fusedlis.comm.device import DeviceAllReduce
 
         itemsize = torch.empty((), dtype=dtype).element_size()
         max_elems = max(1, max_bytes // itemsize)
+        ll_elems = max(0, min(max_bytes, ll_max_bytes) // itemsize)
         if self.ws is None:
-            self.ws = SymmetricWorkspace(workspace_bytes(self.topology, max_elems, itemsize),
+            self.ws = SymmetricWorkspace(workspace_bytes(self.topology, max_elems, itemsize, ll_max_elems=ll_elems),
                                          flag_words=max_blocks * 64 + 1024, group=group, topology=self.topology,
                                          provider=provider)
-        self.device_ar = DeviceAllReduce(self.ws, max_elems, dtype, self.topology, max_blocks=max_blocks)
+        self.device_ar = DeviceAllReduce(self.ws, max_elems, dtype, self.topology, max_blocks=max_blocks,
+                                         ll_max_elems=ll_elems)
+        self.ll_max_bytes = self.device_ar.ll_max * itemsize
 
     def algorithm_for(self, nbytes: int) -> str:
         """Algorithm `__call__` uses for a message of `nbytes` ("nccl" means torch.distributed).
@@ -108,8 +120,11 @@ class AllReduce:
             tuned = self._tuned(nbytes)
             if tuned is not None:
                 return tuned
-        return choose_algorithm(nbytes, self.topology, self.backend, self.max_bytes, self.one_shot_max_bytes,
-                                self.device_ar is not None)
+        alg = choose_algorithm(nbytes, self.topology, self.backend, self.max_bytes, self.one_shot_max_bytes,
+                               self.device_ar is not None, self.ll_max_bytes)
+        if alg.endswith("_ll") and nbytes > self.ll_max_bytes:
+            raise ValueError(f"{alg} handles messages up to {self.ll_max_bytes} bytes (ll_max_bytes), got {nbytes}")
+        return alg
 
     def _tuned(self, nbytes: int) -> str | None:
         from fusedlis.tuning import lookup
@@ -119,7 +134,8 @@ class AllReduce:
                                    "topology": f"{t.num_nodes}x{t.gpus_per_node}"})
         alg = (cfg or {}).get("algorithm")
         intra_ok = alg in ("one_shot", "two_shot") and t.num_nodes == 1
-        return alg if alg in ("nccl", "nvrar") or intra_ok else None
+        ll_ok = alg in ("one_shot_ll", "two_shot_ll") and t.num_nodes == 1 and nbytes <= self.ll_max_bytes
+        return alg if alg in ("nccl", "nvrar") or intra_ok or ll_ok else None
 
     def __call__(self, x: torch.Tensor, inplace: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return the sum of `x` over the group (written into `x` when `inplace`, or into `out`)."""

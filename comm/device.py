@@ -12,7 +12,9 @@ from fusedlis.comm.plan import build_plan, cdiv, inter_slot_count
 from fusedlis.comm.symmetric import SymmetricWorkspace, nvshmem_device_library
 from fusedlis.comm.topology import Topology
 
-DEVICE_ALGORITHMS = ("one_shot", "two_shot", "nvrar")
+# "<alg>_ll": the same plan in the LL (flag-in-data) protocol, single node only (comm/kernels.py)
+DEVICE_ALGORITHMS = ("one_shot", "two_shot", "nvrar", "one_shot_ll", "two_shot_ll")
+PROTOCOLS = ("flag", "ll")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _load_state = threading.local()
 _hook_installed = False
@@ -72,12 +74,14 @@ class DeviceAllReduce:
     "auto" = put on an NVSHMEM workspace. `block` / `num_warps` None pick by message size (small tiles for
     small messages, 4096-element tiles and 8 warps above); `max_blocks` None = min(128, SM count) on GPU.
     Calls are asynchronous; a timed-out wait surfaces through `ws.check()` / `ws.check_async()`.
+    `ll_max_elems` (default `max_elems`; 0 = none) sizes the LL-protocol slots of a single-node topology
+    (`protocol="ll"` in calls): messages up to that length can use it.
     """
 
     def __init__(self, ws: SymmetricWorkspace, max_elems: int, dtype: torch.dtype = torch.bfloat16,
                  topology: Topology | None = None, transport: str = "auto", max_blocks: int | None = None,
                  block: int | None = None, num_warps: int | None = None, max_spins: int = 1 << 24,
-                 align: int = 8, one_shot_transport: str = "auto") -> None:
+                 align: int = 8, one_shot_transport: str = "auto", ll_max_elems: int | None = None) -> None:
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
         if max_elems < 1:
@@ -134,6 +138,13 @@ class DeviceAllReduce:
         self.work_off = ws.alloc_bytes(2 * (max(self.nslot, 1) + 1) * self.cap * isz, a) // isz
         self.recv_off = ws.alloc_bytes(max(1, 2 * self.nslot * self.cap * isz), a) // isz
         self.ag_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz if g > 1 else 0
+        # LL slots (byte offsets): one-shot [2][G][ll], two-shot RS and AG [2][G][ll_cap]; zero = empty
+        self.ll_max = min(max_elems, max_elems if ll_max_elems is None else ll_max_elems) if m == 1 and g > 1 else 0
+        self.ll_cap = cdiv(cdiv(self.ll_max, g), align) * align
+        if self.ll_max:
+            self.ll_os_off = ws.alloc_bytes(2 * g * self.ll_max * isz, a)
+            self.ll_rs_off = ws.alloc_bytes(2 * g * self.ll_cap * isz, a)
+            self.ll_ag_off = ws.alloc_bytes(2 * g * self.ll_cap * isz, a)
         self.osf_off = ws.alloc_flags(max_blocks * g)
         self.rsf_off = ws.alloc_flags(max_blocks * g)
         self.inf_off = ws.alloc_flags(max(1, max_blocks * self.nslot))
@@ -166,14 +177,45 @@ class DeviceAllReduce:
             raise ValueError("out must be a contiguous tensor of x's shape and dtype")
         return x.view(-1), out.view(-1)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar") -> torch.Tensor:
-        """Sum `x` over all ranks into `out` (new tensor if None; `out=x` is allowed). Returns out."""
+    def supports_ll(self, n: int) -> bool:
+        """True if a message of `n` elements can use the LL protocol (single node, within `ll_max_elems`)."""
+        return 0 < n <= self.ll_max
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar",
+                 protocol: str = "flag") -> torch.Tensor:
+        """Sum `x` over all ranks into `out` (new tensor if None; `out=x` is allowed). Returns out.
+
+        `algorithm` is one of DEVICE_ALGORITHMS ("one_shot_ll" = one_shot with protocol "ll"). protocol "flag": data then a release flag per sender (every algorithm); "ll": flag-in-data stores,
+        one_shot / two_shot on a single node for messages up to `ll_max_elems` (lower latency)."""
         xf, of = self._check(x, out)
         result = of.view(x.shape)
         n = xf.numel()
         if n == 0:
             return result
         ws = self.ws
+        if algorithm.endswith("_ll"):
+            algorithm, protocol = algorithm[:-3], "ll"
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol == "ll":
+            if algorithm not in ("one_shot", "two_shot"):
+                raise ValueError(f"protocol 'll' supports one_shot and two_shot, not {algorithm!r}")
+            if not self.supports_ll(n):
+                raise ValueError(f"protocol 'll' needs a single-node topology of >= 2 GPUs and <= {self.ll_max} "
+                                 f"elements; got {n} on {self.M}x{self.G}")
+            if algorithm == "one_shot":
+                nb, per_block, block, warps = self._config(n)
+                K._ll_one_shot_kernel[(nb,)](
+                    xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.ll_os_off, self.ll_max,
+                    self.rank, self.node_base, per_block, self.max_spins, G=self.G, BLOCK=block, num_warps=warps)
+            else:
+                cs = cdiv(cdiv(n, self.G), self.align) * self.align
+                nb, per_block, block, warps = self._config(cs)
+                K._ll_two_shot_kernel[(nb,)](
+                    xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.ll_rs_off, self.ll_ag_off,
+                    self.ll_cap, cs, self.rank, self.node_base, per_block, self.max_spins, G=self.G, BLOCK=block,
+                    num_warps=warps)
+            return result
         if algorithm == "one_shot":
             if self.M != 1:
                 raise ValueError("one_shot is intra-node only (topology has several nodes)")

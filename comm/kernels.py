@@ -269,3 +269,147 @@ def _hier_kernel(
                     m = idx < c_hi - c_lo
                     tl.store(out_ptr + c_lo + idx, tl.load(srcj + idx, mask=m, cache_modifier=".cg"), mask=m)
     _finish(ctr_ptr, seq)
+
+
+# ------------------------------------------------------------------------------------------------------
+# LL ("Lamport") protocol: flag-in-data, for small and medium messages inside a node.
+#
+# A receive slot holds encoded words; the all-zero word means "empty". The sender encodes a value by flipping its
+# sign bit after turning -0.0 into +0.0, so no encoded word is ever zero, and stores it straight into the peer's
+# slot: no separate flag, no system-scope fence, one one-way NVLink trip. The receiver polls its slot (volatile
+# loads) until no word is zero, decodes, and zeroes the slot again. Slots start zeroed (`SymmetricWorkspace`
+# zeroes its buffer) and alternate by call parity: a sender is at most one call ahead (every call needs every
+# rank's data), and a receiver empties parity p's slots before it finishes the call, hence before any peer can
+# reach the next call of parity p.
+# -0.0 -> +0.0 changes no sum; every rank applies it to its own contribution too, so results stay bitwise equal.
+
+
+@triton.jit
+def _ll_encode(v, UT: tl.constexpr, SIGN: tl.constexpr):
+    b = v.to(UT, bitcast=True)
+    b = tl.where(b == SIGN, 0, b)
+    return b ^ SIGN
+
+
+@triton.jit
+def _ll_sanitize(v, UT: tl.constexpr, SIGN: tl.constexpr):
+    b = v.to(UT, bitcast=True)
+    return tl.where(b == SIGN, 0, b).to(v.dtype, bitcast=True)
+
+
+@triton.jit
+def _ll_take(p, m, max_spins, err_ptr, step, peer, dty: tl.constexpr, SIGN: tl.constexpr):
+    """Wait until every masked word at `p` is non-zero, return the decoded values, zero the words."""
+    e = tl.load(p, mask=m, other=1, volatile=True)
+    n = 0
+    while (tl.min(e, axis=0) == 0) & (n < max_spins):
+        e = tl.load(p, mask=m, other=1, volatile=True)
+        n += 1
+    if tl.min(e, axis=0) == 0:
+        code = peer.to(tl.int64) | ((1 << 62) | (step << 32))
+        tl.atomic_cas(err_ptr, code * 0, code)
+    tl.store(p, tl.zeros_like(e), mask=m)
+    return (e ^ SIGN).to(dty, bitcast=True)
+
+
+@triton.jit
+def _ll_one_shot_kernel(
+    x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
+    data_off, cap, rank, node_base, per_block, max_spins,
+    G: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One-shot in the LL protocol: store my encoded input into slot [parity][local rank] of every node peer,
+    then take the peers' slots and sum in local-rank order. Slots are `cap` words; `data_off` is in bytes."""
+    pid = tl.program_id(0)
+    dty: tl.constexpr = x_ptr.dtype.element_ty
+    BITS: tl.constexpr = dty.primitive_bitwidth
+    UT: tl.constexpr = tl.uint16 if BITS == 16 else tl.uint32
+    SIGN: tl.constexpr = (1 << 15) if BITS == 16 else (1 << 31)
+    seq = tl.load(ctr_ptr) + 1
+    par = seq % 2
+    lr = rank - node_base
+    lo = pid * per_block
+    hi = tl.minimum(lo + per_block, N)
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < hi
+        e = _ll_encode(tl.load(x_ptr + idx, mask=m), UT, SIGN)
+        for j in tl.static_range(G):
+            if j != lr:
+                dst = _ptr(peer_ptrs, node_base + j, data_off, UT)
+                tl.store(dst + (par * G + lr) * cap + idx, e, mask=m)
+    mine = _ptr(peer_ptrs, rank, data_off, UT)
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < hi
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(G):
+            if j == lr:
+                v = _ll_sanitize(tl.load(x_ptr + idx, mask=m), UT, SIGN)
+            else:
+                v = _ll_take(mine + (par * G + j) * cap + idx, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
+            acc += v.to(tl.float32)
+        tl.store(out_ptr + idx, acc.to(dty), mask=m)
+    _finish(ctr_ptr, seq)
+
+
+@triton.jit
+def _ll_two_shot_kernel(
+    x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
+    rs_off, ag_off, cap, cs, rank, node_base, per_block, max_spins,
+    G: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Two-shot in the LL protocol: reduce-scatter (chunk j to local rank j) and all-gather, each one LL store.
+    Chunk j = [min(j*cs, N), min((j+1)*cs, N)); program p handles chunk-relative [p*per_block, (p+1)*per_block).
+    Offsets are in bytes. In place (out is x) is safe: a program reads every x element it overwrites first."""
+    pid = tl.program_id(0)
+    dty: tl.constexpr = x_ptr.dtype.element_ty
+    BITS: tl.constexpr = dty.primitive_bitwidth
+    UT: tl.constexpr = tl.uint16 if BITS == 16 else tl.uint32
+    SIGN: tl.constexpr = (1 << 15) if BITS == 16 else (1 << 31)
+    seq = tl.load(ctr_ptr) + 1
+    par = seq % 2
+    lr = rank - node_base
+    my_lo = tl.minimum(lr * cs, N)
+    my_len = tl.minimum(my_lo + cs, N) - my_lo
+    blo = pid * per_block
+    bhi = tl.minimum(blo + per_block, my_len)
+    for j in tl.static_range(G):
+        if j != lr:
+            c_lo = tl.minimum(j * cs, N)
+            c_hi = tl.minimum(c_lo + cs, N)
+            dst = _ptr(peer_ptrs, node_base + j, rs_off, UT) + (par * G + lr) * cap
+            for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < c_hi - c_lo
+                tl.store(dst + idx, _ll_encode(tl.load(x_ptr + c_lo + idx, mask=m), UT, SIGN), mask=m)
+    rs = _ptr(peer_ptrs, rank, rs_off, UT)
+    for off in range(blo, bhi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < bhi
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(G):
+            if j == lr:
+                v = _ll_sanitize(tl.load(x_ptr + my_lo + idx, mask=m), UT, SIGN)
+            else:
+                v = _ll_take(rs + (par * G + j) * cap + idx, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
+            acc += v.to(tl.float32)
+        red = acc.to(dty)
+        e = _ll_encode(red, UT, SIGN)
+        for j in tl.static_range(G):
+            if j == lr:
+                tl.store(out_ptr + my_lo + idx, (e ^ SIGN).to(dty, bitcast=True), mask=m)
+            else:
+                dst = _ptr(peer_ptrs, node_base + j, ag_off, UT) + (par * G + lr) * cap
+                tl.store(dst + idx, e, mask=m)
+    ag = _ptr(peer_ptrs, rank, ag_off, UT)
+    for j in tl.static_range(G):
+        if j != lr:
+            c_lo = tl.minimum(j * cs, N)
+            c_hi = tl.minimum(c_lo + cs, N)
+            for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
+                idx = off + tl.arange(0, BLOCK)
+                m = idx < c_hi - c_lo
+                v = _ll_take(ag + (par * G + j) * cap + idx, m, max_spins, err_ptr, 99, node_base + j, dty, SIGN)
+                tl.store(out_ptr + c_lo + idx, v, mask=m)
+    _finish(ctr_ptr, seq)

@@ -158,8 +158,9 @@ class SymmetricWorkspace:
     @classmethod
     def from_shared(cls, shared: torch.Tensor, rank: int, world_size: int, gpus_per_node: int,
                     nbytes: int, flag_words: int, max_channels: int = 32) -> "SymmetricWorkspace":
-        """CPU protocol tests: `shared` is a uint8 shared-memory tensor holding every rank's region, created
-        before forking so its address is the same in every process (`shared_size(...)` gives its size)."""
+        """CPU protocol tests: `shared` is a zero-filled uint8 shared-memory tensor holding every rank's region,
+        created before forking so its address is the same in every process (`shared_size(...)` gives its size).
+        It is not zeroed here: a large parallel fill in a forked child can deadlock torch's thread pool."""
         self = cls.__new__(cls)
         self.group, self.rank, self.world_size = None, rank, world_size
         self.topology = Topology(world_size, gpus_per_node)
@@ -181,7 +182,8 @@ class SymmetricWorkspace:
     def _setup(self, bases: list[int], max_channels: int) -> None:
         self.buffer = self._raw[: self.nbytes]
         self.flags = self._raw[self.nbytes:].view(torch.int64)
-        self.flags.zero_()
+        if self.provider != "shared":  # a shared region is zeroed by its creator (before forking)
+            self._raw.zero_()  # flags start at 0, and LL-protocol slots are empty when zero
         self.peer_ptrs = torch.tensor(bases, dtype=torch.int64, device=self.device)
         self.peer_flag_ptrs = torch.tensor([b + self.nbytes if b else 0 for b in bases],
                                            dtype=torch.int64, device=self.device)

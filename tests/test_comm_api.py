@@ -17,6 +17,11 @@ def test_choose_algorithm():
     assert choose_algorithm(16 << 20, two, "auto", 8 << 20, 256 << 10) == "nccl"
     assert choose_algorithm(8 << 10, one, "two_shot", 8 << 20, 256 << 10) == "two_shot"
     assert choose_algorithm(8 << 10, one, "auto", 8 << 20, 256 << 10, device_ready=False) == "nccl"
+    # the LL protocol up to ll_max_bytes, inside one node only
+    assert choose_algorithm(8 << 10, one, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "one_shot_ll"
+    assert choose_algorithm(1 << 20, one, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "two_shot_ll"
+    assert choose_algorithm(2 << 20, one, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "two_shot"
+    assert choose_algorithm(8 << 10, two, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "nvrar"
 
 
 def test_bad_backend_and_single_rank_identity():
@@ -64,11 +69,12 @@ def test_device_input_checks():
 
 def test_workspace_bytes_covers_allocations():
     for topo in (Topology(2, 2), Topology(2, 1), Topology(8, 4), Topology(12, 4)):
-        need = workspace_bytes(topo, 12345, 2)
-        world = topo.world_size
-        shared = torch.zeros(SymmetricWorkspace.shared_size(world, need, 8192), dtype=torch.uint8)
-        ws = SymmetricWorkspace.from_shared(shared, 0, world, topo.gpus_per_node, need, 8192)
-        DeviceAllReduce(ws, 12345, torch.bfloat16, topo, max_blocks=16)  # must fit
+        for ll in (None, 0, 1000):
+            need = workspace_bytes(topo, 12345, 2, ll_max_elems=ll)
+            world = topo.world_size
+            shared = torch.zeros(SymmetricWorkspace.shared_size(world, need, 8192), dtype=torch.uint8)
+            ws = SymmetricWorkspace.from_shared(shared, 0, world, topo.gpus_per_node, need, 8192)
+            DeviceAllReduce(ws, 12345, torch.bfloat16, topo, max_blocks=16, ll_max_elems=ll)  # must fit
 
 
 def test_auto_follows_tuned_allreduce_choice(monkeypatch):
@@ -78,7 +84,7 @@ def test_auto_follows_tuned_allreduce_choice(monkeypatch):
 
     ar = AllReduce.__new__(AllReduce)
     ar.backend, ar.device_ar, ar.max_bytes, ar.one_shot_max_bytes = "auto", object(), 8 << 20, 256 << 10
-    ar.topology, ar.world_size, ar.dtype = Topology(2, 2), 2, torch.bfloat16
+    ar.topology, ar.world_size, ar.dtype, ar.ll_max_bytes = Topology(2, 2), 2, torch.bfloat16, 0
     seen = []
 
     def fake_lookup(op, key):

@@ -62,6 +62,8 @@ def main() -> None:
             ("1x2 one_shot ptr", DeviceAllReduce(ws, me, dtype, Topology(world, world), one_shot_transport="ptr"),
              "one_shot"),
             ("1x2 two_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot"),
+            ("1x2 one_shot_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "one_shot_ll"),
+            ("1x2 two_shot_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot_ll"),
             ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar"),
             ("2x1 nvrar ptr", DeviceAllReduce(ws, me, dtype, Topology(world, 1), transport="ptr"), "nvrar"),
         ]
@@ -94,7 +96,7 @@ def main() -> None:
                                         f"same_bits={torch.equal(bits, other)} nccl_err={_rel_err(nccl, ref):.2e}")
     log(f"size sweep done: {len(failures)} failures")
     # CUDA graph replays, fresh random inputs generated inside the graph on each replay
-    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2, 3)]:
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2, 3, 4, 5)]:
         n = (1 << 20) // 2 + 3
         x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
         worst = torch.zeros((), dtype=torch.float64, device="cuda")

@@ -20,7 +20,10 @@ NBYTES, FLAGS = 1 << 20, 4096
 
 def _inputs(call, rank, n, dtype):
     g = torch.Generator().manual_seed(1000 * call + rank)
-    return torch.randn(n, generator=g).to(dtype)
+    x = torch.randn(n, generator=g).to(dtype)
+    x[5::7] = -0.0  # the LL protocol's encoding must not mistake signed zeros for empty slots
+    x[3::11] = 0.0
+    return x
 
 
 def _rank_main(rank, world, gpn, cases, shared, results, status, barrier):
@@ -35,7 +38,8 @@ def _rank_main(rank, world, gpn, cases, shared, results, status, barrier):
             x = _inputs(call, rank, n, dtype)
             out = torch.full_like(x, float("nan"))
             inplace = call % 3 == 2
-            res = ars[dtype](x, out=x if inplace else out, algorithm=alg)
+            alg_name, _, proto = alg.partition("/")
+            res = ars[dtype](x, out=x if inplace else out, algorithm=alg_name, protocol=proto or "flag")
             ws.check()
             results[rank, call, :n] = res.double()
         status[rank] = 1
@@ -110,3 +114,17 @@ def test_timeout_names_rank_and_step():
     p.join(timeout=30)
     assert "rank 0" in msg and "step 0" in msg and "rank 1" in msg, msg
     assert time.time() - t0 < 120
+
+
+def test_ll_protocol_one_and_two_shot():
+    """Flag-in-data (LL) protocol: values that encode specially (-0.0, +0.0) and repeated calls of both parities,
+    mixed with the flag protocol on the same sequence channel."""
+    cases = [("one_shot/ll", 1000, torch.float32), ("two_shot/ll", 777, torch.float16), ("one_shot/ll", 1, torch.float16),
+             ("two_shot/ll", 4096, torch.float32), ("one_shot", 300, torch.float32), ("one_shot/ll", 4096, torch.float16),
+             ("two_shot/ll", 3, torch.float32)]
+    _run(2, 2, cases)
+
+
+def test_ll_protocol_three_gpus():
+    cases = [("two_shot/ll", 1001, torch.float32), ("one_shot/ll", 64, torch.float16), ("two_shot/ll", 5, torch.float16)]
+    _run(3, 3, cases)

@@ -35,31 +35,34 @@ def stats(fn, types, consts, div, num_warps, num_stages):
     sass = subprocess.run([str(BIN / "cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", ru)
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4)),
+            "gdc": "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"],
+            "prefetch": len(re.findall(r"prefetch\.global\.L2", k.asm["ptx"])),
             "ldgsts128": len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)),
             "ldg16": len(re.findall(r"LDG\.E\.U16", sass)), "mma": ("HMMA" in sass) or ("HGMMA" in sass)}
 
 
 out = {}
 names = _linear_kernel.arg_names
-for M in (1, 32):
+for M, pdl in ((1, False), (32, False), (1, True)):
     cfg = linear_default_config({"M": M, "N": 3072, "K": 4096})
     consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
               "HAS_SPLIT": cfg["SPLIT_K"] > 1, "USE_DOT": cfg["USE_DOT"], "EVEN_K": True, "SWIGLU": False,
-              "HAS_RES": False, "IEEE": False}
+              "HAS_RES": False, "IEEE": False, "PDL": pdl, "PF_LINES": 4 if pdl else 0}
     if M == 1:
         consts["M"] = 1
-    types = ["*bf16"] * 4 + ["*fp32", "*i32"] + ["i32"] * 9 + ["constexpr"] * 9
+    types = ["*bf16"] * 4 + ["*fp32", "*i32"] + ["i32"] * 9 + ["constexpr"] * 11
     div = [n for n in names if n.endswith("_ptr") or n in ("N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn",
                                                           "stride_ym", "stride_rm")]
-    out[f"linear_M{M}"] = stats(_linear_kernel, types, consts, div, cfg["num_warps"], cfg["num_stages"])
+    out[f"linear_M{M}" + ("_pdl" if pdl else "")] = stats(_linear_kernel, types, consts, div, cfg["num_warps"],
+                                                          cfg["num_stages"])
 names = _decode_attention_kernel.arg_names
 types = (["*bf16"] * 3 + ["*i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 8 + ["*bf16", "*i32", "i32", "i32"]
-         + ["constexpr"] * 7)
+         + ["constexpr"] * 8)
 div = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "SPLIT_LEN"]
 for fused in (False, True):
     out["attention" + ("_fused_reduce" if fused else "")] = stats(
         _decode_attention_kernel, types, {"D": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": False,
-                                          "FUSED_REDUCE": fused, "BLOCK_S": 32}, div, 4, 2)
+                                          "FUSED_REDUCE": fused, "BLOCK_S": 32, "PDL": False}, div, 4, 2)
 print(json.dumps(out))
 '''
 
@@ -82,10 +85,18 @@ def sass_stats():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["linear_M1", "linear_M32", "attention", "attention_fused_reduce"])
+@pytest.mark.parametrize("name", ["linear_M1", "linear_M32", "linear_M1_pdl", "attention", "attention_fused_reduce"])
 def test_sm90_streams_16B_cp_async_without_spills(sass_stats, name):
     s = sass_stats[name]
     assert s["ldgsts128"] > 0, s  # operands stream via 16-byte cp.async
     assert s["ldg16"] == 0, s  # no scalar 2-byte global loads
     assert s["local"] == 0 and s["stack"] == 0, s  # no spills
     assert s["mma"], s
+
+
+def test_sm90_pdl_linear_waits_and_prefetches(sass_stats):
+    """With PDL the linear kernel waits on the previous grid (griddepcontrol) and prefetches weight lines into
+    L2 before that wait; without it, neither appears."""
+    on, off = sass_stats["linear_M1_pdl"], sass_stats["linear_M1"]
+    assert on["gdc"] and on["prefetch"] > 0, on
+    assert not off["gdc"] and off["prefetch"] == 0, off

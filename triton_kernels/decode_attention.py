@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait
+
 from fusedlis import tuning
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,7 +30,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scal
                              GROUP, SPLIT_LEN, NUM_SPLITS, out_ptr, cnt_ptr, stride_ob, stride_oh,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                             BLOCK_S: tl.constexpr):
+                             BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -114,7 +117,9 @@ def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, h, H, NUM_SPLITS, stride_ob, 
 
 @triton.jit
 def _decode_attention_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS, stride_ob, stride_oh, H,
-                                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                                    PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     _merge_splits(o_part_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), H, NUM_SPLITS,
                   stride_ob, stride_oh, D, BLOCK_S, BLOCK_D)
 
@@ -244,12 +249,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         group, split_len, splits, out, cnt, out.stride(0), out.stride(1),
         D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
         IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, BLOCK_S=triton.next_power_of_2(splits),
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2), **pdl_launch(q.device))
     if fused:
         return out
     _decode_attention_reduce_kernel[(B, Hq)](
         o_part, lse, out, splits, out.stride(0), out.stride(1), Hq,
-        D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
+        D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
     return out
 
 

@@ -6,10 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait
+
 
 @triton.jit
 def _embedding_kernel(ids_ptr, w_ptr, out_ptr, V_local, D, vocab_start, stride_w, stride_o,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -39,7 +42,7 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int = 0) -> 
     block = min(triton.next_power_of_2(D), 4096)
     _embedding_kernel[(M, triton.cdiv(D, block))](ids, weight, out, weight.shape[0], D, int(vocab_start),
                                                   weight.stride(0), out.stride(0), BLOCK_D=block,
-                                                  num_warps=4)
+                                                  num_warps=4, **pdl_launch(weight.device))
     return out
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fusedlis import tuning
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait, prefetch_l2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -34,7 +35,8 @@ def _linear_kernel(
     stride_xm, stride_wn, stride_ym, stride_rm,
     SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-    SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
+    PF_LINES: tl.constexpr = 0,
 ):
     # M-tiles vary fastest so that programs sharing a weight tile run together (weight read once via L2).
     pid_m = tl.program_id(0)
@@ -52,6 +54,17 @@ def _linear_kernel(
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     if SWIGLU:
         u_ptrs = w_ptr + (offs_n + N)[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+
+    if PF_LINES > 0:
+        # The weights do not depend on the previous kernel: start pulling this program's first tiles into L2
+        # while that kernel drains (PDL), one prefetch per 128-byte line.
+        LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        pf_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+        pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * LINE, K - 1)
+        prefetch_l2(w_ptr + pf_n[:, None] * stride_wn + pf_k[None, :])
+        if SWIGLU:
+            prefetch_l2(w_ptr + (pf_n + N)[:, None] * stride_wn + pf_k[None, :])
+    pdl_wait(PDL)
 
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -376,14 +389,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
     else:
         ws, cnt = out, out  # unused
     res = residual if residual is not None else out
+    pdl = pdl_launch(x.device)
+    # two BLOCK_K steps of 128-byte lines (the pipeline's first stages); 0 = no prefetch
+    pf = min(triton.cdiv(k_per_split, bk), 2) * bk * w.element_size() // 128 if pdl["PDL"] else 0
+    pf = int(config.get("PF_LINES", pf))
+    pf = 1 << (pf.bit_length() - 1) if pf > 0 else 0
     _linear_kernel[grid](
         x, w, out, res, ws, cnt,
         M, n_out, K, k_per_split,
         x.stride(0), w.stride(0), out.stride(0), res.stride(0),
         split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_SPLIT=split > 1, USE_DOT=use_dot,
         EVEN_K=(K % k_per_split == 0), SWIGLU=(activation == "swiglu"), HAS_RES=residual is not None,
-        IEEE=(x.dtype == torch.float32),
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
+        IEEE=(x.dtype == torch.float32), PF_LINES=pf,
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl,
     )
     return out
 

@@ -10,13 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, res_ptr, new_res_ptr, N, eps,
                     stride_x, stride_y, stride_r, stride_nr,
-                    BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr):
+                    BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -59,7 +62,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, *, residual: torch.Ten
     r = residual if residual is not None else x
     _rmsnorm_kernel[(M,)](x, w, y, r, new_res, N, eps,
                           x.stride(0), y.stride(0), r.stride(0), new_res.stride(0),
-                          BLOCK_N=block, HAS_RES=residual is not None, num_warps=nw)
+                          BLOCK_N=block, HAS_RES=residual is not None, num_warps=nw, **pdl_launch(x.device))
     return (y, new_res) if residual is not None else y
 
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -33,7 +35,8 @@ def _rotate(src_ptr, dst_ptr, src_stride_h, dst_stride_h, H, cos, sin,
 def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, qo_ptr,
                  T, Hq, Hkv, stride_cos, stride_cb, stride_ch, stride_cs,
                  D: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr):
+                 BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     b = tok // T
     pos = tl.load(pos_ptr + tok)
@@ -100,7 +103,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Ten
                            T, Hq, Hkv, cos.stride(0), k_cache.stride(0), k_cache.stride(1),
                            k_cache.stride(2), D=D, HALF=half,
                            BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
-                           BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+                           BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_launch(q.device))
     return q_rot
 
 
