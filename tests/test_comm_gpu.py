@@ -52,16 +52,16 @@ def main() -> None:
         if rank == 0:
             print(msg, flush=True)
 
-    ws = SymmetricWorkspace(1 << 30, flag_words=1 << 15, provider=args.provider)
+    ws = SymmetricWorkspace(2 << 30, flag_words=1 << 15, provider=args.provider)
     log(f"workspace provider={ws.provider} reachable={ws.reachable}")
     variants = {}
     for dtype in (torch.bfloat16, torch.float32):
         me = (8 << 20) // torch.empty((), dtype=dtype).element_size()
         variants[dtype] = [
-            ("1x2 one_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "one_shot"),
-            ("1x2 one_shot ptr", DeviceAllReduce(ws, me, dtype, Topology(world, world), one_shot_transport="ptr"),
-             "one_shot"),
-            ("1x2 two_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot"),
+            ("1x2 one_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world), ll_max_elems=0), "one_shot"),
+            ("1x2 one_shot ptr", DeviceAllReduce(ws, me, dtype, Topology(world, world), one_shot_transport="ptr",
+                                                 ll_max_elems=0), "one_shot"),
+            ("1x2 two_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world), ll_max_elems=0), "two_shot"),
             ("1x2 one_shot_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "one_shot_ll"),
             ("1x2 two_shot_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot_ll"),
             ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar"),
