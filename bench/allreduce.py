@@ -1,7 +1,8 @@
 """All-reduce latency, bf16, 8 KB - 4 MB, CUDA-graph captured, median over replays; baselines in the same run.
 
 Variants: NCCL, torch symmetric memory one_shot / two_shot, fusedlis one_shot / two_shot (1 node x 2),
-fusedlis nvrar as 2 logical nodes x 1 (NVSHMEM put-with-signal rail; and peer-store rail), fusedlis auto.
+fusedlis nvrar as 2 logical nodes x 1 (NVSHMEM put-with-signal rail; peer-store rail; LL peer-store rail),
+fusedlis auto (1x2 and 2x1). "_ll": the flag-in-data protocol; "_t1k": 1024-element tiles.
 Writes bench/results/allreduce_<device>_<date>.csv and .png (or under --out).
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
@@ -55,8 +56,9 @@ def time_graph(fn, calls: int, replays: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--replays", type=int, default=25)
+    # many calls per graph: the ranks' start skew of each replay is spread over them
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--provider", default="auto", help="symmetric memory: auto | nvshmem | torch")
     args = ap.parse_args()
@@ -91,6 +93,9 @@ def main() -> None:
     }
     if ws.uses_nvshmem:
         ours["fusedlis_nvrar_2x1_ptr"] = (dar(t21, transport="ptr"), "nvrar")
+    ours["fusedlis_nvrar_2x1_ll"] = (dar(t21, ll_max_elems=maxn), "nvrar_ll")
+    ours["fusedlis_nvrar_2x1_ll_t1k"] = (dar(t21, ll_max_elems=maxn, block=1024, num_warps=4), "nvrar_ll")
+    auto21 = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t21)
     auto = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t12)
     if hasattr(symm_mem, "set_backend"):
         try:
@@ -123,6 +128,7 @@ def main() -> None:
             "torch_symm_one_shot": lambda: torch.ops.symm_mem.one_shot_all_reduce(sv, "sum", gname),
             "torch_symm_two_shot": lambda: torch.ops.symm_mem.two_shot_all_reduce_(sv, "sum", gname),
             "fusedlis_auto": lambda: auto(x, out=out),
+            "fusedlis_auto_2x1": lambda: auto21(x, out=out),
         }
         for name, (ar, alg) in ours.items():
             variants[name] = (lambda ar=ar, alg=alg: ar(x, out=out, algorithm=alg))
@@ -145,7 +151,8 @@ def main() -> None:
             t = torch.tensor([us], device="cuda")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             rows.append({"bytes": nbytes, "variant": name, "us_median": round(t.item(), 3), "rel_err": f"{err:.2e}",
-                         "algorithm": auto.algorithm_for(nbytes) if name == "fusedlis_auto" else ""})
+                         "algorithm": auto.algorithm_for(nbytes) if name == "fusedlis_auto" else
+                         auto21.algorithm_for(nbytes) if name == "fusedlis_auto_2x1" else ""})
             if rank == 0:
                 print(f"{nbytes:>8} {name:<28} {t.item():8.2f} us  err {err:.1e}", flush=True)
     ws.check()
@@ -177,8 +184,10 @@ def write(rows: list[dict], out_dir: str) -> None:
         intra = min(v for (k, bb), v in by.items() if bb == b and k.startswith(("fusedlis_one_shot",
                                                                                  "fusedlis_two_shot")))
         nv = min(v for (k, bb), v in by.items() if bb == b and k.startswith("fusedlis_nvrar_2x1"))
+        a21 = by.get(("fusedlis_auto_2x1", b), float("nan"))
         lines.append(f"{b:>8} B auto {a:7.2f} us | /nccl {a / by[('nccl', b)]:.2f} | /symm2shot "
-                     f"{a / by[('torch_symm_two_shot', b)]:.2f} | nvrar2x1/best-intra {nv / intra:.2f}")
+                     f"{a / by[('torch_symm_two_shot', b)]:.2f} | nvrar2x1/best-intra {nv / intra:.2f} | "
+                     f"auto2x1 {a21:.2f} us /best-intra {a21 / intra:.2f}")
     print("\n".join(lines))
     with open(stem + "_summary.txt", "w") as f:
         f.write(" ".join(f"{k}={v}" for k, v in meta.items()) + "\n" + "\n".join(lines) + "\n")

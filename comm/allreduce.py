@@ -9,12 +9,12 @@ from fusedlis.comm.plan import cdiv, inter_slot_count
 from fusedlis.comm.symmetric import SymmetricWorkspace, nvshmem_available, warn_once
 from fusedlis.comm.topology import Topology
 
-BACKENDS = ("auto", "nvrar", "one_shot", "two_shot", "one_shot_ll", "two_shot_ll", "nccl")
+BACKENDS = ("auto", "nvrar", "one_shot", "two_shot", "one_shot_ll", "two_shot_ll", "nvrar_ll", "nccl")
 
-# Crossovers (bench/results/allreduce_2xH200_*.csv, docs/comm.md): on one node of 2 GPUs the one-shot kernel
-# (NVSHMEM put-with-signal from the input) beat two-shot at every size measured, 8 KB - 4 MB. For more GPUs per
-# node one-shot moves (G-1)x the data per link: the 256 KB crossover there is a guess, not a measurement.
-ONE_SHOT_MAX_BYTES = {2: 8 << 20}
+# Crossovers (bench/results/allreduce_2xH200_*.csv, docs/comm.md): on one node of 2 GPUs one-shot in the LL
+# protocol was fastest up to 2 MB and two-shot LL at 4 MB (run 20261122-0430). For more GPUs per node one-shot
+# moves (G-1)x the data per link: the 256 KB crossover there is a guess, not a measurement.
+ONE_SHOT_MAX_BYTES = {2: 2 << 20}
 ONE_SHOT_MAX_BYTES_DEFAULT = 256 << 10
 LL_MAX_BYTES = 4 << 20  # LL slots are sized for messages up to this (single node)
 
@@ -26,22 +26,25 @@ def workspace_bytes(topology: Topology, max_elems: int, itemsize: int, align: in
     ns = max(inter_slot_count(m), 1)
     cap = cdiv(cdiv(max_elems, g), align) * align
     one = 2 * g * max_elems if m == 1 else 0
-    ll = min(max_elems, max_elems if ll_max_elems is None else ll_max_elems) if m == 1 and g > 1 else 0
+    ll = min(max_elems, max_elems if ll_max_elems is None else ll_max_elems) if g * m > 1 else 0
     ll_cap = cdiv(cdiv(ll, g), align) * align
-    return (one + (2 * g + 2 * (ns + 1) + 2 * ns + 2 * g) * cap + 2 * g * ll + 4 * g * ll_cap) * itemsize + 12 * 256
+    ll_words = (2 * g * ll if m == 1 else 0) + 4 * g * ll_cap + (2 * ns * ll_cap if m > 1 else 0)
+    return (one + (2 * g + 2 * (ns + 1) + 2 * ns + 2 * g) * cap + ll_words) * itemsize + 12 * 256
 
 
 def choose_algorithm(nbytes: int, topology: Topology, backend: str, max_bytes: int, one_shot_max_bytes: int,
                      device_ready: bool = True, ll_max_bytes: int = 0) -> str:
     """The algorithm for one message: "nccl" without device kernels or above `max_bytes`; an explicit backend
-    as given; "auto": nvrar across nodes; inside one node one_shot up to `one_shot_max_bytes`, else two_shot,
-    in the LL protocol ("_ll") up to `ll_max_bytes`."""
+    as given; "auto": nvrar across nodes; inside one node one_shot up to `one_shot_max_bytes`, else two_shot;
+    in the LL protocol ("_ll") up to `ll_max_bytes` (0 where peers are not load/store reachable)."""
     if not device_ready or backend == "nccl" or nbytes > max_bytes:
         return "nccl"
     if backend != "auto":
+        if backend in ("one_shot", "two_shot", "nvrar") and nbytes <= ll_max_bytes:
+            return backend + "_ll"
         return backend
     if topology.num_nodes > 1:
-        return "nvrar"
+        return "nvrar_ll" if nbytes <= ll_max_bytes else "nvrar"
     alg = "one_shot" if nbytes <= one_shot_max_bytes else "two_shot"
     return alg + "_ll" if nbytes <= ll_max_bytes else alg
 
@@ -49,11 +52,15 @@ def choose_algorithm(nbytes: int, topology: Topology, backend: str, max_bytes: i
 class AllReduce:
     """Sum all-reduce over `group` for tensors of `dtype` up to `max_bytes`.
 
-    backend: "auto" (one_shot / two_shot on one node by message size, in the LL protocol up to `ll_max_bytes`;
-    nvrar across nodes; NCCL above `max_bytes`), "nvrar", "one_shot", "two_shot", "one_shot_ll", "two_shot_ll"
-    (fusedlis Triton kernels on NVSHMEM; "_ll" = flag-in-data protocol, single node), or "nccl"
+    backend: "auto" (one_shot / two_shot on one node by message size, nvrar across nodes, in the LL protocol up
+    to `ll_max_bytes` where peers are load/store reachable; NCCL above `max_bytes`), "nvrar", "one_shot",
+    "two_shot", "one_shot_ll", "two_shot_ll", "nvrar_ll" (fusedlis Triton kernels on NVSHMEM; "_ll" =
+    flag-in-data protocol), or "nccl"
     (torch.distributed, whatever its backend is). Without NVSHMEM (or CUDA) it falls back to
     torch.distributed with one warning. Plugs into the model as `ctx.all_reduce(y)` (in place).
+
+    protocol: "auto" runs one_shot / two_shot / nvrar in the LL (flag-in-data) protocol for messages up to
+    `ll_max_bytes` where peers are load/store reachable; "flag" never does (its slots are not allocated).
 
     Construct on every rank at start-up (symmetric allocation is collective). Calls are asynchronous and
     CUDA-graph capturable. A device-side timeout raises `CommTimeoutError` from a later call (checked
@@ -64,9 +71,13 @@ class AllReduce:
                  dtype: torch.dtype = torch.bfloat16, *, topology: Topology | None = None, provider: str = "auto",
                  workspace: SymmetricWorkspace | None = None, max_blocks: int = 128,
                  one_shot_max_bytes: int | None = None, ll_max_bytes: int = LL_MAX_BYTES,
-                 check_every: int = 64) -> None:
+                 protocol: str = "auto", check_every: int = 64) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if protocol not in ("auto", "flag", "ll"):
+            raise ValueError(f"protocol must be 'auto', 'flag' or 'll', got {protocol!r}")
+        if protocol == "flag":
+            ll_max_bytes = 0
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.group, self.dtype, self.max_bytes = group, dtype, max_bytes
@@ -134,7 +145,8 @@ class AllReduce:
                                    "topology": f"{t.num_nodes}x{t.gpus_per_node}"})
         alg = (cfg or {}).get("algorithm")
         intra_ok = alg in ("one_shot", "two_shot") and t.num_nodes == 1
-        ll_ok = alg in ("one_shot_ll", "two_shot_ll") and t.num_nodes == 1 and nbytes <= self.ll_max_bytes
+        ll_ok = nbytes <= getattr(self, "ll_max_bytes", 0) and (alg == "nvrar_ll" or (alg in ("one_shot_ll", "two_shot_ll")
+                                                                        and t.num_nodes == 1))
         return alg if alg in ("nccl", "nvrar") or intra_ok or ll_ok else None
 
     def __call__(self, x: torch.Tensor, inplace: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,8 +12,9 @@ from fusedlis.comm.plan import build_plan, cdiv, inter_slot_count
 from fusedlis.comm.symmetric import SymmetricWorkspace, nvshmem_device_library
 from fusedlis.comm.topology import Topology
 
-# "<alg>_ll": the same plan in the LL (flag-in-data) protocol, single node only (comm/kernels.py)
-DEVICE_ALGORITHMS = ("one_shot", "two_shot", "nvrar", "one_shot_ll", "two_shot_ll")
+# "<alg>_ll": the same plan in the LL (flag-in-data) protocol (comm/kernels.py); nvrar_ll needs load/store
+# reachable rail partners (logical nodes on one host, or a multi-node NVLink domain)
+DEVICE_ALGORITHMS = ("one_shot", "two_shot", "nvrar", "one_shot_ll", "two_shot_ll", "nvrar_ll")
 PROTOCOLS = ("flag", "ll")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _load_state = threading.local()
@@ -74,8 +75,8 @@ class DeviceAllReduce:
     "auto" = put on an NVSHMEM workspace. `block` / `num_warps` None pick by message size (small tiles for
     small messages, 4096-element tiles and 8 warps above); `max_blocks` None = min(128, SM count) on GPU.
     Calls are asynchronous; a timed-out wait surfaces through `ws.check()` / `ws.check_async()`.
-    `ll_max_elems` (default `max_elems`; 0 = none) sizes the LL-protocol slots of a single-node topology
-    (`protocol="ll"` in calls): messages up to that length can use it.
+    `ll_max_elems` (default `max_elems`; 0 = none) sizes the LL-protocol slots (`protocol="ll"` in calls):
+    messages up to that length can use it, inside a node, and across nodes where rail partners are reachable.
     """
 
     def __init__(self, ws: SymmetricWorkspace, max_elems: int, dtype: torch.dtype = torch.bfloat16,
@@ -138,13 +139,16 @@ class DeviceAllReduce:
         self.work_off = ws.alloc_bytes(2 * (max(self.nslot, 1) + 1) * self.cap * isz, a) // isz
         self.recv_off = ws.alloc_bytes(max(1, 2 * self.nslot * self.cap * isz), a) // isz
         self.ag_off = ws.alloc_bytes(2 * g * self.cap * isz, a) // isz if g > 1 else 0
-        # LL slots (byte offsets): one-shot [2][G][ll], two-shot RS and AG [2][G][ll_cap]; zero = empty
-        self.ll_max = min(max_elems, max_elems if ll_max_elems is None else ll_max_elems) if m == 1 and g > 1 else 0
+        # LL slots (byte offsets), zero = empty: one-shot [2][G][ll] (single node), RS and AG [2][G][ll_cap], rail
+        # [2][NSLOT][ll_cap]. Across nodes only where every rail partner is load/store reachable (peer stores).
+        ll_ok = (m == 1 and g > 1) or (m > 1 and all(ws.reachable[p] for p in partners))
+        self.ll_max = min(max_elems, max_elems if ll_max_elems is None else ll_max_elems) if ll_ok else 0
         self.ll_cap = cdiv(cdiv(self.ll_max, g), align) * align
         if self.ll_max:
-            self.ll_os_off = ws.alloc_bytes(2 * g * self.ll_max * isz, a)
-            self.ll_rs_off = ws.alloc_bytes(2 * g * self.ll_cap * isz, a)
-            self.ll_ag_off = ws.alloc_bytes(2 * g * self.ll_cap * isz, a)
+            self.ll_os_off = ws.alloc_bytes(2 * g * self.ll_max * isz, a) if m == 1 else -1
+            self.ll_rs_off = ws.alloc_bytes(2 * g * self.ll_cap * isz, a) if g > 1 else 0
+            self.ll_ag_off = ws.alloc_bytes(2 * g * self.ll_cap * isz, a) if g > 1 else 0
+            self.ll_rail_off = ws.alloc_bytes(2 * self.nslot * self.ll_cap * isz, a) if m > 1 else 0
         self.osf_off = ws.alloc_flags(max_blocks * g)
         self.rsf_off = ws.alloc_flags(max_blocks * g)
         self.inf_off = ws.alloc_flags(max(1, max_blocks * self.nslot))
@@ -152,9 +156,10 @@ class DeviceAllReduce:
         self.ch = ws.alloc_channel()
         self._ctr = ws.counters[self.ch:]
 
-    def _config(self, elems: int) -> tuple[int, int, int, int]:
+    def _config(self, elems: int, ll: bool = False) -> tuple[int, int, int, int]:
         """(programs, elements per program, tile, warps) for `elems` elements per chunk."""
-        block = self.block or (1024 if elems <= 16384 else 4096)
+        # LL: 1024-element tiles measured fastest up to 512 KB on 2xH200 (bench/results/allreduce_2xH200_*0430*)
+        block = self.block or (1024 if elems <= (262144 if ll else 16384) else 4096)
         warps = self.num_warps or (4 if block <= 1024 else 8)
         nb = max(1, min(self.max_blocks, cdiv(elems, block)))
         per_block = cdiv(cdiv(elems, nb), block) * block
@@ -178,15 +183,16 @@ class DeviceAllReduce:
         return x.view(-1), out.view(-1)
 
     def supports_ll(self, n: int) -> bool:
-        """True if a message of `n` elements can use the LL protocol (single node, within `ll_max_elems`)."""
+        """True if a message of `n` elements can use the LL protocol (within `ll_max_elems`, reachable peers)."""
         return 0 < n <= self.ll_max
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar",
                  protocol: str = "flag") -> torch.Tensor:
         """Sum `x` over all ranks into `out` (new tensor if None; `out=x` is allowed). Returns out.
 
-        `algorithm` is one of DEVICE_ALGORITHMS ("one_shot_ll" = one_shot with protocol "ll"). protocol "flag": data then a release flag per sender (every algorithm); "ll": flag-in-data stores,
-        one_shot / two_shot on a single node for messages up to `ll_max_elems` (lower latency)."""
+        `algorithm` is one of DEVICE_ALGORITHMS ("one_shot_ll" = one_shot with protocol "ll"). protocol "flag":
+        data then a release flag per sender (every algorithm); "ll": flag-in-data stores, for messages up to
+        `ll_max_elems` (lower latency; see `supports_ll`)."""
         xf, of = self._check(x, out)
         result = of.view(x.shape)
         n = xf.numel()
@@ -198,23 +204,26 @@ class DeviceAllReduce:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if protocol == "ll":
-            if algorithm not in ("one_shot", "two_shot"):
-                raise ValueError(f"protocol 'll' supports one_shot and two_shot, not {algorithm!r}")
+            if algorithm not in ("one_shot", "two_shot", "nvrar"):
+                raise ValueError(f"protocol 'll' supports one_shot, two_shot and nvrar, not {algorithm!r}")
+            if algorithm in ("one_shot", "two_shot") and self.M != 1:
+                raise ValueError(f"{algorithm} is intra-node only (topology has several nodes); use 'nvrar'")
             if not self.supports_ll(n):
-                raise ValueError(f"protocol 'll' needs a single-node topology of >= 2 GPUs and <= {self.ll_max} "
-                                 f"elements; got {n} on {self.M}x{self.G}")
+                raise ValueError(f"protocol 'll' needs load/store-reachable peers and <= {self.ll_max} elements; "
+                                 f"got {n} on {self.M}x{self.G}")
             if algorithm == "one_shot":
-                nb, per_block, block, warps = self._config(n)
+                nb, per_block, block, warps = self._config(n, ll=True)
                 K._ll_one_shot_kernel[(nb,)](
                     xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.ll_os_off, self.ll_max,
                     self.rank, self.node_base, per_block, self.max_spins, G=self.G, BLOCK=block, num_warps=warps)
             else:
                 cs = cdiv(cdiv(n, self.G), self.align) * self.align
-                nb, per_block, block, warps = self._config(cs)
-                K._ll_two_shot_kernel[(nb,)](
-                    xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.ll_rs_off, self.ll_ag_off,
-                    self.ll_cap, cs, self.rank, self.node_base, per_block, self.max_spins, G=self.G, BLOCK=block,
-                    num_warps=warps)
+                nb, per_block, block, warps = self._config(cs, ll=True)
+                K._ll_hier_kernel[(nb,)](
+                    xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.steps, self.ll_rs_off,
+                    self.ll_ag_off, self.ll_rail_off, self.ll_cap, cs, self.rank, self.node_base, per_block,
+                    self.max_spins, G=self.G, NSTEPS=self.nsteps if algorithm == "nvrar" else 0,
+                    NSLOT=max(self.nslot, 1), BLOCK=block, num_warps=warps)
             return result
         if algorithm == "one_shot":
             if self.M != 1:

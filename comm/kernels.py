@@ -354,12 +354,14 @@ def _ll_one_shot_kernel(
 
 
 @triton.jit
-def _ll_two_shot_kernel(
-    x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
-    rs_off, ag_off, cap, cs, rank, node_base, per_block, max_spins,
-    G: tl.constexpr, BLOCK: tl.constexpr,
+def _ll_hier_kernel(
+    x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr, steps_ptr,
+    rs_off, ag_off, rail_off, cap, cs, rank, node_base, per_block, max_spins,
+    G: tl.constexpr, NSTEPS: tl.constexpr, NSLOT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Two-shot in the LL protocol: reduce-scatter (chunk j to local rank j) and all-gather, each one LL store.
+    """Two-shot (NSTEPS == 0) and NVRAR in the LL protocol, tile by tile: reduce-scatter inside the node (chunk j
+    to local rank j), the rail steps of the plan on each reduced tile (recursive doubling with fold-in / fold-out
+    between same-local-rank GPUs; every rail partner must be load/store reachable), all-gather inside the node.
     Chunk j = [min(j*cs, N), min((j+1)*cs, N)); program p handles chunk-relative [p*per_block, (p+1)*per_block).
     Offsets are in bytes. In place (out is x) is safe: a program reads every x element it overwrites first."""
     pid = tl.program_id(0)
@@ -384,6 +386,7 @@ def _ll_two_shot_kernel(
                 m = idx < c_hi - c_lo
                 tl.store(dst + idx, _ll_encode(tl.load(x_ptr + c_lo + idx, mask=m), UT, SIGN), mask=m)
     rs = _ptr(peer_ptrs, rank, rs_off, UT)
+    rail = _ptr(peer_ptrs, rank, rail_off, UT)
     for off in range(blo, bhi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < bhi
@@ -394,11 +397,25 @@ def _ll_two_shot_kernel(
             else:
                 v = _ll_take(rs + (par * G + j) * cap + idx, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
             acc += v.to(tl.float32)
-        red = acc.to(dty)
+        red = _ll_sanitize(acc.to(dty), UT, SIGN)
+        for k in tl.static_range(NSTEPS):
+            op = tl.load(steps_ptr + 3 * k)
+            partner = tl.load(steps_ptr + 3 * k + 1)
+            slot = tl.load(steps_ptr + 3 * k + 2)
+            if (op == 1) | (op == 3):  # SEND or EXCHANGE
+                dst = _ptr(peer_ptrs, partner, rail_off, UT) + (par * NSLOT + slot) * cap
+                tl.store(dst + idx, _ll_encode(red, UT, SIGN), mask=m)
+            if op != 1:  # RECV_ADD, EXCHANGE, RECV_COPY
+                r = _ll_take(rail + (par * NSLOT + slot) * cap + idx, m, max_spins, err_ptr, 1 + k, partner, dty,
+                             SIGN)
+                if op == 4:
+                    red = r
+                else:
+                    red = _ll_sanitize((red.to(tl.float32) + r.to(tl.float32)).to(dty), UT, SIGN)
         e = _ll_encode(red, UT, SIGN)
         for j in tl.static_range(G):
             if j == lr:
-                tl.store(out_ptr + my_lo + idx, (e ^ SIGN).to(dty, bitcast=True), mask=m)
+                tl.store(out_ptr + my_lo + idx, red, mask=m)
             else:
                 dst = _ptr(peer_ptrs, node_base + j, ag_off, UT) + (par * G + lr) * cap
                 tl.store(dst + idx, e, mask=m)

@@ -21,7 +21,10 @@ def test_choose_algorithm():
     assert choose_algorithm(8 << 10, one, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "one_shot_ll"
     assert choose_algorithm(1 << 20, one, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "two_shot_ll"
     assert choose_algorithm(2 << 20, one, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "two_shot"
-    assert choose_algorithm(8 << 10, two, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "nvrar"
+    assert choose_algorithm(8 << 10, two, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "nvrar_ll"
+    assert choose_algorithm(8 << 10, two, "nvrar", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "nvrar_ll"
+    assert choose_algorithm(8 << 10, one, "two_shot", 8 << 20, 256 << 10, ll_max_bytes=0) == "two_shot"
+    assert choose_algorithm(2 << 20, two, "auto", 8 << 20, 256 << 10, ll_max_bytes=1 << 20) == "nvrar"
 
 
 def test_bad_backend_and_single_rank_identity():

@@ -61,10 +61,13 @@ def test_peer_store_kernels_compile_for_sm90():
     assert "nvshmem" not in res["ptx"] and res["cubin_bytes"] > 0
 
 
-@pytest.mark.parametrize("name,dtype", [("_ll_one_shot_kernel", "bf16"), ("_ll_two_shot_kernel", "fp32")])
-def test_ll_kernels_compile_for_sm90(name, dtype):
+@pytest.mark.parametrize("name,dtype,const", [
+    ("_ll_one_shot_kernel", "bf16", dict(G=2, BLOCK=1024)),
+    ("_ll_hier_kernel", "fp32", dict(G=2, NSTEPS=0, NSLOT=1, BLOCK=1024)),
+    ("_ll_hier_kernel", "bf16", dict(G=2, NSTEPS=3, NSLOT=4, BLOCK=1024))])
+def test_ll_kernels_compile_for_sm90(name, dtype, const):
     """The LL protocol polls with volatile loads and needs no flag, fence or NVSHMEM call."""
-    res = _compile(name, dtype, dict(G=2, BLOCK=1024), extern=False)
+    res = _compile(name, dtype, const, extern=False)
     ptx = res["ptx"]
     assert "ld.volatile.global" in ptx
     assert "release" not in ptx and "nvshmem" not in ptx and res["cubin_bytes"] > 0

@@ -64,8 +64,10 @@ def main() -> None:
             ("1x2 two_shot", DeviceAllReduce(ws, me, dtype, Topology(world, world), ll_max_elems=0), "two_shot"),
             ("1x2 one_shot_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "one_shot_ll"),
             ("1x2 two_shot_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world)), "two_shot_ll"),
-            ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar"),
-            ("2x1 nvrar ptr", DeviceAllReduce(ws, me, dtype, Topology(world, 1), transport="ptr"), "nvrar"),
+            ("2x1 nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, 1), ll_max_elems=0), "nvrar"),
+            ("2x1 nvrar ptr", DeviceAllReduce(ws, me, dtype, Topology(world, 1), transport="ptr", ll_max_elems=0),
+             "nvrar"),
+            ("2x1 nvrar_ll", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar_ll"),
         ]
     log("transports (rail, one-shot): " + ", ".join(f"{n}={a.transport},{a.one_shot_transport}"
                                                   for n, a, _ in variants[torch.bfloat16]))
@@ -96,7 +98,7 @@ def main() -> None:
                                         f"same_bits={torch.equal(bits, other)} nccl_err={_rel_err(nccl, ref):.2e}")
     log(f"size sweep done: {len(failures)} failures")
     # CUDA graph replays, fresh random inputs generated inside the graph on each replay
-    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2, 3, 4, 5)]:
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2, 3, 4, 5, 7)]:
         n = (1 << 20) // 2 + 3
         x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
         worst = torch.zeros((), dtype=torch.float64, device="cuda")

@@ -125,6 +125,13 @@ def test_ll_protocol_one_and_two_shot():
     _run(2, 2, cases)
 
 
+def test_nvrar_ll_logical_nodes():
+    """LL rail steps: 3 logical nodes of 1 (fold-in / fold-out) and 2 nodes of 2 (RS, rail, AG per tile)."""
+    _run(3, 1, [("nvrar/ll", 999, torch.float32), ("nvrar/ll", 3, torch.float16), ("nvrar", 50, torch.float32),
+                ("nvrar/ll", 2048, torch.float16)])
+    _run(4, 2, [("nvrar/ll", 1001, torch.float32), ("nvrar/ll", 64, torch.float16), ("nvrar/ll", 7, torch.float32)])
+
+
 def test_ll_protocol_three_gpus():
     cases = [("two_shot/ll", 1001, torch.float32), ("one_shot/ll", 64, torch.float16), ("two_shot/ll", 5, torch.float16)]
     _run(3, 3, cases)
