@@ -193,8 +193,9 @@ def bench_linear(args, shapes, ms, ceiling, pool):
                 xs = [torch.randn(M, K, device=DEV, dtype=DTYPE) for _ in range(n)]
                 ys = [torch.empty(M, N, device=DEV, dtype=DTYPE) for _ in range(n)]
                 pf = min(math.ceil(K / best_cfg.get("SPLIT_K", 1) / best_cfg["BLOCK_K"]), 2) * best_cfg["BLOCK_K"] // 64
-                for name, c in (("best_pf0_us", {**best_cfg, "PF_LINES": 0}),
-                                ("best_pf2x_us", {**best_cfg, "PF_LINES": 2 * pf})):
+                for name, c in (("best_pdl_us", {**best_cfg, "PDL": True}),
+                                ("best_pf0_us", {**best_cfg, "PDL": True, "PF_LINES": 0}),
+                                ("best_pf2x_us", {**best_cfg, "PDL": True, "PF_LINES": 2 * pf})):
                     pdl_cols[name] = time_graph([lambda i=i, c=c: linear(xs[i], ws[i], config=c, out=ys[i])
                                                  for i in range(n)], args.reps)
                 os.environ["FUSEDLIS_PDL"] = "0"
@@ -217,8 +218,8 @@ def bench_linear(args, shapes, ms, ceiling, pool):
             "auto_frac_of_read_bw": by / t_auto / 1e6 / ceiling,
             "best_vs_torch": t_torch / t_best, "default_vs_torch": t_torch / t_def, "auto_vs_torch": t_torch / t_auto,
             "dispatch": dispatch, "n_configs": len(res), "best_err": best_err, "best_config": json.dumps(best_cfg),
-            **{k: pdl_cols.get(k, float("nan")) for k in ("best_nopdl_us", "auto_nopdl_us", "best_pf0_us",
-                                                          "best_pf2x_us")},
+            **{k: pdl_cols.get(k, float("nan")) for k in ("best_pdl_us", "best_nopdl_us", "auto_nopdl_us",
+                                                          "best_pf0_us", "best_pf2x_us")},
         })
         from fusedlis.tuning.keys import key_string
         kstr = key_string(linear_key(M, N, K, DTYPE, None, False))

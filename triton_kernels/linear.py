@@ -389,7 +389,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
     else:
         ws, cnt = out, out  # unused
     res = residual if residual is not None else out
-    pdl = pdl_launch(x.device)
+    # PDL is opt-in here (config "PDL": True): on H200 it made chains of these GEMMs 5-25% slower, prefetch or
+    # not (bench/results/kernels_linear_pdl_NVIDIA-H200_2026-11-22.csv)
+    pdl = pdl_launch(x.device) if config.get("PDL", False) else {"PDL": False}
     # two BLOCK_K steps of 128-byte lines (the pipeline's first stages); 0 = no prefetch
     pf = min(triton.cdiv(k_per_split, bk), 2) * bk * w.element_size() // 128 if pdl["PDL"] else 0
     pf = int(config.get("PF_LINES", pf))
