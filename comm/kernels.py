@@ -306,13 +306,14 @@ def _ll_take(p, m, max_spins, err_ptr, step, peer, dty: tl.constexpr, SIGN: tl.c
         e = tl.load(p, mask=m, other=1, volatile=True)
         n += 1
     if tl.min(e, axis=0) == 0:
-        code = peer.to(tl.int64) | ((1 << 62) | (step << 32))
+        code = tl.cast(peer, tl.int64) | ((1 << 62) | (step << 32))
         tl.atomic_cas(err_ptr, code * 0, code)
     tl.store(p, tl.zeros_like(e), mask=m)
     return (e ^ SIGN).to(dty, bitcast=True)
 
 
-@triton.jit
+# rank / node_base equal to 1 must not become constants (peer ids are converted with .to())
+@triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_one_shot_kernel(
     x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
     data_off, cap, rank, node_base, per_block, max_spins,
@@ -353,7 +354,8 @@ def _ll_one_shot_kernel(
     _finish(ctr_ptr, seq)
 
 
-@triton.jit
+# rank / node_base equal to 1 must not become constants (peer ids are converted with .to())
+@triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_hier_kernel(
     x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr, steps_ptr,
     rs_off, ag_off, rail_off, cap, cs, rank, node_base, per_block, max_spins,
