@@ -88,7 +88,8 @@ triton.__version__, 'transformers', transformers.__version__, 'accelerate', acce
     cat "$R/phaseA_gpu0.txt" "$R/phaseA_gpu1.txt"
   fi
   want B && step tp2_8b 200 torchrun --nproc-per-node 2 $DECODE --models llama-3.1-8b \
-    --modes torch,nccl,nvrar,fused --nvrar-nodes 1,2 --steps "$STEPS" --ref-steps "$REF_STEPS" --breakdown
+    --modes torch,nccl,auto,nvrar,fused --nvrar-nodes ${NVRAR_NODES:-1,2} --steps "$STEPS" --ref-steps "$REF_STEPS" \
+    --breakdown
   if want C; then
     step tp2_hf 200 torchrun --nproc-per-node 2 $DECODE --models llama-3.1-8b --modes none --hf --steps "$STEPS" \
       --tag 8b-hf \
@@ -98,7 +99,7 @@ triton.__version__, 'transformers', transformers.__version__, 'accelerate', acce
   want D && TAIL=20 step tests_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
   # 70B bf16 at TP=2: 70.6 GB of weights + 43 GB of KV cache (64 x 4137 tokens) per GPU; torch reference last
   want E && step tp2_70b 220 torchrun --nproc-per-node 2 $DECODE --models llama-3.1-70b \
-    --modes nccl,fused,nvrar,torch --nvrar-nodes 2 --steps "$STEPS_70B" --ref-steps 10 --breakdown
+    --modes nccl,auto,fused,nvrar,torch --nvrar-nodes 2 --steps "$STEPS_70B" --ref-steps 10 --breakdown
 
   echo "== summary (all runs)"
   python3 bench/decode.py --summarize "$R"/decode_tp*.csv "$R"/decode_breakdown_tp*.csv --out "$R" 2>&1 | tail -60

@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+import time
+
 import torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -72,9 +74,11 @@ def main() -> None:
     log("transports (rail, one-shot): " + ", ".join(f"{n}={a.transport},{a.one_shot_transport}"
                                                   for n, a, _ in variants[torch.bfloat16]))
     g = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    t_start = time.time()
     for dtype, vs in variants.items():
         isz = torch.empty((), dtype=dtype).element_size()
         for nbytes in SIZES_BYTES:
+            log(f"sweep {dtype} {nbytes} B ({time.time() - t_start:.0f} s)")
             n = max(1, nbytes // isz)
             for name, ar, alg in vs:
                 for inplace in (False, True):
