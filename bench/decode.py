@@ -318,6 +318,10 @@ def environment_line(device: torch.device, tp: int, bw: float) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"
+        # a copied working tree (e.g. on a lent GPU machine) can carry a stale .git: say so
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), timeout=10).stdout.strip():
+            commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     dev = device_name(device).replace(" ", "-")

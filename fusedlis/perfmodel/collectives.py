@@ -184,7 +184,7 @@ def nccl(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "nccl") -> Co
 
 # fusedlis.comm.AllReduce("auto") on one node of g GPUs: one-shot up to this many bytes, two-shot above
 # (fusedlis.comm.allreduce.ONE_SHOT_MAX_BYTES / _DEFAULT; a test keeps them equal).
-AUTO_ONE_SHOT_MAX_BYTES = {2: 8 << 20}
+AUTO_ONE_SHOT_MAX_BYTES = {2: 2 << 20}
 AUTO_ONE_SHOT_MAX_BYTES_DEFAULT = 256 << 10
 
 
