@@ -58,23 +58,33 @@ _IMPL_ALGO = {"nccl": "nccl", "one_shot": "oneshot", "oneshot": "oneshot", "two_
               "twoshot": "twoshot", "nvrar": "nvrar"}
 
 
-def _algo_of(impl: str, algo: str | None) -> tuple[str, bool]:
-    """(model algorithm, logical_nodes) for a measured variant name such as bench/allreduce.py writes.
+def _logical_nodes(low: str) -> int:
+    """N of an `<N>x1` tag in a variant name (`fusedlis_nvrar_2x1_ll`, `fusedlis_auto_2x1`), else 1."""
+    import re
 
-    `fusedlis_nvrar_2x1_*` runs NVRAR on 2 logical nodes of 1 GPU over NVLink: one recursive-doubling
-    exchange on the NVLink link, modelled as `rd` on one node.
+    m = re.search(r"_(\d+)x1(?:_|$)", low)
+    return int(m.group(1)) if m else 1
+
+
+def _algo_of(impl: str, algo: str | None) -> tuple[str, int]:
+    """(model algorithm, logical nodes) for a measured variant name such as bench/allreduce.py writes.
+
+    `<N>x1` variants (`fusedlis_nvrar_2x1_*`, `fusedlis_auto_2x1`) run on N logical nodes of 1 GPU that talk
+    over NVLink: NVRAR there is one recursive-doubling exchange per rail step, modelled as `nvrar` on N nodes
+    of 1 GPU whose network link is the implementation's (NVLink) link. LL variants (`..._ll`, `..._ll_t1k`,
+    or an algorithm column `one_shot_ll`) map to the LL model of their algorithm (`oneshot_ll`, ...).
     """
     low = impl.lower()
+    nodes = _logical_nodes(low)
     if algo:
         a = algo.lower()
-        return ("twoshot" if a == "auto" else _IMPL_ALGO.get(a, a)), False
+        return ("twoshot" if a == "auto" else coll.resolve(_IMPL_ALGO.get(a, a))), nodes
     if low.startswith("nccl"):
-        return "nccl", False
-    if "nvrar_2x1" in low or "nvrar_" in low and "x1" in low:
-        return "rd", True
+        return "nccl", nodes
+    ll = "_ll" in low
     for key in ("one_shot", "oneshot", "two_shot", "twoshot", "nvrar"):
         if key in low:
-            return _IMPL_ALGO[key], False
+            return _IMPL_ALGO[key] + ("_ll" if ll else ""), nodes
     raise SystemExit(f"cannot tell the algorithm of variant {impl!r}: add an 'algo' column")
 
 
@@ -102,7 +112,7 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                 if r.get("mode", "graph") != "graph":
                     continue  # eager timings include host launch gaps the model does not describe
                 impl = _get(r, "impl", path)
-                algo, _ = _algo_of(impl, _get(r, "algo", path, required=False))
+                algo, logical = _algo_of(impl, _get(r, "algo", path, required=False))
                 gpus = _get(r, "gpus", path, required=False)
                 if gpus is None:  # bench/allreduce.py: device column like "2xH200"
                     dev = r.get("device", "")
@@ -110,7 +120,7 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                         raise SystemExit(f"{path}: no gpus/world_size column and no device like '2xH200'")
                     gpus = dev.split("x", 1)[0]
                 ars.append({"impl": impl, "algo": coll.resolve(algo), "gpus": int(gpus),
-                            "nodes": int(_get(r, "nodes", path, required=False) or 1),
+                            "nodes": int(_get(r, "nodes", path, required=False) or logical),
                             "bytes": parse_size(_get(r, "bytes", path)), "us": float(_get(r, "us", path))})
     # calibrate --raw names an implementation once for all its algorithms ("fusedlis": oneshot and twoshot)
     algos: dict[str, set[str]] = {}
@@ -130,8 +140,11 @@ def _link_for(hw: Hardware, impl_rows: list[dict[str, Any]], fit_sizes: set[int]
                for r in impl_rows if r["bytes"] in fit_sizes]
     if len(samples) < 2:
         raise SystemExit(f"{impl_rows[0]['impl']}: fewer than 2 rows at the fit sizes")
-    a, b = fit_link(samples, hw.gamma)
-    return hw.with_(intra=Link(a, b, a, b))
+    nodes = impl_rows[0]["nodes"]
+    a, b = fit_link(samples, hw.gamma, nodes)
+    link = Link(a, b, a, b)
+    # logical nodes of one host: the "network" between them is this implementation's NVLink link
+    return hw.with_(intra=link, inter=link, inter_load_store=True) if nodes > 1 else hw.with_(intra=link)
 
 
 def _norm(name: str) -> str:
@@ -142,14 +155,35 @@ def validate_allreduce(hw: Hardware, rows: list[dict[str, Any]], fit_sizes: set[
                        fitted: dict[str, Hardware] | None = None) -> list[dict[str, Any]]:
     """Rows of measured vs model; with `fit_sizes`, each implementation's fitted profile goes into `fitted`."""
     out = []
-    for impl in dict.fromkeys(r["impl"] for r in rows):
+    own: dict[str, Hardware] = {}  # fitted per implementation
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    few = set()
+    for impl in impls:
+        rs = [r for r in rows if r["impl"] == impl]
+        if fit_sizes is not None and sum(r["bytes"] in fit_sizes for r in rs) < 2:
+            few.add(impl)  # e.g. the one 4 MB row where fusedlis_auto switched to two-shot LL
+        else:
+            own[impl] = _link_for(hw, rs, fit_sizes)
+    for impl in impls:
         rs = sorted((r for r in rows if r["impl"] == impl), key=lambda r: (r["gpus"], r["bytes"]))
-        h = _link_for(hw, rs, fit_sizes)
+        if impl in few:
+            # too few rows of its own to fit 2 parameters: the terms of the plainest implementation fitted on
+            # the same algorithm and topology (the same kernel, e.g. fusedlis_two_shot_ll for auto's 4 MB row)
+            same = [i for i in own if {(r["algo"], r["nodes"]) for r in rows if r["impl"] == i}
+                    == {(r["algo"], r["nodes"]) for r in rs}]
+            if not same:
+                raise SystemExit(f"{impl}: fewer than 2 rows at the fit sizes and no other implementation of "
+                                 f"{rs[0]['algo']} to borrow terms from")
+            h = own[min(same, key=lambda i: (not _norm(i).startswith("fusedlis"), len(i), i))]
+        else:
+            h = own[impl]
         if fitted is not None:
             fitted[_norm(impl)] = h
         for r in rs:
             nodes = r["nodes"]
             pred = coll.allreduce(r["algo"], h, nodes, r["gpus"] // nodes, r["bytes"]).total * 1e6
+            # a row predicted with borrowed terms at a fit size: that size's kernel time was fitted (in another
+            # variant's measurement), so it does not count as held out
             role = "profile" if fit_sizes is None else ("fit" if r["bytes"] in fit_sizes else "held-out")
             a, b = h.intra.params(r["algo"])
             out.append({"what": "allreduce", "impl": impl, "model": r["algo"], "gpus": r["gpus"],
@@ -449,9 +483,12 @@ def committed_runs() -> list[list[str]]:
         src = (["--raw", rel(raw), "--regime-points", "2"] if raw.is_file() and prof.name.startswith("calibrated_")
                else ["--profile", rel(prof)])
         args = [*src, "--out-prefix", rel(r / f"perfmodel_validation_{tag}")]
-        # the variants whose algorithms calibrate measured (NCCL and fusedlis' own one-/two-shot kernels)
-        args += (["--allreduce", rel(max(allreduce, key=lambda p: p.stem.split("_")[2])),
-                  "--only", "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"] if allreduce else [])
+        # the variants whose algorithms calibrate measured (NCCL and fusedlis' own one-/two-shot kernels in the
+        # flag protocol), in the newest run whose auto variant ran those kernels (no LL variants: 0249, measured
+        # 7 minutes before the committed calibration; later runs' auto runs the LL kernels calibrate does not time)
+        flag_runs = [p for p in allreduce if "_ll" not in p.read_text()]
+        args += (["--allreduce", rel(max(flag_runs, key=lambda p: p.stem.split("_")[2])),
+                  "--only", "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"] if flag_runs else [])
         args += (["--layer", *map(rel, fused)] if fused else [])
         args += (["--decode", *map(rel, decode), "--decode-fit-tp", "1"] if decode else [])
         if len(args) > len(src) + 2:
@@ -530,8 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         header.append(f"Fitted per implementation on sizes {sorted(fit_sizes)} (all-reduce); GEMMs sorted by "
                       "bytes: every other shape and the largest fitted. Every other row is held out.")
         # one profile from the fit rows (for the --allreduce / --decode / --layer comparisons below)
+        # (one node's NVLink terms: rows of logical-node runs, a stand-in for other nodes, are left out)
         raw = [dict(kind="allreduce", impl=r["impl"], algo="ring" if r["algo"] == "nccl" else r["algo"],
-                    gpus=r["gpus"], bytes=r["bytes"], us=r["us"]) for r in ar if r["bytes"] in fit_sizes]
+                    gpus=r["gpus"], bytes=r["bytes"], us=r["us"]) for r in ar
+               if r["bytes"] in fit_sizes and r["nodes"] == 1]
         raw += [dict(kind="gemm", **r) for r in gm]
         hw = profile_from_measurements(raw, hw).with_(name=Path(args.out_prefix).name + "_profile")
         save_profile(hw, args.out_prefix + "_profile.json")

@@ -219,3 +219,67 @@ def test_auto_matches_comm_crossover():
     assert coll.allreduce("auto", h, 1, 4, small).total == coll.allreduce("oneshot", h, 1, 4, small).total
     assert coll.allreduce("auto", h, 1, 4, big).total == coll.allreduce("twoshot", h, 1, 4, big).total
     assert coll.allreduce("auto", h, 2, 4, big).total == coll.allreduce("nvrar", h, 2, 4, big).total
+
+
+def test_auto_matches_comm_choice_with_ll():
+    """The perfmodel's auto picks what fusedlis.comm.allreduce.choose_algorithm picks (LL included)."""
+    from fusedlis.comm.allreduce import LL_MAX_BYTES, ONE_SHOT_MAX_BYTES, ONE_SHOT_MAX_BYTES_DEFAULT, choose_algorithm
+    from fusedlis.comm.topology import Topology
+
+    assert coll.AUTO_LL_MAX_BYTES == LL_MAX_BYTES
+    for nodes, gpn in ((1, 2), (1, 4), (1, 8), (2, 1), (2, 4)):
+        topo = Topology(nodes * gpn, gpus_per_node=gpn)
+        osm = ONE_SHOT_MAX_BYTES.get(gpn, ONE_SHOT_MAX_BYTES_DEFAULT)
+        for reachable in (True, False):
+            ll_max = LL_MAX_BYTES if (nodes == 1 or reachable) else 0
+            for m in (8192, osm, osm + 2, LL_MAX_BYTES, LL_MAX_BYTES + 2, 8 << 20):
+                want = coll.resolve(choose_algorithm(m, topo, "auto", 16 << 20, osm, True, ll_max))
+                assert coll.auto_algorithm(nodes, gpn, m, reachable) == want, (nodes, gpn, m, reachable)
+                h = hw(gpn, inter_load_store=reachable)
+                assert coll.allreduce("auto", h, nodes, gpn, m).total == coll.allreduce(want, h, nodes, gpn, m).total
+                assert coll.bytes_sent("auto", nodes, gpn, m) == coll.bytes_sent(want, nodes, gpn, m)
+
+
+def test_ll_names_resolve():
+    for name, want in (("one_shot_ll", "oneshot_ll"), ("two_shot_ll", "twoshot_ll"), ("nvrar_ll", "nvrar_ll"),
+                       ("oneshot_ll", "oneshot_ll"), ("One-Shot-LL", "oneshot_ll"), (" twoshot-ll ", "twoshot_ll")):
+        assert coll.resolve(name) == want
+        assert coll.flag_variant(name) == want[:-3]
+    from fusedlis.comm.device import DEVICE_ALGORITHMS
+
+    for name in DEVICE_ALGORITHMS:  # every device algorithm of fusedlis.comm has a model
+        assert coll.resolve(name) in coll.ALGORITHMS
+    for bad in ("ring_ll", "auto_ll", "nccl_ll", "_ll", "ll"):
+        with pytest.raises(ValueError, match="unknown all-reduce algorithm"):
+            coll.resolve(bad)
+
+
+def test_ll_hand_computed():
+    # 2 GPUs, m = 1 MiB; oneshot_ll with its own terms alpha 3 us, 200 GB/s; flag one-shot 6 us, 200 GB/s.
+    m = 1 << 20
+    link = Link.make(A_I * 1e6, BW_I / 1e9, algorithms={"oneshot": (6.0, 200.0), "oneshot_ll": (3.0, 200.0)})
+    h = hw(2, intra=link)
+    ll, flag = coll.allreduce("one_shot_ll", h, 1, 2, m), coll.allreduce("oneshot", h, 1, 2, m)
+    assert close(ll.latency, 3e-6) and close(flag.latency, 6e-6)
+    assert close(ll.bandwidth, m / 200e9) and close(ll.bandwidth, flag.bandwidth)
+    assert close(ll.reduction, m / RED) and close(ll.total, flag.total - 3e-6)
+    # twoshot_ll without terms of its own: twoshot's (an upper bound); twoshot without: the custom link
+    t = coll.allreduce("twoshot_ll", h, 1, 2, m)
+    assert close(t.total, 2 * A_I + m / BW_I + 0.5 * m / RED)
+    assert close(t.total, coll.allreduce("twoshot", h, 1, 2, m).total)
+    # nvrar_ll on 2 nodes x 4: RS + AG on NVLink (custom terms), one RD step on m/4 over the network
+    h4 = hw(4)
+    c = coll.allreduce("nvrar_ll", h4, 2, 4, m)
+    assert close(c.total, 2 * A_I + 2 * 0.75 * m / BW_I + 0.75 * m / RED + A_E + m / 4 / BW_E + m / 4 / RED)
+    assert coll.bytes_sent("nvrar_ll", 2, 4, m) == coll.bytes_sent("nvrar", 2, 4, m)
+    assert coll.network_bytes("oneshot_ll", 2, 4, m) == coll.network_bytes("oneshot", 2, 4, m)
+
+
+def test_ll_profile_roundtrip():
+    from fusedlis.perfmodel.hardware import profile_from_dict
+
+    d = hw(2, inter_load_store=True, intra=Link.make(2.0, 100.0, algorithms={"nvrar_ll": (1.5, 90.0)})).to_json()
+    assert d["inter_load_store"] is True and "nvrar_ll" in d["intra"]["algorithms"]
+    h = profile_from_dict(d)
+    assert h.inter_load_store and close(h.intra.params("nvrar_ll")[0], 1.5e-6)
+    assert "inter_load_store" not in hw(2).to_json()

@@ -237,11 +237,51 @@ def test_validate_reads_bench_formats_and_fits_layer_hiding(tmp_path):
     with open(prefix + ".csv") as f:
         rows = list(csv.DictReader(f))
     models = {r["impl"]: r["model"] for r in rows}
-    assert models["fusedlis_nvrar_2x1_put"] == "rd" and models["fusedlis_two_shot"] == "twoshot"
+    # NVRAR on 2 logical nodes of 1 GPU: the same cost form as one recursive-doubling step on NVLink
+    assert models["fusedlis_nvrar_2x1_put"] == "nvrar" and models["fusedlis_two_shot"] == "twoshot"
     lay = [r for r in rows if r["what"] == "layer"]
     assert len(lay) == 6 and {r["role"] for r in lay} == {"fit", "held-out"}
     assert all(abs(float(r["rel_err"])) < 0.02 for r in lay)
     assert load_profile(prefix + "_profile.json").ar_latency_hidden == pytest.approx(0.5, abs=0.02)
+
+
+def test_validate_ll_variants(tmp_path):
+    """LL variants of bench/allreduce.py map to the LL models, each fitted on its own; an auto variant that
+    switched algorithm for one size borrows the terms of the plain variant of that algorithm."""
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    link = Link.make(5.0, 300.0, algorithms={"oneshot": (6.0, 250.0), "oneshot_ll": (3.0, 250.0),
+                                             "twoshot_ll": (4.0, 350.0)})
+    hw = get_hardware("h200-ndr").with_(intra=link, inter=link)
+    sizes = [8192 << i for i in range(10)]  # 8K .. 4M
+    ar_csv = tmp_path / "allreduce_2xH200.csv"
+    with open(ar_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["device", "bytes", "variant", "us_median", "rel_err", "algorithm"])
+        t = lambda a, m, n=1: coll.allreduce(a, hw, n, 2 // n, m).total * 1e6  # noqa: E731
+        for m in sizes:
+            w.writerow(["2xH200", m, "fusedlis_one_shot", t("oneshot", m), 0, ""])
+            w.writerow(["2xH200", m, "fusedlis_one_shot_ll_t1k", t("oneshot_ll", m), 0, ""])
+            w.writerow(["2xH200", m, "fusedlis_two_shot_ll", t("twoshot_ll", m), 0, ""])
+            w.writerow(["2xH200", m, "fusedlis_nvrar_2x1_ll", t("nvrar_ll", m, 2), 0, ""])
+            a = "one_shot_ll" if m <= 2 << 20 else "two_shot_ll"
+            w.writerow(["2xH200", m, "fusedlis_auto", t(a, m), 0, a])
+    prefix = str(tmp_path / "v")
+    assert mod.main(["--fit-from", str(ar_csv), "--out-prefix", prefix, "--reduce-GBps",
+                     str(1e-9 / hw.gamma)]) == 0
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    models = {r["impl"]: r["model"] for r in rows}
+    assert models == {"fusedlis_one_shot": "oneshot", "fusedlis_one_shot_ll_t1k": "oneshot_ll",
+                      "fusedlis_two_shot_ll": "twoshot_ll", "fusedlis_nvrar_2x1_ll": "nvrar_ll",
+                      "fusedlis_auto_oneshot_ll": "oneshot_ll", "fusedlis_auto_twoshot_ll": "twoshot_ll"}
+    assert all(abs(float(r["rel_err"])) < 1e-3 for r in rows)
+    alpha = {r["impl"]: float(r["alpha_us"]) for r in rows}
+    assert alpha["fusedlis_one_shot_ll_t1k"] == pytest.approx(3.0, rel=1e-3)
+    assert alpha["fusedlis_one_shot"] == pytest.approx(6.0, rel=1e-3)
+    assert alpha["fusedlis_auto_twoshot_ll"] == pytest.approx(4.0, rel=1e-3)  # borrowed from two_shot_ll
+    assert [r["role"] for r in rows if r["impl"] == "fusedlis_auto_twoshot_ll"] == ["fit"]  # 4M: a fit size
 
 
 def test_validate_decode_rows(tmp_path):

@@ -129,3 +129,16 @@ def test_hidden_latency_only_touches_nvlink_latency(h, algo, nodes, gpn, m, frac
     assert d.bandwidth == c.bandwidth and d.reduction == c.reduction
     assert d.latency >= c.inter_latency - 1e-18
     assert abs((c.latency - d.latency) - frac * (c.latency - c.inter_latency)) <= 1e-12 * max(c.latency, 1e-9)
+
+
+@given(hardware(), nodes_s, gpn_s, bytes_s, st.sampled_from(["oneshot", "twoshot", "nvrar"]),
+       st.floats(0.0, 1.0), st.booleans())
+def test_ll_never_slower_than_flag_with_lower_alpha(h, nodes, gpn, m, algo, frac, inter):
+    """Same beta, alpha_LL <= alpha_flag (on the link class drawn): the LL variant is never slower."""
+    which = "inter" if inter else "intra"
+    link = getattr(h, which)
+    a, b = link.params(algo, m)
+    h = h.with_(**{which: link.with_algo(algo, a, b).with_algo(algo + "_ll", a * frac, b)})
+    ll = coll.allreduce(algo + "_ll", h, nodes, gpn, m).total
+    flag = coll.allreduce(algo, h, nodes, gpn, m).total
+    assert ll <= flag * (1 + 1e-12) + 1e-18

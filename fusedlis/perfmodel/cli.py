@@ -57,7 +57,8 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated: tp, pp, hybrid (TP in a node, PP across), or tpXppY (default tp,pp,hybrid)")
     p.add_argument("--allreduce", default="nccl,nvrar",
                    help="comma-separated TP all-reduce models: nccl, nvrar, auto (fusedlis' choice), ring, tree, "
-                        "rd, rabenseifner, oneshot, twoshot (default nccl,nvrar)")
+                        "rd, rabenseifner, oneshot, twoshot, and the LL (flag-in-data) kernels oneshot_ll, "
+                        "twoshot_ll, nvrar_ll (also as fusedlis.comm names one_shot_ll, ...) (default nccl,nvrar)")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight/activation element (default 2)")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every prediction as JSON")

@@ -8,6 +8,8 @@ Flat algorithms (ring, tree, rd, rabenseifner, oneshot, twoshot) treat the GPUs 
 partners are all inside one node uses NVLink, any other step is charged at the network link. `nvrar` is the
 hierarchical scheme (reduce-scatter in the node, recursive doubling between same-local-rank GPUs of different
 nodes on 1/g of the data, all-gather in the node). `nccl` is min(ring, tree) with NCCL's link parameters.
+`oneshot_ll`, `twoshot_ll`, `nvrar_ll` are fusedlis.comm's LL (flag-in-data) kernels: the same data movement
+as their flag variants, their own link terms (a profile without them falls back to the flag variant's).
 The tree is NCCL-style pipelined (bandwidth term 2*m*beta, not 2*m*beta*log p).
 """
 
@@ -182,10 +184,29 @@ def nccl(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "nccl") -> Co
     return min(ring(hw, nodes, gpn, m, "nccl"), tree(hw, nodes, gpn, m, "nccl"), key=lambda c: c.total)
 
 
+def oneshot_ll(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "oneshot_ll") -> Cost:
+    """One-shot in the LL (flag-in-data) protocol: one-shot's data movement, its own (alpha, beta)."""
+    return oneshot(hw, nodes, gpn, m, impl)
+
+
+def twoshot_ll(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "twoshot_ll") -> Cost:
+    """Two-shot in the LL protocol: two-shot's data movement, its own (alpha, beta)."""
+    return twoshot(hw, nodes, gpn, m, impl)
+
+
+def nvrar_ll(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "nvrar_ll") -> Cost:
+    """NVRAR in the LL protocol (rail partners load/store reachable): NVRAR's data movement, its own terms."""
+    return nvrar(hw, nodes, gpn, m, impl)
+
+
 # fusedlis.comm.AllReduce("auto") on one node of g GPUs: one-shot up to this many bytes, two-shot above
 # (fusedlis.comm.allreduce.ONE_SHOT_MAX_BYTES / _DEFAULT; a test keeps them equal).
 AUTO_ONE_SHOT_MAX_BYTES = {2: 2 << 20}
 AUTO_ONE_SHOT_MAX_BYTES_DEFAULT = 256 << 10
+# ... and in the LL protocol up to this many bytes where peers are load/store reachable (one node, or logical
+# nodes / an NVLink domain across nodes: `Hardware.inter_load_store`); fusedlis.comm.allreduce.LL_MAX_BYTES.
+AUTO_LL_MAX_BYTES = 4 << 20
+LL_CAPABLE = ("oneshot", "twoshot", "nvrar")
 
 
 def auto_one_shot_max(gpn: int) -> int:
@@ -193,30 +214,50 @@ def auto_one_shot_max(gpn: int) -> int:
     return AUTO_ONE_SHOT_MAX_BYTES.get(gpn, AUTO_ONE_SHOT_MAX_BYTES_DEFAULT)
 
 
-def auto(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "auto") -> Cost:
-    """What fusedlis' AllReduce("auto") runs: one-/two-shot by size on one node, NVRAR across nodes."""
+def auto_algorithm(nodes: int, gpn: int, m: float, inter_load_store: bool = False) -> str:
+    """The algorithm fusedlis.comm.allreduce.choose_algorithm picks for backend "auto" (protocol "auto"):
+    NVRAR across nodes, else one-shot up to `auto_one_shot_max(gpn)` and two-shot above; in the LL protocol up
+    to AUTO_LL_MAX_BYTES where peers are load/store reachable (always inside a node; across nodes only with
+    `inter_load_store`)."""
     if nodes > 1:
-        return nvrar(hw, nodes, gpn, m, "nvrar")
-    if m <= auto_one_shot_max(gpn):
-        return oneshot(hw, nodes, gpn, m, "oneshot")
-    return twoshot(hw, nodes, gpn, m, "twoshot")
+        base, ll = "nvrar", inter_load_store
+    else:
+        base, ll = ("oneshot" if m <= auto_one_shot_max(gpn) else "twoshot"), True
+    return base + "_ll" if ll and m <= AUTO_LL_MAX_BYTES else base
+
+
+def auto(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "auto") -> Cost:
+    """What fusedlis' AllReduce("auto") runs (`auto_algorithm`), with that algorithm's link terms."""
+    a = auto_algorithm(nodes, gpn, m, hw.inter_load_store)
+    return ALGORITHMS[a](hw, nodes, gpn, m, a)
 
 
 ALGORITHMS: dict[str, Callable[..., Cost]] = {
     "ring": ring, "tree": tree, "rd": recursive_doubling, "rabenseifner": rabenseifner,
     "oneshot": oneshot, "twoshot": twoshot, "nvrar": nvrar, "nccl": nccl, "auto": auto,
+    "oneshot_ll": oneshot_ll, "twoshot_ll": twoshot_ll, "nvrar_ll": nvrar_ll,
 }
 ALIASES = {"recursive_doubling": "rd", "recursive-doubling": "rd", "one-shot": "oneshot", "one_shot": "oneshot",
            "two-shot": "twoshot", "two_shot": "twoshot", "rab": "rabenseifner", "fusedlis": "auto"}
 
 
 def resolve(name: str) -> str:
-    """Canonical algorithm name; ValueError listing the known ones."""
+    """Canonical algorithm name; ValueError listing the known ones. LL variants: `<flag name>_ll` (or `-ll`),
+    e.g. fusedlis.comm's "one_shot_ll" -> "oneshot_ll"."""
     key = name.strip().lower()
+    if key.endswith(("_ll", "-ll")) and len(key) > 3:
+        base = ALIASES.get(key[:-3], key[:-3])
+        key = base + "_ll" if base in LL_CAPABLE else key
     key = ALIASES.get(key, key)
     if key not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
     return key
+
+
+def flag_variant(algo: str) -> str:
+    """The flag-protocol algorithm with the same data movement ("oneshot_ll" -> "oneshot"; others unchanged)."""
+    a = resolve(algo)
+    return a[:-3] if a.endswith("_ll") else a
 
 
 def allreduce(algo: str, hw: Hardware, nodes: int, gpus_per_node: int, nbytes: float) -> Cost:
@@ -248,7 +289,7 @@ def p2p(hw: Hardware, nbytes: float, *, inter: bool, impl: str = "nccl") -> Cost
 
 def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> float:
     """Bytes one GPU puts on its links for one all-reduce of `nbytes` (wire volume, not time)."""
-    algo = resolve(algo)
+    algo = flag_variant(algo)
     p, g = nodes * gpus_per_node, gpus_per_node
     if p == 1:
         return 0.0
@@ -260,8 +301,7 @@ def bytes_sent(algo: str, nodes: int, gpus_per_node: int, nbytes: float) -> floa
     if algo in ("tree", "nccl"):
         return 2 * nbytes
     if algo == "auto":
-        algo = "nvrar" if nodes > 1 else ("oneshot" if nbytes <= auto_one_shot_max(gpus_per_node) else "twoshot")
-        return bytes_sent(algo, nodes, gpus_per_node, nbytes)
+        return bytes_sent(auto_algorithm(nodes, gpus_per_node, nbytes), nodes, gpus_per_node, nbytes)
     if algo == "oneshot":
         return (p - 1) * nbytes
     return 2 * (g - 1) / g * nbytes + math.ceil(math.log2(nodes)) * nbytes / g  # nvrar
@@ -272,7 +312,7 @@ def network_bytes(algo: str, nodes: int, gpus_per_node: int, nbytes: float, hw: 
 
     `nccl` counts as ring or tree, whichever its cost model picks (needs `hw`; ring without it).
     """
-    algo = resolve(algo)
+    algo = flag_variant(algo)
     _check(nodes, gpus_per_node, nbytes)
     n, g = nodes, gpus_per_node
     p, m = n * g, nbytes

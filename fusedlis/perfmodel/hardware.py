@@ -79,6 +79,8 @@ class Link:
         for name, a, b, mx in self.per_algo:  # sorted by bound within a name
             if name == impl and m <= mx:
                 return a, b
+        if impl.endswith("_ll"):  # an LL kernel without its own terms: its flag variant's (an upper bound)
+            return self.params(impl[:-3], nbytes)
         if impl == "nccl":
             return self.nccl_alpha, self.nccl_beta
         return self.alpha, self.beta
@@ -154,6 +156,9 @@ class Hardware:
     # measured TP=2 decode steps going from 8 to 32 rows cost about what it cost at TP=1, so the row-dependent
     # cost of skinny GEMMs does not shrink when N (or K) is split. 0 disables it. Fitted from decode steps.
     gemm_row_latency: float = 0.0
+    # Rail partners in other nodes are load/store reachable (logical nodes of one host, a multi-node NVLink
+    # domain): fusedlis' auto all-reduce then runs NVRAR in the LL protocol across nodes. False over InfiniBand.
+    inter_load_store: bool = False
 
     def latency_hidden(self, algo: str) -> float:
         """The hidden fraction that applies to all-reduce algorithm `algo`."""
@@ -165,7 +170,7 @@ class Hardware:
 
     def to_json(self) -> dict[str, Any]:
         """The file form, readable back by `load_profile`."""
-        return {
+        d = {
             "name": self.name, "gpu": self.gpu, "gpus_per_node": self.gpus_per_node,
             "hbm_GBps": self.hbm_bw / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
             "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
@@ -174,6 +179,9 @@ class Hardware:
             "gemm_row_us": self.gemm_row_latency * 1e6,
             "intra": self.intra.to_json(), "inter": self.inter.to_json(), "sources": list(self.sources),
         }
+        if self.inter_load_store:
+            d["inter_load_store"] = True
+        return d
 
 
 # Built-ins describe the fusedlis engine's decode, fitted on H200 and scaled to each GPU's datasheet:
@@ -332,6 +340,9 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
     sources = d.get("sources", [])
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise ProfileError(f"{source}: field 'sources' must be a list of strings")
+    ils = d.get("inter_load_store", False)
+    if not isinstance(ils, bool):
+        raise ProfileError(f"{source}: field 'inter_load_store' must be true or false, got {ils!r}")
     return Hardware(
         name=str(d.get("name", Path(source).stem)), gpu=str(d.get("gpu", "unknown")), gpus_per_node=gpn,
         hbm_bw=hbm * 1e9, peak_flops=_num(d, "peak_TFLOPs", source) * 1e12,
@@ -342,7 +353,8 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         sources=tuple(sources), ar_latency_hidden=_fraction(d, "ar_latency_hidden", source),
         nccl_latency_hidden=_fraction(d, "nccl_latency_hidden", source),
         gemm_flop_rate=_num(d, "gemm_TFLOPs", source, required=False, default=0.0, positive=False) * 1e12,
-        gemm_row_latency=_num(d, "gemm_row_us", source, required=False, default=0.0, positive=False) * 1e-6)
+        gemm_row_latency=_num(d, "gemm_row_us", source, required=False, default=0.0, positive=False) * 1e-6,
+        inter_load_store=ils)
 
 
 def load_profile(path: str | Path) -> Hardware:
