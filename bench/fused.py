@@ -112,6 +112,16 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
                     ar.all_reduce(fl_linear(xs[i], ws_[i]))
 
                 v["fusedlis_linear+fusedlis_ar"] = fl_unfused
+                if hasattr(ar, "all_reduce_norm"):
+                    yb = outs[1]
+                    # the all-reduce of an M x N output alone, and fused with residual + RMSNorm (LL one-shot)
+                    v["fusedlis_ar_only"] = lambda i: ar.all_reduce(yb)
+                    v["fusedlis_ar+res+norm_only"] = lambda i: ar.all_reduce_norm(yb, res, nw, eps, res_out=outs[0])
+
+                    def fl_unfused_norm(i):
+                        ar.all_reduce_norm(fl_linear(xs[i], ws_[i]), res, nw, eps, res_out=outs[0])
+
+                    v["fusedlis_linear+fusedlis_ar+res+norm"] = fl_unfused_norm
         except Exception as e:  # noqa: BLE001
             print(f"fusedlis AllReduce unavailable: {e}", file=sys.stderr)
     except ImportError as e:
@@ -285,7 +295,7 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
     for s, K, N, M, vname, us in rows:
         table.setdefault((s, M), {})[vname] = us
     lines = [meta, "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
-             "norm_extra_us"]
+             "norm_extra_us ll_ar_norm_extra_us"]
     for (s, M), d in table.items():
         fused = min(d.get("fused_one_shot", float("inf")), d.get("fused_two_shot", float("inf")))
         unf = {k: v for k, v in d.items() if not k.startswith("fused") and "norm" not in k and "only" not in k
@@ -293,8 +303,9 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
         best = min(unf, key=unf.get) if unf else None
         nccl = d.get("cublas+nccl", float("nan"))
         extra = d.get("fused_auto+res+norm", float("nan")) - d.get("fused_auto", float("nan"))
+        ll_extra = d.get("fusedlis_ar+res+norm_only", float("nan")) - d.get("fusedlis_ar_only", float("nan"))
         lines.append(f"{s} {M} {fused:.2f} {nccl:.2f} {best}:{unf.get(best, float('nan')):.2f} "
-                     f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f}")
+                     f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f} {ll_extra:+.2f}")
     if tune_rows:
         lines.append("tuned GEMM config of the fused kernel (shape M config us):")
         lines += [f"{s} {M} {c} {us:.2f}" for s, _, _, M, c, us in tune_rows]

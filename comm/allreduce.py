@@ -177,6 +177,26 @@ class AllReduce:
             self.ws.check_async()
         return y
 
+    def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        res_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rmsnorm(sum(x) + residual), sum(x) + residual)` for rows x [M, H]: the end of a row-parallel layer.
+
+        One fused LL one-shot kernel where the device kernels handle this size and topology (single node, up to
+        `ll_max_bytes` and the one-shot crossover); else the all-reduce, then the residual add and RMSNorm in
+        fp32. Not yet timed on a GPU against the unfused pair (see docs/comm.md)."""
+        nbytes = x.numel() * x.element_size()
+        dar = self.device_ar
+        if (dar is not None and self.backend in ("auto", "one_shot", "one_shot_ll") and x.dtype == self.dtype
+                and x.dim() == 2 and nbytes <= min(self.one_shot_max_bytes, self.ll_max_bytes)
+                and dar.supports_norm(*x.shape) and x.is_contiguous()):
+            return dar.all_reduce_norm(x, residual, weight, eps, res_out=res_out)
+        y = self(x)
+        h = y.float() + residual.float()
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        if res_out is not None:
+            return normed, res_out.copy_(h)
+        return normed, h.to(x.dtype)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """In-place sum over the group; returns `x` (the `TPContext.all_reduce` contract)."""
         return self(x, inplace=True)

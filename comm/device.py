@@ -186,6 +186,40 @@ class DeviceAllReduce:
         """True if a message of `n` elements can use the LL protocol (within `ll_max_elems`, reachable peers)."""
         return 0 < n <= self.ll_max
 
+    def supports_norm(self, M: int, H: int) -> bool:
+        """True if `all_reduce_norm` can run rows [M, H] here (single node, LL slots big enough, H <= 16384)."""
+        return self.M == 1 and self.G > 1 and 0 < M * H <= self.ll_max and H <= 16384
+
+    def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        out: torch.Tensor | None = None, res_out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rmsnorm(allreduce(x) + residual) * weight, allreduce(x) + residual)` in one LL one-shot kernel.
+
+        For the end of a row-parallel layer in decode: x [M, H] is this rank's partial output, residual [M, H]
+        the (replicated) residual stream, weight [H] the next RMSNorm's weight. Single node only, M * H within
+        `ll_max_elems` (see `supports_norm`). `res_out=residual` updates the residual in place."""
+        if x.dim() != 2 or residual.shape != x.shape or weight.shape != (x.shape[1],):
+            raise ValueError(f"all_reduce_norm: x and residual must be [M, H] and weight [H], got "
+                             f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
+        if residual.dtype != x.dtype or not residual.is_contiguous() or not weight.is_contiguous():
+            raise ValueError("all_reduce_norm: residual must be contiguous with x's dtype; weight contiguous")
+        M, H = x.shape
+        if not self.supports_norm(M, H):
+            raise ValueError(f"all_reduce_norm needs one node of >= 2 GPUs, M*H <= {self.ll_max} and H <= 16384; "
+                             f"got [{M}, {H}] on {self.M}x{self.G}")
+        xf, y = self._check(x, out)
+        if res_out is None:
+            res_out = torch.empty_like(x)
+        elif res_out.shape != x.shape or res_out.dtype != x.dtype or not res_out.is_contiguous():
+            raise ValueError("res_out must be a contiguous tensor of x's shape and dtype")
+        rows = cdiv(M, self.max_blocks)
+        block_h = triton.next_power_of_2(H)
+        K._ll_one_shot_norm_kernel[(cdiv(M, rows),)](
+            xf, residual, weight, y, res_out, M, H, float(eps), self.ws.buffer, self.ws.peer_ptrs, self._ctr,
+            self.ws.err, self.ll_os_off, self.ll_max, self.rank, self.node_base, rows, self.max_spins,
+            G=self.G, BLOCK_H=block_h, num_warps=min(16, max(4, block_h // 1024)))
+        return y.view(M, H), res_out
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar",
                  protocol: str = "flag") -> torch.Tensor:
         """Sum `x` over all ranks into `out` (new tensor if None; `out=x` is allowed). Returns out.

@@ -432,3 +432,54 @@ def _ll_hier_kernel(
                 v = _ll_take(ag + (par * G + j) * cap + idx, m, max_spins, err_ptr, 99, node_base + j, dty, SIGN)
                 tl.store(out_ptr + c_lo + idx, v, mask=m)
     _finish(ctr_ptr, seq)
+
+
+@triton.jit(do_not_specialize=["rank", "node_base"])
+def _ll_one_shot_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, M, H, eps, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
+    data_off, cap, rank, node_base, rows_per_prog, max_spins,
+    G: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One-shot all-reduce in the LL protocol fused with the residual add and RMSNorm that follow a row-parallel
+    layer: h = allreduce(x) + residual, y = h * rsqrt(mean(h^2) + eps) * w, for rows of x [M, H].
+
+    Program p owns whole rows [p*rows_per_prog, ...): it stores its encoded rows into slot [parity][local rank]
+    of every node peer, takes the peers' rows, sums them in local-rank order (rounded to x's dtype, as the
+    unfused all-reduce returns it), adds the residual in fp32 and normalises. Same slots and sequence channel as
+    `_ll_one_shot_kernel`; `data_off` in bytes."""
+    pid = tl.program_id(0)
+    dty: tl.constexpr = x_ptr.dtype.element_ty
+    BITS: tl.constexpr = dty.primitive_bitwidth
+    UT: tl.constexpr = tl.uint16 if BITS == 16 else tl.uint32
+    SIGN: tl.constexpr = (1 << 15) if BITS == 16 else (1 << 31)
+    seq = tl.load(ctr_ptr) + 1
+    par = seq % 2
+    lr = rank - node_base
+    cols = tl.arange(0, BLOCK_H)
+    cm = cols < H
+    r_lo = pid * rows_per_prog
+    r_hi = tl.minimum(r_lo + rows_per_prog, M)
+    for row in range(r_lo, r_hi):
+        idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
+        e = _ll_encode(tl.load(x_ptr + idx, mask=cm), UT, SIGN)
+        for j in tl.static_range(G):
+            if j != lr:
+                dst = _ptr(peer_ptrs, node_base + j, data_off, UT)
+                tl.store(dst + (par * G + lr) * cap + idx, e, mask=cm)
+    mine = _ptr(peer_ptrs, rank, data_off, UT)
+    for row in range(r_lo, r_hi):
+        idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(G):
+            if j == lr:
+                v = _ll_sanitize(tl.load(x_ptr + idx, mask=cm), UT, SIGN)
+            else:
+                v = _ll_take(mine + (par * G + j) * cap + idx, cm, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
+            acc += v.to(tl.float32)
+        h = acc.to(dty).to(tl.float32) + tl.load(res_ptr + idx, mask=cm, other=0.0).to(tl.float32)
+        h = tl.where(cm, h, 0.0)
+        tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=cm)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / H + eps)
+        w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + idx, (h * rstd * w).to(y_ptr.dtype.element_ty), mask=cm)
+    _finish(ctr_ptr, seq)

@@ -135,3 +135,67 @@ def test_nvrar_ll_logical_nodes():
 def test_ll_protocol_three_gpus():
     cases = [("two_shot/ll", 1001, torch.float32), ("one_shot/ll", 64, torch.float16), ("two_shot/ll", 5, torch.float16)]
     _run(3, 3, cases)
+
+
+def _norm_inputs(call, rank, M, H, dtype):
+    g = torch.Generator().manual_seed(7000 + 100 * call + rank)
+    x = torch.randn(M, H, generator=g).to(dtype)
+    x[:, 5::9] = -0.0  # signed zeros must not read as empty LL slots
+    gr = torch.Generator().manual_seed(9000 + call)  # residual and weight are replicated: same on every rank
+    return x, torch.randn(M, H, generator=gr).to(dtype), (1 + 0.1 * torch.randn(H, generator=gr)).to(dtype)
+
+
+def _norm_rank_main(rank, world, cases, shared, results, status, barrier):
+    try:
+        ws = SymmetricWorkspace.from_shared(shared, rank, world, world, NBYTES, FLAGS)
+        barrier.wait(timeout=120)
+        ars = {}
+        for call, (M, H, dtype) in enumerate(cases):
+            if dtype not in ars:
+                ars[dtype] = DeviceAllReduce(ws, 4096, dtype, Topology(world, world), block=64, max_blocks=2,
+                                             max_spins=5_000_000)
+            x, res, w = _norm_inputs(call, rank, M, H, dtype)
+            y, h = ars[dtype].all_reduce_norm(x, res.clone(), w, 1e-5, out=torch.full_like(x, float("nan")),
+                                              res_out=torch.full_like(x, float("nan")))
+            ws.check()
+            results[rank, call, 0, :M * H] = y.double().flatten()
+            results[rank, call, 1, :M * H] = h.double().flatten()
+        status[rank] = 1
+    except BaseException as e:
+        status[rank] = 2
+        print(f"rank {rank} failed: {type(e).__name__}: {e}", flush=True)
+        os._exit(1)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ll_all_reduce_fused_residual_rmsnorm(world):
+    """One kernel: LL one-shot all-reduce + residual add + RMSNorm, rows not a power of two wide, more rows than
+    programs; against float64 (sum rounded to the dtype as the unfused all-reduce returns it)."""
+    cases = [(1, 100, torch.float32), (5, 33, torch.float16), (3, 64, torch.float32), (1, 7, torch.float16)]
+    ctx = mp.get_context("fork")
+    shared = torch.zeros(SymmetricWorkspace.shared_size(world, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
+    results = torch.full((world, len(cases), 2, 5 * 100), float("nan"), dtype=torch.float64).share_memory_()
+    status = torch.zeros(world, dtype=torch.int32).share_memory_()
+    barrier = ctx.Barrier(world)
+    procs = [ctx.Process(target=_norm_rank_main, args=(r, world, cases, shared, results, status, barrier))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert status.tolist() == [1] * world, f"rank status {status.tolist()}"
+    for call, (M, H, dtype) in enumerate(cases):
+        ins = [_norm_inputs(call, r, M, H, dtype) for r in range(world)]
+        s = sum(x.double() for x, _, _ in ins).to(dtype).double()
+        _, res, w = ins[0]
+        h = s + res.double()
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+        for k, ref in ((0, y), (1, h)):
+            got = results[0, call, k, :M * H].view(M, H)
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err <= TOL[dtype], (call, k, err)
+            for r in range(1, world):
+                assert torch.equal(results[r, call, k, :M * H], results[0, call, k, :M * H]), (call, k, r)
