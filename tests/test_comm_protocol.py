@@ -49,14 +49,15 @@ def _rank_main(rank, world, gpn, cases, shared, results, status, barrier):
         os._exit(1)
 
 
-def _run(world, gpn, cases):
+def _spawn(world, target, args, result_shape):
+    """Run `target(rank, world, *args, shared, results, status, barrier)` in `world` forked ranks sharing one
+    workspace region; returns the shared float64 `results` tensor once every rank reported success."""
     ctx = mp.get_context("fork")
     shared = torch.zeros(SymmetricWorkspace.shared_size(world, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
-    nmax = max(n for _, n, _ in cases)
-    results = torch.full((world, len(cases), nmax), float("nan"), dtype=torch.float64).share_memory_()
+    results = torch.full((world, *result_shape), float("nan"), dtype=torch.float64).share_memory_()
     status = torch.zeros(world, dtype=torch.int32).share_memory_()
     barrier = ctx.Barrier(world)
-    procs = [ctx.Process(target=_rank_main, args=(r, world, gpn, cases, shared, results, status, barrier))
+    procs = [ctx.Process(target=target, args=(r, world, *args, shared, results, status, barrier))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -66,6 +67,11 @@ def _run(world, gpn, cases):
         if p.is_alive():
             p.kill()
     assert status.tolist() == [1] * world, f"rank status {status.tolist()}"
+    return results
+
+
+def _run(world, gpn, cases):
+    results = _spawn(world, _rank_main, (gpn, cases), (len(cases), max(n for _, n, _ in cases)))
     for call, (alg, n, dtype) in enumerate(cases):
         ref = sum(_inputs(call, r, n, dtype).double() for r in range(world))
         out = results[:, call, :n]
@@ -172,21 +178,7 @@ def test_ll_all_reduce_fused_residual_rmsnorm(world):
     """One kernel: LL one-shot all-reduce + residual add + RMSNorm, rows not a power of two wide, more rows than
     programs; against float64 (sum rounded to the dtype as the unfused all-reduce returns it)."""
     cases = [(1, 100, torch.float32), (5, 33, torch.float16), (3, 64, torch.float32), (1, 7, torch.float16)]
-    ctx = mp.get_context("fork")
-    shared = torch.zeros(SymmetricWorkspace.shared_size(world, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
-    results = torch.full((world, len(cases), 2, 5 * 100), float("nan"), dtype=torch.float64).share_memory_()
-    status = torch.zeros(world, dtype=torch.int32).share_memory_()
-    barrier = ctx.Barrier(world)
-    procs = [ctx.Process(target=_norm_rank_main, args=(r, world, cases, shared, results, status, barrier))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert status.tolist() == [1] * world, f"rank status {status.tolist()}"
+    results = _spawn(world, _norm_rank_main, (cases,), (len(cases), 2, max(M * H for M, H, _ in cases)))
     for call, (M, H, dtype) in enumerate(cases):
         ins = [_norm_inputs(call, r, M, H, dtype) for r in range(world)]
         s = sum(x.double() for x, _, _ in ins).to(dtype).double()
