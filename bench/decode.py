@@ -44,7 +44,8 @@ import fusedlis  # noqa: E402
 from fusedlis.model import LlamaConfig  # noqa: E402
 from fusedlis.model.build import hf_tensor_names  # noqa: E402
 
-FIELDS = ("model", "tp", "system", "batch", "context", "steps", "ms_per_token", "floor_ms", "ratio_to_floor")
+FIELDS = ("model", "tp", "system", "batch", "context", "steps", "ms_per_token", "floor_ms", "ratio_to_floor",
+          "fuse_norm")
 WARMUP = 3
 
 
@@ -90,10 +91,23 @@ def kv_bytes_per_gpu(cfg: LlamaConfig, tp: int, batch: int, seq: int) -> int:
 
 
 def make_row(model: str, tp: int, system: str, batch: int, context: int, steps: int, ms: float,
-             floor_ms: float) -> dict:
-    """One CSV row."""
+             floor_ms: float, fuse_norm: int = 0) -> dict:
+    """One CSV row. fuse_norm: 1 if each all-reduce of a decode step ran fused with the residual add + RMSNorm."""
     return dict(model=model, tp=tp, system=system, batch=batch, context=context, steps=steps,
-                ms_per_token=round(ms, 4), floor_ms=round(floor_ms, 4), ratio_to_floor=round(ms / floor_ms, 3))
+                ms_per_token=round(ms, 4), floor_ms=round(floor_ms, 4), ratio_to_floor=round(ms / floor_ms, 3),
+                fuse_norm=fuse_norm)
+
+
+def engine_fuses_norm(eng, batch: int) -> int:
+    """1 if `eng`'s decode step at `batch` runs each all-reduce fused with the residual add + RMSNorm."""
+    comm = eng.model.tp.comm
+    ar = getattr(comm, "ar", None)
+    if eng.model.tp.size == 1 or ar is None or not hasattr(ar, "fuses_norm"):
+        return 0
+    if eng.model.tp.row_linear is not None and batch <= eng.max_batch_size:
+        return 0  # the fused GEMM + all-reduce kernels handle the norm themselves
+    x = torch.empty(batch, eng.config.hidden_size, dtype=eng.model.dtype, device=eng.device)
+    return int(ar.fuses_norm(x))
 
 
 # ---- fusedlis ---------------------------------------------------------------------------------------------
@@ -125,8 +139,10 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def breakdown(eng, batch: int, context: int, steps: int = 20) -> dict[str, float]:
-    """Per-token device time (ms) by kernel category, from the torch profiler over `steps` decode steps."""
+def breakdown(eng, batch: int, context: int, steps: int = 20, top: list | None = None) -> dict[str, float]:
+    """Per-token device time (ms) by kernel category, from the torch profiler over `steps` decode steps.
+
+    `top`, if given, receives (kernel name, us per step, calls per step) for every kernel, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = eng.device
@@ -143,6 +159,10 @@ def breakdown(eng, batch: int, context: int, steps: int = 20) -> dict[str, float
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t and ev.key and not ev.key.startswith("ProfilerStep"):
             out[categorize(ev.key)] += t / 1e3 / steps
+            if top is not None:
+                top.append((ev.key, t / steps, ev.count / steps))
+    if top is not None:
+        top.sort(key=lambda r: -r[1])
     return out
 
 
@@ -164,7 +184,7 @@ def fusedlis_variants(modes: list[str], tp: int, nvrar_nodes: list[int]) -> list
     for mode in modes:
         if mode == "torch":
             out.append((mode, "torch-eager-nccl", None))
-        elif mode in ("nvrar", "fused") and tp == 1:
+        elif mode in ("nvrar", "fused", "auto-unfusednorm") and tp == 1:
             continue
         elif mode == "nvrar":
             for n in nvrar_nodes:
@@ -538,7 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", default="1,8,32,64")
     ap.add_argument("--context", default="512,4096")
     ap.add_argument("--modes", default="torch,nccl,nvrar,fused",
-                    help="torch = eager torch reference + NCCL; nccl/nvrar/fused = fusedlis engine all-reduce; "
+                    help="torch = eager torch reference + NCCL; nccl/nvrar/fused/auto = fusedlis engine all-reduce; "
+                         "auto-unfusednorm = auto with the RMSNorm after each all-reduce unfused; "
                          "'none' for transformers only")
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")
@@ -566,7 +587,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.nvrar_node_list = [int(n) for n in args.nvrar_nodes.split(",") if n]
     args.ref_steps = args.ref_steps or args.steps
     args.hf_compile = None if args.hf_compile in ("none", "eager", "") else args.hf_compile
-    bad = [m for m in args.mode_list if m not in ("torch", "nccl", "nvrar", "fused", "auto", "one_shot", "two_shot")]
+    bad = [m for m in args.mode_list if m not in ("torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm",
+                                                  "one_shot", "two_shot")]
     if bad:
         ap.error(f"unknown modes {bad}")
     if args.breakdown and args.device == "cpu":
@@ -621,8 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["FUSEDLIS_GPUS_PER_NODE"] = gpn
             else:
                 os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
+            # auto-unfusednorm: auto with the RMSNorm after each all-reduce as its own kernel (A/B of the fusion)
+            os.environ["FUSEDLIS_FUSE_NORM"] = "0" if mode == "auto-unfusednorm" else "1"
             kw = dict(kernels="torch", cuda_graphs=False, allreduce="nccl") if mode == "torch" else dict(
-                allreduce=mode)
+                allreduce=mode.replace("-unfusednorm", ""))
             eng = fusedlis.Engine.from_pretrained(
                 model_name, device=dev, random_weights=True, max_batch_size=max(args.batches), max_seq_len=max_seq,
                 progress=rank == 0, **kw)
@@ -633,7 +657,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: {allocated():.1f} GB allocated after build "
                       f"(graph capture {eng.capture_s:.1f} s)", flush=True)
             if args.breakdown:
-                bd = breakdown(eng, args.batches[0], args.contexts[0])
+                top: list = []
+                bd = breakdown(eng, args.batches[0], args.contexts[0], top=top)
+                if rank == 0:
+                    print(f"{label}: kernels per decode step (us, calls), batch {args.batches[0]} context "
+                          f"{args.contexts[0]}:", flush=True)
+                    for name, us, calls in top[:30]:
+                        print(f"    {us:9.1f} us {calls:6.1f}x  {name[:110]}", flush=True)
                 bdrows.append(dict(model=model_name, tp=tp, system=label, batch=args.batches[0],
                                    context=args.contexts[0], **{k: round(v, 4) for k, v in bd.items()}))
                 if rank == 0:
@@ -644,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = args.ref_steps if mode == "torch" else args.steps
             for B in args.batches:
                 for ctx in args.contexts:
-                    emit(make_row(model_name, tp, label, B, ctx, steps, time_engine(eng, B, ctx, steps), floor_ms))
+                    emit(make_row(model_name, tp, label, B, ctx, steps, time_engine(eng, B, ctx, steps), floor_ms,
+                                  0 if mode == "torch" else engine_fuses_norm(eng, B)))
             del eng
             free_memory()
             if dist.is_initialized():

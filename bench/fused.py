@@ -117,6 +117,12 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
                     # the all-reduce of an M x N output alone, and fused with residual + RMSNorm (LL one-shot)
                     v["fusedlis_ar_only"] = lambda i: ar.all_reduce(yb)
                     v["fusedlis_ar+res+norm_only"] = lambda i: ar.all_reduce_norm(yb, res, nw, eps, res_out=outs[0])
+                    from fusedlis.triton_kernels import rmsnorm as fl_rmsnorm
+
+                    def fl_ar_then_norm(i):  # what the engine ran before the fusion: all-reduce, then a norm kernel
+                        fl_rmsnorm(ar.all_reduce(yb), nw, eps, residual=res)
+
+                    v["fusedlis_ar+triton_res+norm_only"] = fl_ar_then_norm
 
                     def fl_unfused_norm(i):
                         ar.all_reduce_norm(fl_linear(xs[i], ws_[i]), res, nw, eps, res_out=outs[0])
@@ -199,6 +205,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--gpus-per-node", type=int, default=None)
+    ap.add_argument("--variants", default="",
+                    help="comma-separated variant names to time (default: all); e.g. fusedlis_ar_only,"
+                         "fusedlis_ar+res+norm_only for the all-reduce + norm comparison alone")
     ap.add_argument("--tune", action="store_true", help="sweep GEMM tile configs of the fused kernel first")
     ap.add_argument("--tune-shapes", default="8B_o,70B_down",
                     help="shapes swept by --tune; the others reuse the pick of a swept shape with the same N")
@@ -254,6 +263,9 @@ def main() -> None:
                 tune_rows.append((sname, K, N, M, "default" if best is None else str(best), float(t[i_best])))
                 tuned[(N, M)] = best
             variants, ncopy = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best)
+            if args.variants:
+                keep = set(args.variants.split(","))
+                variants = {k: f for k, f in variants.items() if k in keep}
             for vname, fn in variants.items():
                 try:
                     us = time_variant(fn, ncopy, args.reps, args.iters)
@@ -295,7 +307,7 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
     for s, K, N, M, vname, us in rows:
         table.setdefault((s, M), {})[vname] = us
     lines = [meta, "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
-             "norm_extra_us ll_ar_norm_extra_us"]
+             "norm_extra_us ll_ar_norm_extra_us ar_then_triton_norm_extra_us"]
     for (s, M), d in table.items():
         fused = min(d.get("fused_one_shot", float("inf")), d.get("fused_two_shot", float("inf")))
         unf = {k: v for k, v in d.items() if not k.startswith("fused") and "norm" not in k and "only" not in k
@@ -304,8 +316,10 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
         nccl = d.get("cublas+nccl", float("nan"))
         extra = d.get("fused_auto+res+norm", float("nan")) - d.get("fused_auto", float("nan"))
         ll_extra = d.get("fusedlis_ar+res+norm_only", float("nan")) - d.get("fusedlis_ar_only", float("nan"))
+        sep_extra = d.get("fusedlis_ar+triton_res+norm_only", float("nan")) - d.get("fusedlis_ar_only", float("nan"))
         lines.append(f"{s} {M} {fused:.2f} {nccl:.2f} {best}:{unf.get(best, float('nan')):.2f} "
-                     f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f} {ll_extra:+.2f}")
+                     f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f} {ll_extra:+.2f} "
+                     f"{sep_extra:+.2f}")
     if tune_rows:
         lines.append("tuned GEMM config of the fused kernel (shape M config us):")
         lines += [f"{s} {M} {c} {us:.2f}" for s, _, _, M, c, us in tune_rows]

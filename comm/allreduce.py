@@ -71,7 +71,7 @@ class AllReduce:
                  dtype: torch.dtype = torch.bfloat16, *, topology: Topology | None = None, provider: str = "auto",
                  workspace: SymmetricWorkspace | None = None, max_blocks: int = 128,
                  one_shot_max_bytes: int | None = None, ll_max_bytes: int = LL_MAX_BYTES,
-                 protocol: str = "auto", check_every: int = 64) -> None:
+                 protocol: str = "auto", check_every: int = 64, fuse_norm: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if protocol not in ("auto", "flag", "ll"):
@@ -88,6 +88,7 @@ class AllReduce:
             one_shot_max_bytes = ONE_SHOT_MAX_BYTES.get(self.topology.gpus_per_node, ONE_SHOT_MAX_BYTES_DEFAULT)
         self.one_shot_max_bytes = one_shot_max_bytes
         self.check_every, self._calls = check_every, 0
+        self.fuse_norm = fuse_norm
         self.ll_max_bytes = 0
         self.device_ar = None
         self.ws = workspace
@@ -177,19 +178,24 @@ class AllReduce:
             self.ws.check_async()
         return y
 
+    def fuses_norm(self, x: torch.Tensor) -> bool:
+        """True if `all_reduce_norm(x, ...)` runs as one fused kernel here: rows [M, H] of this communicator's
+        dtype on one node, in the LL one-shot regime (the algorithm `__call__` would pick), `fuse_norm` on."""
+        if not (self.fuse_norm and self.device_ar is not None and self.world_size > 1 and x.dim() == 2
+                and x.dtype == self.dtype and x.is_contiguous()):
+            return False
+        nbytes = x.numel() * x.element_size()
+        return (nbytes <= min(self.max_bytes, self.ll_max_bytes) and self.device_ar.supports_norm(*x.shape)
+                and self.algorithm_for(nbytes) in ("one_shot", "one_shot_ll"))
+
     def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         res_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(rmsnorm(sum(x) + residual), sum(x) + residual)` for rows x [M, H]: the end of a row-parallel layer.
 
-        One fused LL one-shot kernel where the device kernels handle this size and topology (single node, up to
-        `ll_max_bytes` and the one-shot crossover); else the all-reduce, then the residual add and RMSNorm in
-        fp32. Not yet timed on a GPU against the unfused pair (see docs/comm.md)."""
-        nbytes = x.numel() * x.element_size()
-        dar = self.device_ar
-        if (dar is not None and self.backend in ("auto", "one_shot", "one_shot_ll") and x.dtype == self.dtype
-                and x.dim() == 2 and nbytes <= min(self.one_shot_max_bytes, self.ll_max_bytes)
-                and dar.supports_norm(*x.shape) and x.is_contiguous()):
-            return dar.all_reduce_norm(x, residual, weight, eps, res_out=res_out)
+        One fused LL one-shot kernel where `fuses_norm(x)`; else the all-reduce, then the residual add and
+        RMSNorm in fp32 torch ops."""
+        if self.fuses_norm(x):
+            return self.device_ar.all_reduce_norm(x, residual, weight, eps, res_out=res_out)
         y = self(x)
         h = y.float() + residual.float()
         normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)

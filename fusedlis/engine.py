@@ -58,6 +58,12 @@ class _Collectives:
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return self.gather.all_gather(x, dim)
 
+    def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """One fused all-reduce + residual + RMSNorm kernel where the all-reduce backend has one, else None."""
+        if self.ar.fuses_norm(x):
+            return self.ar.all_reduce_norm(x, residual.contiguous(), weight.contiguous(), eps)
+        return None
+
 
 def build_comm(allreduce: str, dtype: torch.dtype, max_bytes: int):
     """The communicator for `allreduce` mode over the default process group (world size > 1)."""
@@ -67,7 +73,9 @@ def build_comm(allreduce: str, dtype: torch.dtype, max_bytes: int):
     if allreduce == "nccl":
         return base
     backend = "auto" if allreduce == "fused" else allreduce
-    return _Collectives(AllReduce(backend=backend, max_bytes=max_bytes, dtype=dtype), base)
+    # FUSEDLIS_FUSE_NORM=0 keeps the RMSNorm after each all-reduce a separate kernel (for A/B timing).
+    fuse_norm = os.environ.get("FUSEDLIS_FUSE_NORM", "1").strip().lower() not in ("0", "off", "false", "no")
+    return _Collectives(AllReduce(backend=backend, max_bytes=max_bytes, dtype=dtype, fuse_norm=fuse_norm), base)
 
 
 def _fused_row_linear(model: LlamaForCausalLM, max_m: int):

@@ -41,6 +41,12 @@ class TPContext:
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x if self.size == 1 else self.comm.all_gather(x, dim)
 
+    def all_reduce_norm(self, y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """`(rmsnorm(sum(y) + residual), sum(y) + residual)` in one fused kernel if the communicator has one
+        for these rows [M, H] (`comm.all_reduce_norm` returning non-None); else None (caller runs it unfused)."""
+        fn = getattr(self.comm, "all_reduce_norm", None) if self.size > 1 else None
+        return None if fn is None else fn(y, residual, weight, eps)
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -127,6 +133,14 @@ class RowParallelLinear(nn.Module):
                                      residual.reshape(-1, self.out_features), norm.weight, norm.eps)
             if out is not None:
                 return out[0].view(*lead, -1), out[1].view(*lead, -1)
+        if self.tp.size > 1:
+            y = ops.linear(x, self.weight)
+            lead = y.shape[:-1]
+            out = self.tp.all_reduce_norm(y.reshape(-1, self.out_features), residual.reshape(-1, self.out_features),
+                                          norm.weight, norm.eps)
+            if out is not None:
+                return out[0].view(*lead, -1), out[1].view(*lead, -1)
+            return norm(self.tp.all_reduce(y), ops, residual)
         return norm(self.forward(x, ops), ops, residual)
 
 

@@ -44,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--replays", type=int, default=10_000)
     ap.add_argument("--provider", default="auto")
+    ap.add_argument("--only", default="all", choices=("all", "norm"),
+                    help="norm: only the fused all-reduce + residual + RMSNorm checks and the front end")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -75,7 +77,8 @@ def main() -> None:
                                                   for n, a, _ in variants[torch.bfloat16]))
     g = torch.Generator(device="cuda").manual_seed(1234 + rank)
     t_start = time.time()
-    for dtype, vs in variants.items():
+    sweep = args.only == "all"
+    for dtype, vs in (variants.items() if sweep else []):
         isz = torch.empty((), dtype=dtype).element_size()
         for nbytes in SIZES_BYTES:
             log(f"sweep {dtype} {nbytes} B ({time.time() - t_start:.0f} s)")
@@ -102,7 +105,7 @@ def main() -> None:
                                         f"same_bits={torch.equal(bits, other)} nccl_err={_rel_err(nccl, ref):.2e}")
     log(f"size sweep done: {len(failures)} failures")
     # CUDA graph replays, fresh random inputs generated inside the graph on each replay
-    for name, ar, alg in [variants[torch.bfloat16][i] for i in (0, 1, 2, 3, 4, 5, 7)]:
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in ((0, 1, 2, 3, 4, 5, 7) if sweep else ())]:
         n = (1 << 20) // 2 + 3
         x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
         worst = torch.zeros((), dtype=torch.float64, device="cuda")
@@ -132,6 +135,67 @@ def main() -> None:
         if not (w <= TOL[torch.bfloat16]) or w == 0.0:
             failures.append(f"graph {name}: worst err {w}")
         del graph
+    # fused all-reduce + residual + RMSNorm (LL one-shot), rows [M, H]; residual and weight shared by all ranks
+    nar = variants[torch.bfloat16][3][1]
+    gs = torch.Generator(device="cuda").manual_seed(4321)
+    for M, H in ((1, 4096), (3, 4096), (17, 8192), (64, 4096), (5, 5000), (255, 8192)):
+        if not nar.supports_norm(M, H):
+            continue
+        x = torch.randn(M, H, generator=g, device="cuda").to(torch.bfloat16)
+        res = torch.randn(M, H, generator=gs, device="cuda").to(torch.bfloat16)
+        w = (torch.rand(H, generator=gs, device="cuda") + 0.5).to(torch.bfloat16)
+        hsum = x.double()
+        dist.all_reduce(hsum)
+        h_ref = hsum + res.double()
+        y_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+        out = torch.full_like(x, float("nan"))
+        res_out = torch.full_like(x, float("nan"))
+        y, h = nar.all_reduce_norm(x, res, w, 1e-5, out=out, res_out=res_out)
+        ws.check()
+        ey, eh = _rel_err(y, y_ref), _rel_err(h, h_ref)
+        other = torch.cat([y, h]).clone()
+        dist.broadcast(other, src=0)
+        same = torch.equal(torch.cat([y, h]).view(torch.int16), other.view(torch.int16))
+        log(f"all_reduce_norm [{M}, {H}]: err normed {ey:.2e} residual {eh:.2e} same_bits {same}")
+        if not (ey <= TOL[torch.bfloat16] and eh <= TOL[torch.bfloat16] and same):
+            failures.append(f"all_reduce_norm [{M}, {H}] err {ey:.2e}/{eh:.2e} same_bits={same}")
+    M, H = 8, 4096
+    x = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
+    res = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
+    w = (torch.rand(H, generator=gs, device="cuda") + 0.5).to(torch.bfloat16)
+    worst = torch.zeros((), dtype=torch.float64, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            x.normal_()
+            res.normal_()
+            dist.broadcast(res, src=0)
+            nar.all_reduce_norm(x, res, w, 1e-5)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            x.normal_()
+            x.mul_(rank + 1)
+            res.normal_()
+            dist.broadcast(res, src=0)  # the residual stream is replicated on every rank
+            hr = x.float()
+            dist.all_reduce(hr)
+            hr = hr + res.float()
+            yr = hr * torch.rsqrt(hr.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+            y, h = nar.all_reduce_norm(x, res, w, 1e-5)
+            err = torch.maximum((y.float() - yr).norm() / yr.norm(), (h.float() - hr).norm() / hr.norm())
+            worst.copy_(torch.maximum(worst, err.double()))
+    torch.cuda.synchronize()
+    for _ in range(args.replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    ws.check()
+    wv = worst.item()
+    log(f"graph all_reduce_norm [{M}, {H}]: {args.replays} replays, worst rel err {wv:.2e}")
+    if not (wv <= TOL[torch.bfloat16]) or wv == 0.0:
+        failures.append(f"graph all_reduce_norm: worst err {wv}")
+    del graph
     # AllReduce front end, in place, auto
     ar = AllReduce(dtype=torch.bfloat16, max_bytes=4 << 20, workspace=ws, topology=Topology(world, world))
     for nbytes in (8192, 1 << 20, 8 << 20):

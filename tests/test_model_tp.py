@@ -85,3 +85,53 @@ def test_tp_equals_single_rank(tmp_path, world, cfg_i):
         for out in (full, inc):
             err = float((out - ref).double().norm() / ref.double().norm())
             assert err <= 1e-5, (rank, err)
+
+
+class _TwinComm:
+    """A 2-rank communicator whose peer holds the same partial sums: all_reduce doubles in place."""
+
+    def __init__(self, fused: bool | None) -> None:
+        self.fused, self.norm_calls = fused, 0
+
+    def all_reduce(self, x):
+        return x.mul_(2)
+
+    def __getattr__(self, name):
+        if name == "all_reduce_norm" and self.fused is not None:
+            return self._all_reduce_norm
+        raise AttributeError(name)
+
+    def _all_reduce_norm(self, y, residual, weight, eps):
+        if not self.fused:
+            return None  # declines: the layer runs the unfused path
+        self.norm_calls += 1
+        h = 2 * y.double() + residual.double()
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+        return normed.to(y.dtype), h.to(y.dtype)
+
+
+@pytest.mark.parametrize("fused", [None, False, True])
+def test_row_parallel_forward_norm_uses_comm_all_reduce_norm(fused):
+    """forward_norm hands the residual add + RMSNorm to the communicator when it offers a fused kernel, and
+    both paths give norm(all_reduce(x W^T) + residual), new residual."""
+    from fusedlis.model.llama import RMSNorm
+    from fusedlis.model.ops import TorchOps
+    from fusedlis.model.parallel import RowParallelLinear, TPContext
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    comm = _TwinComm(fused)
+    tp = TPContext(rank=0, size=2, comm=comm)
+    lin = RowParallelLinear("w", 2 * 24, 40, tp, torch.float32, "cpu")
+    norm = RMSNorm("n", 40, 1e-5, torch.float32, "cpu")
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 24, generator=g))
+        norm.weight.copy_(torch.rand(40, generator=g) + 0.5)
+    x = torch.randn(3, 1, 24, generator=g)
+    res = torch.randn(3, 1, 40, generator=g)
+    normed, new_res = lin.forward_norm(x, TorchOps(), res.clone(), norm)
+    h = 2 * (x.double() @ lin.weight.double().T) + res.double()
+    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    assert normed.shape == (3, 1, 40) and new_res.shape == (3, 1, 40)
+    assert ((normed.double() - ref).norm() / ref.norm()) < 1e-5
+    assert ((new_res.double() - h).norm() / h.norm()) < 1e-5
+    assert comm.norm_calls == (1 if fused else 0)

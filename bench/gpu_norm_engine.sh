@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One 2xH200 device call for the fused all-reduce + residual + RMSNorm (issue 5 target 2) and its use in the
+# engine (issue 6): correctness on 2 GPUs, bench/fused.py all-reduce vs all-reduce+norm, engine multi-GPU tests,
+# 8B TP=2 decode with the fusion on and off (+ per-kernel profile). From the repo root:
+#     OUT=dir bash bench/gpu_norm_engine.sh            (PARTS=T,F,E,D by default; BUDGET_S=560)
+# T: tests/test_comm_gpu.py --only norm (fused kernel vs fp64 reference, bit-identical ranks, graph replays)
+# F: bench/fused.py, variants fusedlis_ar_only / fusedlis_ar+res+norm_only / fusedlis_ar+triton_res+norm_only /
+#    cublas+nccl+res+norm(torch), the four TP=2 shapes, M in 1,8,32,64,128
+# D: decode 8B TP=2, auto / auto-unfusednorm / nccl / fused, batch 1,8,32,64, context 512,4096, breakdown
+# E: tests/test_engine_multigpu.py (every allreduce mode against the fp32 reference, greedy tokens)
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G
+export PYTHONUNBUFFERED=1
+START=$(date +%s); BUDGET_S=${BUDGET_S:-560}; PARTS=${PARTS:-T,F,D,E}
+OUTD=${OUT:-/tmp/gpu_norm_out}; mkdir -p "$OUTD"; R=$(mktemp -d); LOG="$OUTD/gpu_norm_engine_log.txt"
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
+step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.log, tail to stdout
+  local name=$1 cap=$2 t; shift 2
+  t=$(( BUDGET_S - 15 - ($(date +%s) - START) )); (( t > cap )) && t=$cap
+  if (( t < 25 )); then echo "== $name: skipped (${t}s left)"; return 125; fi
+  echo "== $name (timeout ${t}s): $*"; local t0=$(date +%s)
+  timeout -k 10 "$t" "$@" >"$R/$name.log" 2>&1; local rc=$?
+  grep -v -E "Warning|warn\(|_warn_once|^W[0-9]{4} |\*{20}|OMP_NUM_THREADS|it/s\]|s/it\]" "$R/$name.log" \
+    | tail -n "${TAIL:-45}" | cut -c1-240
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"; return $rc
+}
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  want T && step comm_norm 150 torchrun --nproc-per-node 2 tests/test_comm_gpu.py --only norm --replays 10000
+  want F && step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \
+    --variants fusedlis_ar_only,fusedlis_ar+res+norm_only,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm\(torch\)
+  want D && TAIL=90 step decode_8b 230 torchrun --nproc-per-node 2 bench/decode.py --out "$R" --models llama-3.1-8b \
+    --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --breakdown
+  want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
+  echo "== total $(( $(date +%s) - START )) s"
+} 2>&1 | tee "$LOG"
+cp "$R"/fused_*_summary.txt "$R"/decode_tp2_*.csv "$OUTD/" 2>/dev/null
+tar czf "$OUTD/gpu_norm_engine_results.tgz" -C "$R" .
+ls -la "$OUTD"
