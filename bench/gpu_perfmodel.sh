@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Calibrate the performance model on this machine's GPUs, then validate it (issue 8). From the repo root on a
-# machine with >= 2 GPUs:   OUT=/some/dir bash bench/gpu_perfmodel.sh      (about 2-3 minutes)
+# machine with >= 2 GPUs:   OUT=/some/dir bash bench/gpu_perfmodel.sh      (about 3-4 minutes)
+# Calibration times NCCL, fusedlis' one-/two-shot in the flag and LL protocols, NVRAR LL on <N> logical nodes of
+# 1 GPU and the all-reduce + RMSNorm kernel; the profile gets per-variant (alpha, beta) incl. the LL ones.
+# CPU dry run of everything after calibration: PERFMODEL_RAW=some_calibrate_raw.csv OUT=dir bash bench/gpu_perfmodel.sh
+# (no GPU needed: the profile is fitted from that raw file by the current code instead of measured).
 # Writes into $OUT (at most 7 files; everything else is in perfmodel_extras.tgz):
 #   gpu_perfmodel_log.txt                 every command and its output
 #   calibrated_<N>x<gpu>_<date>.json      the fitted profile (fusedlis predict --hardware FILE)
 #   calibrate_raw_<N>x<gpu>_<date>.csv    raw measurements (bench/validate_perfmodel.py --raw/--fit-from read it)
-#   perfmodel_validation_new.md           new profile vs committed measurements: bench/allreduce.py (newest run),
-#                                         bench/fused.py layers, bench/decode.py steps (compute terms fitted on TP=1)
+#   perfmodel_validation_new.md           new profile vs committed measurements: the newest bench/allreduce.py run
+#                                         (NCCL, flag and LL one-/two-shot, NVRAR 2x1 LL, auto and auto 2x1, each
+#                                         auto row with the algorithm it ran), bench/fused.py layers, and every
+#                                         bench/results/decode_tp*.csv step (compute terms fitted on TP=1, and per
+#                                         file on its fusedlis-nccl rows; all-reduce as each engine mode ran it)
 #   perfmodel_validation_new_selfcheck.md the new raw all-reduce times, (alpha, beta) fitted on 8K/128K/1M/4M,
 #                                         the other sizes held out
 #   perfmodel_validation_committed.md     `--all` on the committed files (the numbers in docs/perfmodel.md)
@@ -40,8 +47,14 @@ echo "GPUs: $NGPU x $GPU" | tee -a "$LOG"
 TAG="${NGPU}x${GPU}_$(date -u +%Y-%m-%d)"
 PROF="$OUT/calibrated_$TAG.json"
 RAW="$OUT/calibrate_raw_$TAG.csv"
-if [ "$NGPU" -ge 2 ]; then
-  run 170 torchrun --nproc-per-node "$NGPU" -m fusedlis calibrate --out "$PROF" --raw "$RAW" --iters 50
+if [ -n "${PERFMODEL_RAW:-}" ]; then  # dry run: no measurement, the profile refitted from an existing raw file
+  TAG="dryrun_$(date -u +%Y-%m-%d)"; PROF="$OUT/calibrated_$TAG.json"; RAW="$OUT/calibrate_raw_$TAG.csv"
+  cp "$PERFMODEL_RAW" "$RAW"
+  run 60 python3 -c "import sys; from fusedlis.perfmodel.calibrate import read_raw_csv, profile_from_measurements
+from fusedlis.perfmodel.hardware import get_hardware, save_profile
+save_profile(profile_from_measurements(read_raw_csv(sys.argv[1]), get_hardware('h200-ndr')), sys.argv[2])" "$RAW" "$PROF"
+elif [ "$NGPU" -ge 2 ]; then
+  run 300 torchrun --nproc-per-node "$NGPU" -m fusedlis calibrate --out "$PROF" --raw "$RAW" --iters 50
 else
   echo "calibrate needs >= 2 GPUs for the NVLink terms; found $NGPU" | tee -a "$LOG"
 fi
@@ -53,15 +66,17 @@ DEC=$(ls $R/decode_tp*.csv 2>/dev/null | tr '\n' ' ')
 V="python3 bench/validate_perfmodel.py"
 if [ -s "$PROF" ]; then
   # shellcheck disable=SC2086
-  run 60 $V --profile "$PROF" --allreduce $AR --only nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto \
-    --layer $FUSED --decode $DEC --decode-fit-tp 1 --out-prefix "$OUT/perfmodel_validation_new"
+  ONLY=nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto,fusedlis_one_shot_ll,fusedlis_two_shot_ll
+  ONLY=$ONLY,fusedlis_nvrar_2x1_ll,fusedlis_auto_2x1
+  run 90 $V --profile "$PROF" --allreduce $AR --only $ONLY --layer $FUSED --decode $DEC --decode-fit-tp 1 \
+    --decode-fit-system fusedlis-nccl --out-prefix "$OUT/perfmodel_validation_new"
 fi
 if [ -s "$RAW" ]; then
   run 60 $V --fit-from "$RAW" --out-prefix "$OUT/perfmodel_validation_new_selfcheck"
   mv "$OUT/perfmodel_validation_new_selfcheck_profile.json" "$OUT/perfmodel_validation_new_selfcheck_fit.json" 2>/dev/null
 fi
 # --all rewrites bench/results/perfmodel_validation_*: keep them, copy the summary lines out
-run 60 $V --all
+run 120 $V --all
 { for f in $R/perfmodel_validation_*.md; do echo "## $f"; grep -E "^- (held-out|profile|fit):" "$f"; done; } \
   >"$OUT/perfmodel_validation_committed.md"
 run 60 python3 -m pytest -q -p no:cacheprovider tests/test_perfmodel.py tests/test_perfmodel_cli.py tests/test_perfmodel_props.py

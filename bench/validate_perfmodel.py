@@ -25,9 +25,11 @@ Modes:
   their algorithm's terms); `--only` keeps the variants the profile was measured with.
 - `--layer CSV`: bench/fused.py rows, GEMM + all-reduce in one graph, against the same file's GEMM-only time
   plus the all-reduce model (with `--fit-from`, the hidden-latency fractions are fitted on M=1, rest held out).
-- `--decode CSV`: bench/decode.py rows (model, tp, system, batch, context, ms_per_token) against `step_time`
-  for that TP layout on one node; `--decode-fit-tp 1` fits the engine's compute terms on the TP=1 rows and
-  holds out the rest.
+- `--decode CSV`: bench/decode.py rows (model, tp, system, batch, context, ms_per_token[, fuse_norm]) against
+  `step_time` for that TP layout on one node, each with the all-reduce algorithm its engine mode ran (LL or flag
+  protocol by the file's date) and 2 RMSNorm kernels fewer per layer where fuse_norm = 1; `--decode-fit-tp 1`
+  fits the engine's compute terms on the TP=1 rows and holds out the rest; `--decode-fit-system fusedlis-nccl`
+  fits them per file on its NCCL rows and holds out the file's other all-reduce modes.
 With `--fit-from` or `--decode-fit-tp` the fitted profile is written to `<out-prefix>_profile.json`.
 Rows whose relative error exceeds `--tolerance` (default 0.15) are marked FAIL; the exit code is 0 either way
 unless --strict.
@@ -119,7 +121,7 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                     if "x" not in dev or not dev.split("x", 1)[0].isdigit():
                         raise SystemExit(f"{path}: no gpus/world_size column and no device like '2xH200'")
                     gpus = dev.split("x", 1)[0]
-                ars.append({"impl": impl, "algo": coll.resolve(algo), "gpus": int(gpus),
+                ars.append({"impl": impl, "variant": impl, "algo": coll.resolve(algo), "gpus": int(gpus),
                             "nodes": int(_get(r, "nodes", path, required=False) or logical),
                             "bytes": parse_size(_get(r, "bytes", path)), "us": float(_get(r, "us", path))})
     # calibrate --raw names an implementation once for all its algorithms ("fusedlis": oneshot and twoshot)
@@ -181,7 +183,9 @@ def validate_allreduce(hw: Hardware, rows: list[dict[str, Any]], fit_sizes: set[
             fitted[_norm(impl)] = h
         for r in rs:
             nodes = r["nodes"]
-            pred = coll.allreduce(r["algo"], h, nodes, r["gpus"] // nodes, r["bytes"]).total * 1e6
+            # logical nodes of one host (profile mode): their "network" is this profile's NVLink link
+            hn = h.with_(inter=h.intra, inter_load_store=True) if fit_sizes is None and nodes > 1 else h
+            pred = coll.allreduce(r["algo"], hn, nodes, r["gpus"] // nodes, r["bytes"]).total * 1e6
             # a row predicted with borrowed terms at a fit size: that size's kernel time was fitted (in another
             # variant's measurement), so it does not count as held out
             role = "profile" if fit_sizes is None else ("fit" if r["bytes"] in fit_sizes else "held-out")
@@ -211,40 +215,84 @@ def validate_gemm(hw: Hardware, rows: list[dict[str, Any]], fit: bool) -> list[d
     return out
 
 
-# bench/decode.py "system" -> (all-reduce model, logical nodes of the TP group)
+# bench/decode.py "system" -> (engine all-reduce mode, logical nodes of the TP group)
 _DECODE_SYSTEMS = {"fusedlis-nccl": ("nccl", 1), "fusedlis-nvrar-1node": ("nvrar", 1),
-                   "fusedlis-nvrar-2node": ("nvrar", 2), "fusedlis-fused": ("auto", 1), "fusedlis-auto": ("auto", 1)}
+                   "fusedlis-nvrar-2node": ("nvrar", 2), "fusedlis-fused": ("fused", 1), "fusedlis-auto": ("auto", 1),
+                   "fusedlis-auto-unfusednorm": ("auto", 1), "fusedlis-one_shot": ("one_shot", 1),
+                   "fusedlis-two_shot": ("two_shot", 1)}
+# The LL all-reduce kernels entered fusedlis.comm at 2026-11-22T04:23Z (commit 6a7063a): bench/decode.py files
+# dated before ran the flag protocol. Files with a `fuse_norm` column are newer (LL); a `protocol` column
+# (ll / flag) wins over both.
+LL_SINCE = "2026-11-22T04:23"
+
+
+def _file_protocol_ll(comments: list[str], fields: list[str]) -> bool:
+    """True if a bench/decode.py file's engine had the LL all-reduce kernels (see LL_SINCE)."""
+    import re
+
+    if "fuse_norm" in fields:
+        return True
+    for line in comments:
+        m = re.search(r"\bdate=(\S+)", line)
+        if m:
+            date = m.group(1)
+            return "T" in date and date[:len(LL_SINCE)] >= LL_SINCE
+    return False
+
+
+def decode_row_algorithm(mode: str, nodes: int, tp: int, hidden: int, batch: int, ll: bool) -> str:
+    """The all-reduce algorithm the engine in `mode` ran for one decode step's [batch, hidden] bf16 messages."""
+    gpn = max(tp // nodes, 1)
+    return coll.engine_algorithm(mode, nodes, gpn, batch * hidden * 2, ll)
 
 
 def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], str, int, float, Any, Any]]:
-    """(row, algo, logical nodes, measured seconds, shape, layout) for the modelled decode rows."""
+    """(row, algorithm, logical nodes, measured seconds, shape, layout) for the modelled decode rows.
+
+    Each row also gets `_ctx` (context), `_ll` (LL protocol available), `_fuse` (norm fused into the
+    all-reduces: the `fuse_norm` column, missing = 0), `_mode` (the engine's all-reduce mode) and `_file`."""
     from fusedlis.perfmodel.volume import Layout, model_shape
 
     cases = []
     for path in paths:
         with open(path, newline="") as f:
-            lines = [ln for ln in f if not ln.startswith("#")]
-        for r in csv.DictReader(lines):
+            text = f.readlines()
+        comments = [ln for ln in text if ln.startswith("#")]
+        reader = csv.DictReader([ln for ln in text if not ln.startswith("#")])
+        file_ll = _file_protocol_ll(comments, list(reader.fieldnames or []))
+        for r in reader:
             system = r.get("system", "fusedlis-nccl")
             if system not in _DECODE_SYSTEMS:
                 continue
-            algo, nodes = _DECODE_SYSTEMS[system]
+            mode, nodes = _DECODE_SYSTEMS[system]
             try:
                 tp = int(r["tp"])
                 r["_ctx"] = str(float(r.get("context") or r.get("seq_len") or r["prompt"]))
                 ms = r.get("ms_per_token") or r.get("ms")
                 meas = float(ms) * 1e-3 if ms else float(r["us"]) * 1e-6
-                int(r["batch"])
+                batch = int(r["batch"])
                 shape = model_shape(r["model"])
+                fuse = int(float(r.get("fuse_norm") or 0)) == 1
             except (KeyError, ValueError) as e:
                 raise SystemExit(f"{path}: decode rows need model, tp, batch, context and ms_per_token: {e}") from None
+            proto = (r.get("protocol") or "").strip().lower()
+            ll = proto == "ll" if proto in ("ll", "flag") else file_ll
+            r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
+            algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
     return cases
 
 
 def _decode_hw(hw: Hardware, tp: int, nodes: int) -> Hardware:
     h = hw.with_(gpus_per_node=max(tp // nodes, 1))
-    return h.with_(inter=h.intra) if nodes > 1 else h  # logical nodes of one host talk over NVLink
+    # logical nodes of one host talk over NVLink (load/store reachable)
+    return h.with_(inter=h.intra, inter_load_store=True) if nodes > 1 else h
+
+
+def _decode_kw(r: dict[str, str], algo: str) -> dict[str, Any]:
+    # the engine gathers the logits through NCCL (TorchDistBackend.all_gather) in every all-reduce mode
+    return dict(batch=int(r["batch"]), context=float(r["_ctx"]), prefill=False, allreduce=algo,
+                fuse_norm=r.get("_fuse") == "1", allgather="nccl")
 
 
 def fit_decode(hw: Hardware, cases: list) -> Hardware:
@@ -255,21 +303,21 @@ def fit_decode(hw: Hardware, cases: list) -> Hardware:
     The batch-dependent GEMM cost is a per-row latency per GEMM kernel, not a FLOP rate: on one GPU count the
     two are proportional (both scale with batch), but going from batch 8 to 32 cost the engine about as much at
     TP=2 as at TP=1 (bench/results/decode_tp*.csv), where a FLOP term would have halved. The FLOP-rate term is
-    switched off in the fitted profile.
+    switched off in the fitted profile. The kernel count follows each row's fused-norm flag (`kernels_per_step`).
     """
     import numpy as np
 
-    from fusedlis.perfmodel.step import KERNELS_PER_LAYER, KERNELS_PER_STEP, step_time
+    from fusedlis.perfmodel.step import kernels_per_step, step_time
 
     big = 1e30
     rows, rhs = [], []
     for r, algo, nodes, meas, shape, lay in cases:
         h = _decode_hw(hw, lay.tp, nodes).with_(peak_flops=big, gemm_flop_rate=0.0)
-        kw = dict(batch=int(r["batch"]), context=float(r["_ctx"]), prefill=False, allreduce=algo)
+        kw = _decode_kw(r, algo)
         comm = step_time(shape, lay, h, **kw).comm
         nbytes = step_time(shape, lay, h.with_(hbm_bw=1.0, gemm_row_latency=0.0), **kw).compute
         per_row = step_time(shape, lay, h.with_(hbm_bw=big, gemm_row_latency=1.0), **kw).compute
-        k = shape.num_hidden_layers * KERNELS_PER_LAYER + KERNELS_PER_STEP
+        k = kernels_per_step(shape.num_hidden_layers, kw["fuse_norm"] and lay.tp > 1)
         rows.append([k / meas, nbytes / meas, per_row / meas])
         rhs.append((meas - comm) / meas)
     (a, x1, x2), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
@@ -279,13 +327,24 @@ def fit_decode(hw: Hardware, cases: list) -> Hardware:
                     gemm_row_latency=max(float(x2), 0.0))
 
 
-def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None) -> tuple[list[dict[str, Any]], Hardware]:
-    """Decode step rows of bench/decode.py (model, tp, system, batch, context, ms_per_token) vs `step_time`.
+def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
+                    fit_system: str | None = None) -> tuple[list[dict[str, Any]], Hardware]:
+    """Decode step rows of bench/decode.py (model, tp, system, batch, context, ms_per_token[, fuse_norm]) vs
+    `step_time`.
 
     Systems outside `_DECODE_SYSTEMS` (eager torch, Hugging Face) are skipped: the model describes CUDA-graph
-    decode. `nvrar-2node` runs 2 logical nodes over NVLink, so its "network" is modelled with NVLink terms.
-    The fused GEMM + all-reduce is costed as GEMM then fusedlis' auto all-reduce. With `fit_tp`, the engine's
-    compute terms (`fit_decode`) are fitted on the rows with tp == fit_tp and every other row is held out.
+    decode. Each row's all-reduce is the algorithm its engine mode ran (`decode_row_algorithm`: auto ->
+    one-shot LL up to 2 MB and two-shot LL up to 4 MB on 2 GPUs, nvrar -> NVRAR LL, in files of the flag era their
+    flag variants; nccl -> NCCL), with that algorithm's terms from the profile (an LL kernel without terms takes its
+    flag variant's). `nvrar-2node` runs 2 logical nodes over NVLink, so its "network" is the NVLink link. The fused
+    GEMM + all-reduce (+ residual + RMSNorm) kernel is costed as cuBLAS-like GEMM then auto's flag all-reduce and a
+    separate RMSNorm (its Triton GEMM is slower than cuBLAS at 8-64 rows while its norm costs no launch; the two
+    were not separated, and this form matched its measured steps). Rows with fuse_norm = 1 have 2 RMSNorm kernels
+    fewer per layer. With `fit_tp`, the engine's compute terms (`fit_decode`) are fitted on the rows with
+    tp == fit_tp and every other row is held out. With `fit_system` (e.g. "fusedlis-nccl"), each file with >= 3
+    rows of that system at TP > 1 gets its own compute terms fitted on those rows (same engine build and day as
+    the other rows of the file; communication from the profile) and its other rows are held out; rows of other
+    files use the `fit_tp` fit (or the profile).
     """
     from fusedlis.perfmodel.step import step_time
 
@@ -295,12 +354,22 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None) -
         if len(fit) < 3:
             raise SystemExit(f"decode fit needs >= 3 rows with tp={fit_tp}, found {len(fit)}")
         hw = fit_decode(hw, fit)
+    per_file: dict[str, Hardware] = {}
+    if fit_system is not None:
+        for path in dict.fromkeys(c[0]["_file"] for c in cases):
+            fit = [c for c in cases if c[0]["_file"] == path and c[0]["system"] == fit_system and c[5].tp > 1]
+            if len(fit) >= 3:
+                per_file[path] = fit_decode(hw, fit)
     out = []
     for r, algo, nodes, meas, shape, lay in cases:
-        st = step_time(shape, lay, _decode_hw(hw, lay.tp, nodes), batch=int(r["batch"]), context=float(r["_ctx"]),
-                       prefill=False, allreduce=algo)
-        role = "profile" if fit_tp is None else ("fit" if lay.tp == fit_tp else "held-out")
-        out.append({"what": "decode", "impl": r["system"], "model": algo, "gpus": lay.tp,
+        h = per_file.get(r["_file"], hw)
+        st = step_time(shape, lay, _decode_hw(h, lay.tp, nodes), **_decode_kw(r, algo))
+        if r["_file"] in per_file:
+            role = "fit" if r["system"] == fit_system and lay.tp > 1 else "held-out"
+        else:
+            role = "profile" if fit_tp is None else ("fit" if lay.tp == fit_tp else "held-out")
+        out.append({"what": "decode", "impl": r["system"] + (" +norm" if r["_fuse"] == "1" else ""),
+                    "model": algo if lay.tp > 1 else "-", "gpus": lay.tp,
                     "case": f"{r['model']} tp{lay.tp} b{r['batch']} ctx{float(r['_ctx']):g}",
                     "measured_us": meas * 1e6, "predicted_us": st.total * 1e6, "rel_err": st.total / meas - 1,
                     "role": role, "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}"})
@@ -449,6 +518,9 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# bench/allreduce.py variants whose kernels `fusedlis calibrate` times (flag-only calibrations, and with LL)
+ALLREDUCE_ONLY_FLAG = "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"
+ALLREDUCE_ONLY_LL = ALLREDUCE_ONLY_FLAG + ",fusedlis_one_shot_ll,fusedlis_two_shot_ll,fusedlis_nvrar_2x1_ll,fusedlis_auto_2x1"
 
 
 def committed_runs() -> list[list[str]]:
@@ -486,9 +558,12 @@ def committed_runs() -> list[list[str]]:
         # the variants whose algorithms calibrate measured (NCCL and fusedlis' own one-/two-shot kernels in the
         # flag protocol), in the newest run whose auto variant ran those kernels (no LL variants: 0249, measured
         # 7 minutes before the committed calibration; later runs' auto runs the LL kernels calibrate does not time)
-        flag_runs = [p for p in allreduce if "_ll" not in p.read_text()]
+        # A calibration that timed the LL kernels (oneshot_ll, ...: `fusedlis calibrate` since the LL terms) is
+        # compared with the newest run, LL and auto variants included.
+        has_ll = raw.is_file() and "_ll," in raw.read_text()
+        flag_runs = allreduce if has_ll else [p for p in allreduce if "_ll" not in p.read_text()]
         args += (["--allreduce", rel(max(flag_runs, key=lambda p: p.stem.split("_")[2])),
-                  "--only", "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"] if flag_runs else [])
+                  "--only", ALLREDUCE_ONLY_LL if has_ll else ALLREDUCE_ONLY_FLAG] if flag_runs else [])
         args += (["--layer", *map(rel, fused)] if fused else [])
         args += (["--decode", *map(rel, decode), "--decode-fit-tp", "1"] if decode else [])
         if len(args) > len(src) + 2:
@@ -526,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
                          "profile's terms were measured with")
     ap.add_argument("--decode-fit-tp", type=int, default=None,
                     help="fit the engine's compute terms on the decode rows of this TP size, hold out the others")
+    ap.add_argument("--decode-fit-system", default=None, metavar="SYSTEM",
+                    help="per decode file: fit the engine's compute terms on that file's TP>1 rows of this system "
+                         "(e.g. fusedlis-nccl), hold out its other rows (isolates the all-reduce choice)")
     ap.add_argument("--layer", nargs="*", default=[],
                     help="bench/fused.py CSVs: GEMM + all-reduce layers compared with the serial-sum model")
     ap.add_argument("--reduce-GBps", type=float, default=None,
@@ -580,11 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         ar, gm = read_rows(args.allreduce)
         if args.only:
             keep = {x.strip() for x in args.only.split(",")}
-            ar = [r for r in ar if r["impl"] in keep]
+            ar = [r for r in ar if r["impl"] in keep or r["variant"] in keep]  # e.g. fusedlis_auto's parts
         rows += validate_allreduce(hw, ar, None) + (validate_gemm(hw, gm, False) if gm else [])
     if args.decode:
-        dec_rows, hw = validate_decode(hw, args.decode, args.decode_fit_tp)
+        dec_rows, hw = validate_decode(hw, args.decode, args.decode_fit_tp, args.decode_fit_system)
         rows += dec_rows
+        if args.decode_fit_system:
+            header.append(f"Decode rows of a file with >= 3 `{args.decode_fit_system}` TP>1 rows: the engine's compute "
+                          "terms fitted on those rows of that file (same build and day), the file's other rows held "
+                          "out; all-reduce terms from the profile.")
         if args.decode_fit_tp is not None:
             header.append(f"Decode rows: the engine's compute terms fitted on the tp={args.decode_fit_tp} rows "
                           f"(kernel overhead {hw.kernel_overhead * 1e6:.2f} us, {hw.hbm_bw / 1e12:.2f} TB/s, "

@@ -283,3 +283,88 @@ def test_ll_profile_roundtrip():
     h = profile_from_dict(d)
     assert h.inter_load_store and close(h.intra.params("nvrar_ll")[0], 1.5e-6)
     assert "inter_load_store" not in hw(2).to_json()
+
+
+def test_ll_terms_and_fused_norm_roundtrip():
+    """A profile with LL terms (size regimes included) and the fused-norm row term survives JSON."""
+    from fusedlis.perfmodel.hardware import profile_from_dict
+
+    link = Link.make(2.0, 100.0, algorithms={"oneshot_ll": [(32768, 3.0, 150.0), (math.inf, 3.8, 262.0)],
+                                             "twoshot_ll": (2.6, 300.0), "nvrar_ll": (4.0, 200.0)})
+    h = hw(2, intra=link).with_(ar_norm_row_latency=25e-9)
+    back = profile_from_dict(h.to_json())
+    assert close(back.ar_norm_row_latency, 25e-9)
+    for algo, m, (a, bw) in (("oneshot_ll", 8192, (3.0, 150.0)), ("oneshot_ll", 1 << 20, (3.8, 262.0)),
+                             ("twoshot_ll", 1 << 20, (2.6, 300.0)), ("nvrar_ll", 1 << 20, (4.0, 200.0))):
+        got = back.intra.params(algo, m)
+        assert close(got[0], a * 1e-6) and close(got[1], 1 / (bw * 1e9)), algo
+    assert profile_from_dict(hw(2).to_json()).ar_norm_row_latency == 0.0
+
+
+def test_decode_kernel_count_with_fused_norm():
+    """fuse_norm: one RMSNorm kernel fewer per fused all-reduce (2 per layer); the fused kernel costs the
+    all-reduce plus ar_norm_row_latency per row; TP=1 ignores it."""
+    from fusedlis.perfmodel.step import KERNELS_PER_LAYER, KERNELS_PER_STEP, kernels_per_step
+
+    L = LLAMA_8B.num_hidden_layers
+    assert kernels_per_step(L) == L * KERNELS_PER_LAYER + KERNELS_PER_STEP
+    assert kernels_per_step(L, fuse_norm=True) == L * (KERNELS_PER_LAYER - 2) + KERNELS_PER_STEP
+    h = hw(2).with_(kernel_overhead=5e-6)
+    kw = dict(batch=8, context=100, prefill=False, allreduce="oneshot_ll")
+    off = step_time(LLAMA_8B, Layout(2, 1), h, **kw)
+    on = step_time(LLAMA_8B, Layout(2, 1), h, fuse_norm=True, **kw)
+    assert close(off.overhead - on.overhead, 2 * L * 5e-6)
+    norm_bytes = 2 * 8 * LLAMA_8B.hidden_size * 2  # read + write of [8, hidden] bf16
+    assert close(off.compute - on.compute, 2 * L * norm_bytes / h.hbm_bw)
+    assert close(on.comm, off.comm)  # ar_norm_row_latency = 0: the fused kernel costs the all-reduce
+    on2 = step_time(LLAMA_8B, Layout(2, 1), h.with_(ar_norm_row_latency=1e-7), fuse_norm=True, **kw)
+    assert close(on2.comm - on.comm, 2 * L * 8 * 1e-7)
+    one = step_time(LLAMA_8B, Layout(1, 1), h, **kw)
+    assert close(step_time(LLAMA_8B, Layout(1, 1), h, fuse_norm=True, **kw).total, one.total)
+
+
+def test_engine_algorithm_per_mode():
+    """What each fusedlis.Engine all-reduce mode runs (choose_algorithm), LL and flag protocol."""
+    from fusedlis.comm.allreduce import LL_MAX_BYTES, choose_algorithm
+    from fusedlis.comm.topology import Topology
+
+    for m in (8192, 1 << 20, 2 << 20, 4 << 20, 6 << 20):
+        for nodes, gpn in ((1, 2), (2, 1)):
+            topo = Topology(2, gpus_per_node=gpn)
+            for mode in ("auto", "nvrar") + (("one_shot", "two_shot") if nodes == 1 else ()):
+                for ll in (True, False):
+                    want = coll.resolve(choose_algorithm(m, topo, mode, 16 << 20, 2 << 20, True,
+                                                         LL_MAX_BYTES if ll else 0))
+                    assert coll.engine_algorithm(mode, nodes, gpn, m, ll) == want, (mode, nodes, m, ll)
+    assert coll.engine_algorithm("nccl", 1, 2, 8192) == "nccl"
+    assert coll.engine_algorithm("fused", 1, 2, 8192) == "oneshot"
+    assert coll.engine_algorithm("fused", 1, 2, 3 << 20) == "twoshot"
+    with pytest.raises(ValueError, match="unknown"):
+        coll.engine_algorithm("ring", 1, 2, 8192)
+
+
+def test_calibrate_fits_ll_variants_and_fused_norm():
+    """profile_from_measurements: each LL variant gets its own terms (nvrar_ll with the model of its 2 x 1
+    logical-node topology) and the fused norm's per-row cost comes from all_reduce_norm rows (synthetic times)."""
+    from fusedlis.perfmodel.calibrate import profile_from_measurements
+    from fusedlis.perfmodel.hardware import get_hardware
+
+    base = get_hardware("h200-ndr")
+    truth = {"oneshot": (5e-6, 1 / 350e9), "oneshot_ll": (3e-6, 1 / 260e9), "twoshot_ll": (2.5e-6, 1 / 300e9),
+             "nvrar_ll": (4e-6, 1 / 200e9)}
+    rows = []
+    for algo, (a, b) in truth.items():
+        nodes = 2 if algo == "nvrar_ll" else 1
+        link = Link(a, b, a, b)
+        h = base.with_(intra=link, inter=link, gpus_per_node=2 // nodes)
+        for m in (8192 << i for i in range(10)):
+            t = coll.allreduce(algo, h, nodes, 2 // nodes, m).total
+            rows.append({"kind": "allreduce", "impl": "fusedlis", "algo": algo, "gpus": 2, "nodes": nodes,
+                         "bytes": m, "us": t * 1e6})
+    rows += [{"kind": "allreduce_norm", "impl": "fusedlis", "algo": "oneshot_ll", "gpus": 2, "M": m, "N": 4096,
+              "bytes": m * 8192, "us": 10.0 + 0.03 * m, "base_us": 10.0} for m in (1, 8, 32, 64)]
+    prof = profile_from_measurements(rows, base, min_regime_points=100)
+    for algo, (a, b) in truth.items():
+        got = prof.intra.params(algo, 1 << 20)
+        assert got[0] == pytest.approx(a, rel=1e-6) and got[1] == pytest.approx(b, rel=1e-6), algo
+    assert prof.ar_norm_row_latency == pytest.approx(0.03e-6)

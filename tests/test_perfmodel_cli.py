@@ -295,10 +295,11 @@ def test_validate_decode_rows(tmp_path):
     shape = model_shape("llama-3.1-8b")
     f = tmp_path / "decode_tp2.csv"
     lines = ["# device=fake", "model,tp,system,batch,context,ms_per_token,floor_ms,ratio_to_floor"]
-    for system, algo in (("fusedlis-nccl", "nccl"), ("fusedlis-fused", "auto"), ("torch-eager-nccl", "nccl")):
+    # no dated header: the flag protocol; fused -> one-shot (flag); the engine gathers logits through NCCL
+    for system, algo in (("fusedlis-nccl", "nccl"), ("fusedlis-fused", "oneshot"), ("torch-eager-nccl", "nccl")):
         for b in (1, 32):
             t = step_time(shape, Layout(2, 1), hw.with_(gpus_per_node=2), batch=b, context=512, prefill=False,
-                          allreduce=algo).total
+                          allreduce=algo, allgather="nccl").total
             lines.append(f"llama-3.1-8b,2,{system},{b},512,{t * 1e3 * 1.25},1,1")
     f.write_text("\n".join(lines) + "\n")
     prefix = str(tmp_path / "d")
@@ -451,3 +452,60 @@ def test_model_shape_checks_are_llama_configs():
     cfg = LlamaConfig.preset("llama-3.1-8b")
     assert ModelShape.from_config(cfg, "x").llama_config().num_parameters() == cfg.num_parameters()
     assert model_shape("llama-3.1-8b") == ModelShape.from_config(cfg, "llama-3.1-8b")
+
+
+def _validate_module():
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_validate_decode_uses_ll_algorithm_and_fuse_norm_column(tmp_path):
+    """LL-era files (a fuse_norm column, or a dated header after LL_SINCE): auto -> oneshot_ll at decode sizes,
+    nvrar-2node -> nvrar_ll; fuse_norm=1 rows are predicted with 2 RMSNorm kernels fewer per layer."""
+    from fusedlis.perfmodel.step import step_time
+    from fusedlis.perfmodel.volume import Layout, model_shape
+
+    mod = _validate_module()
+    hw = get_hardware("h200-ndr").with_(intra=get_hardware("h200-ndr").intra.with_algo("oneshot_ll", 2e-6, 1 / 400e9))
+    shape = model_shape("llama-3.1-8b")
+    f = tmp_path / "decode_tp2.csv"
+    lines = ["# device=fake date=2026-11-23T10:00", "model,tp,system,batch,context,ms_per_token,fuse_norm"]
+    for system, fuse in (("fusedlis-auto", 1), ("fusedlis-auto-unfusednorm", 0), ("fusedlis-nccl", 0)):
+        lines.append(f"llama-3.1-8b,2,{system},8,512,5.0,{fuse}")
+    lines.append("llama-3.1-8b,2,fusedlis-nvrar-2node,8,512,5.0,0")
+    f.write_text("\n".join(lines) + "\n")
+    cases = mod._decode_cases(hw, [str(f)])
+    algos = {c[0]["system"]: c[1] for c in cases}
+    assert algos == {"fusedlis-auto": "oneshot_ll", "fusedlis-auto-unfusednorm": "oneshot_ll",
+                     "fusedlis-nccl": "nccl", "fusedlis-nvrar-2node": "nvrar_ll"}
+    assert {c[0]["system"]: c[0]["_fuse"] for c in cases}["fusedlis-auto"] == "1"
+    rows, _ = mod.validate_decode(hw, [str(f)])
+    pred = {r["impl"]: r["predicted_us"] for r in rows}
+    h2 = hw.with_(gpus_per_node=2)
+    on = step_time(shape, Layout(2, 1), h2, batch=8, context=512, prefill=False, allreduce="oneshot_ll",
+                   fuse_norm=True, allgather="nccl").total
+    off = step_time(shape, Layout(2, 1), h2, batch=8, context=512, prefill=False, allreduce="oneshot_ll",
+                    allgather="nccl").total
+    assert pred["fusedlis-auto +norm"] == pytest.approx(on * 1e6)
+    assert pred["fusedlis-auto-unfusednorm"] == pytest.approx(off * 1e6)
+    assert on < off
+    # the same rows in a flag-era file (dated before the LL kernels) run the flag kernels
+    f.write_text("\n".join(["# date=2026-11-22T02:50", lines[1].replace(",fuse_norm", "")]
+                           + [ln.rsplit(",", 1)[0] for ln in lines[2:]]) + "\n")
+    assert {c[0]["system"]: c[1] for c in mod._decode_cases(hw, [str(f)])}["fusedlis-auto"] == "oneshot"
+
+
+def test_validate_decode_fit_per_file_system(tmp_path):
+    """--decode-fit-system: a file's NCCL rows fit its compute terms, its other rows are held out."""
+    mod = _validate_module()
+    hw = get_hardware("h200-ndr")
+    f = tmp_path / "decode_tp2.csv"
+    lines = ["model,tp,system,batch,context,ms_per_token"]
+    for b in (1, 8, 32, 64):
+        lines += [f"llama-3.1-8b,2,fusedlis-nccl,{b},512,{3 + 0.05 * b}", f"llama-3.1-8b,2,fusedlis-auto,{b},512,{3 + 0.04 * b}"]
+    f.write_text("\n".join(lines) + "\n")
+    rows, _ = mod.validate_decode(hw, [str(f)], fit_system="fusedlis-nccl")
+    assert {r["role"] for r in rows if r["impl"] == "fusedlis-nccl"} == {"fit"}
+    assert {r["role"] for r in rows if r["impl"] == "fusedlis-auto"} == {"held-out"}

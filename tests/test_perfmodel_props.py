@@ -142,3 +142,24 @@ def test_ll_never_slower_than_flag_with_lower_alpha(h, nodes, gpn, m, algo, frac
     ll = coll.allreduce(algo + "_ll", h, nodes, gpn, m).total
     flag = coll.allreduce(algo, h, nodes, gpn, m).total
     assert ll <= flag * (1 + 1e-12) + 1e-18
+
+
+@given(hardware(), st.sampled_from(["oneshot_ll", "twoshot_ll", "nvrar_ll", "auto"]), st.sampled_from([1, 2]),
+       st.integers(1, 64), st.floats(1.0, 100.0), st.booleans())
+def test_decode_step_more_bandwidth_never_slower_with_ll_and_fused_norm(h, algo, nodes, batch, k, fuse):
+    """A decode step (LL all-reduce, norm fused or not) is never slower with more NVLink bandwidth."""
+    h = h.with_(gpus_per_node=2 // nodes, intra=h.intra.with_algo(algo if algo != "auto" else "oneshot_ll",
+                                                                  3e-6, 1 / 300e9))
+    kw = dict(batch=batch, context=64, prefill=False, allreduce=algo, fuse_norm=fuse)
+    slow = step_time(SHAPE, Layout(2, 1), h, **kw).total
+    fast = step_time(SHAPE, Layout(2, 1), _faster(h, k, "intra"), **kw).total
+    assert fast <= slow * (1 + 1e-12)
+
+
+@given(hardware(), st.integers(1, 64))
+def test_fused_norm_saves_norm_kernels(h, batch):
+    """With no per-row cost, fusing the norm never slows a TP=2 decode step."""
+    h = h.with_(gpus_per_node=2, ar_norm_row_latency=0.0)
+    kw = dict(batch=batch, context=64, prefill=False, allreduce="oneshot_ll")
+    assert step_time(SHAPE, Layout(2, 1), h, fuse_norm=True, **kw).total <= \
+        step_time(SHAPE, Layout(2, 1), h, **kw).total * (1 + 1e-12)

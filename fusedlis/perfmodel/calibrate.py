@@ -2,7 +2,9 @@
 
 What is measured (bf16, medians, CUDA graphs to hide launch gaps):
 - all-reduce latency over the visible GPUs for each size: NCCL, and fusedlis' own all-reduce
-  (`fusedlis.comm.AllReduce`) when it imports and runs, else torch symmetric-memory one-/two-shot;
+  (`fusedlis.comm.AllReduce`: one-shot and two-shot in the flag and the LL protocol, NVRAR LL on logical nodes
+  of one GPU) when it imports and runs, else torch symmetric-memory one-/two-shot;
+- fusedlis' all-reduce + residual + RMSNorm kernel (`all_reduce_norm`) against the LL one-shot alone (decode rows);
 - a bf16 add of two 1 GiB tensors (the reduction rate, gamma);
 - GEMM alone and GEMM followed by each all-reduce in one graph (how much all-reduce latency hides);
 - decode-shaped GEMMs (M=1, Llama 8B/70B TP=2 weights, rotated through >= 2 GB so L2 does not hold them);
@@ -10,7 +12,8 @@ What is measured (bf16, medians, CUDA graphs to hide launch gaps):
 
 Fits: `kernel_overhead` and `hbm_bw` from GEMM time = overhead + bytes / bw; NVLink (alpha, beta) for NCCL from
 its times with the ring model, and for custom kernels from theirs with the matching model, by least squares on
-relative error. gamma = add time / operand bytes.
+relative error (each LL variant its own terms; NVRAR LL with the model of its logical-node topology). gamma = add
+time / operand bytes. The fused norm's cost per row: `fit_norm_row`.
 Inter-node terms and anything not measured come from the base profile. Fitting needs no GPU (`fit_link`).
 """
 
@@ -139,6 +142,21 @@ def fit_overlap(samples: list[tuple[float, float, float]]) -> float:
     return float(min(max(a @ y / (a @ a), 0.0), 1.0))
 
 
+def fit_norm_row(samples: list[tuple[int, float, float]]) -> float:
+    """Seconds per row that fusing residual + RMSNorm adds to an all-reduce, from (rows, fused seconds,
+    all-reduce alone seconds) samples: least squares through the origin of the difference against rows,
+    clamped to >= 0 (a fused kernel faster than the all-reduce alone counts as no extra cost)."""
+    if not samples:
+        raise ValueError("need at least one all_reduce_norm sample")
+    num = sum(m * (t - base) for m, t, base in samples)
+    den = sum(m * m for m, _, _ in samples)
+    return max(num / den, 0.0) if den > 0 else 0.0
+
+
+def _nodes(r: dict[str, Any]) -> int:
+    return int(r.get("nodes") or 1)
+
+
 # ---------------------------------------------------------------- measurement (GPU)
 def _time_graph(fn: Any, calls: int, replays: int = 7, before_replay: Any = None) -> float:
     """Median seconds per call of `fn` captured `calls` times in one CUDA graph.
@@ -174,8 +192,15 @@ def _time_graph(fn: Any, calls: int, replays: int = 7, before_replay: Any = None
     return statistics.median(times)
 
 
-def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, Any]]:
-    """(label, {algo: fn(x, out)}) for fusedlis' one-shot and two-shot kernels, else torch symmetric memory."""
+def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, tuple[Any, int, int]], Any]:
+    """(label, {algo: (fn(x, out), max bytes, nodes)}, AllReduce or None) for fusedlis' own kernels, else torch
+    symmetric memory's one-shot and two-shot.
+
+    fusedlis: one-shot and two-shot in the flag protocol (up to `max_bytes`) and in the LL protocol (up to the
+    communicator's `ll_max_bytes`) on one node, and NVRAR LL on `world` logical nodes of one GPU (the rail
+    exchange that `Engine(allreduce="nvrar")` with FUSEDLIS_GPUS_PER_NODE=1 and auto across logical nodes run).
+    A variant that does not build or disagrees with NCCL is left out (and said so in the label).
+    """
     import torch
     import torch.distributed as dist
 
@@ -196,11 +221,35 @@ def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, Any]]:
         ar = AllReduce(backend="auto", max_bytes=max_bytes, topology=Topology(world, world))
         if ar.device_ar is None:
             raise RuntimeError("fell back to NCCL (no NVSHMEM / CUDA kernels)")
-        fns = {"oneshot": lambda x, out: ar.device_ar(x, out=out, algorithm="one_shot"),
-               "twoshot": lambda x, out: ar.device_ar(x, out=out, algorithm="two_shot")}
-        for fn in fns.values():
+        fns: dict[str, tuple[Any, int, int]] = {
+            "oneshot": (lambda x, out: ar.device_ar(x, out=out, algorithm="one_shot"), max_bytes, 1),
+            "twoshot": (lambda x, out: ar.device_ar(x, out=out, algorithm="two_shot"), max_bytes, 1)}
+        for fn, _, _ in fns.values():
             check(fn)
-        return "fusedlis", fns
+        skipped = []
+        ll_max = int(getattr(ar, "ll_max_bytes", 0) or 0)
+        for algo, name in (("oneshot_ll", "one_shot_ll"), ("twoshot_ll", "two_shot_ll")):
+            try:
+                if ll_max <= 0:
+                    raise RuntimeError("no LL slots (ll_max_bytes = 0)")
+                fn = (lambda name: lambda x, out: ar.device_ar(x, out=out, algorithm=name))(name)
+                check(fn)
+                fns[algo] = (fn, ll_max, 1)
+            except Exception as e:  # noqa: BLE001 - measure the rest
+                skipped.append(f"{name}: {type(e).__name__}: {e}")
+        if world >= 2 and world & (world - 1) == 0:
+            try:
+                ar_rail = AllReduce(backend="nvrar", max_bytes=max_bytes, topology=Topology(world, 1))
+                rail_ll = int(getattr(ar_rail, "ll_max_bytes", 0) or 0)
+                if ar_rail.device_ar is None or rail_ll <= 0:
+                    raise RuntimeError("no device kernels or no LL slots on logical nodes")
+                fn = lambda x, out: ar_rail.device_ar(x, out=out, algorithm="nvrar_ll")  # noqa: E731
+                check(fn)
+                fns["nvrar_ll"] = (fn, rail_ll, world)
+            except Exception as e:  # noqa: BLE001
+                skipped.append(f"nvrar_ll on {world}x1: {type(e).__name__}: {e}")
+        label = "fusedlis" + (f" (not measured: {'; '.join(skipped)})" if skipped else "")
+        return label, fns, ar
     except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say so
         err = f"{type(e).__name__}: {e}"
     try:
@@ -228,11 +277,13 @@ def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, Any]]:
         for fn in (one, two):
             check(fn)
         # timed without the copies: the op on the symmetric buffer itself
-        fns = {"oneshot": lambda x, out: torch.ops.symm_mem.one_shot_all_reduce(buf[: x.numel()], "sum", name),
-               "twoshot": lambda x, out: torch.ops.symm_mem.two_shot_all_reduce_(buf[: x.numel()], "sum", name)}
-        return f"torch-symm (fusedlis AllReduce unavailable: {err})", fns
+        fns = {"oneshot": (lambda x, out: torch.ops.symm_mem.one_shot_all_reduce(buf[: x.numel()], "sum", name),
+                           max_bytes, 1),
+               "twoshot": (lambda x, out: torch.ops.symm_mem.two_shot_all_reduce_(buf[: x.numel()], "sum", name),
+                           max_bytes, 1)}
+        return f"torch-symm (fusedlis AllReduce unavailable: {err})", fns, None
     except Exception as e2:  # noqa: BLE001
-        return f"none (fusedlis: {err}; torch symm: {type(e2).__name__}: {e2})", {}
+        return f"none (fusedlis: {err}; torch symm: {type(e2).__name__}: {e2})", {}, None
 
 
 def _nccl_allreduce() -> tuple[str, Any]:
@@ -264,17 +315,56 @@ def _measure_allreduces(world: int, sizes: list[int], iters: int) -> list[dict[s
         t = _time_graph(lambda: nccl_fn(x), iters, before_replay=dist.barrier)
         rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m, "us": t * 1e6})
         dist.barrier()
-    label, fns = _custom_allreduces(max(sizes))
+    label, fns, ar = _custom_allreduces(max(sizes))
     rows.append({"kind": "note", "impl": label})
     impl = label.split(" ", 1)[0]
-    for algo, fn in fns.items():
+    for algo, (fn, max_m, nodes) in fns.items():
         for m in sizes:
+            if m > max_m:
+                continue
             x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
             out = torch.empty_like(x)
             t = _time_graph(lambda: fn(x, out), iters, before_replay=dist.barrier)
-            rows.append({"kind": "allreduce", "impl": impl, "algo": algo, "gpus": world, "bytes": m, "us": t * 1e6})
+            rows.append({"kind": "allreduce", "impl": impl, "algo": algo, "gpus": world, "nodes": nodes, "bytes": m,
+                         "us": t * 1e6})
             dist.barrier()
-    rows += _measure_layers(world, iters, fns, impl, nccl_fn)
+    one_node = {algo: fn for algo, (fn, _, nodes) in fns.items() if nodes == 1}
+    rows += _measure_layers(world, iters, one_node, impl, nccl_fn)
+    if ar is not None:
+        rows += _measure_norm(ar, world, iters, impl)
+    return rows
+
+
+NORM_SHAPES = [(m, h) for h in (4096, 8192) for m in (1, 8, 32, 64)]  # decode rows x hidden (Llama 8B / 70B)
+
+
+def _measure_norm(ar: Any, world: int, iters: int, impl: str) -> list[dict[str, Any]]:
+    """All-reduce + residual + RMSNorm in one kernel (`all_reduce_norm`) and the one-shot LL all-reduce alone on
+    the same rows [M, H]; shapes the kernel does not support are skipped, any failure ends the measurement."""
+    import torch
+    import torch.distributed as dist
+
+    rows: list[dict[str, Any]] = []
+    dev = ar.device_ar
+    if dev is None or not hasattr(dev, "all_reduce_norm") or not hasattr(dev, "supports_norm"):
+        return [{"kind": "note", "impl": "all_reduce_norm not available: not measured"}]
+    try:
+        for m, h in NORM_SHAPES:
+            if not dev.supports_norm(m, h):
+                continue
+            x = torch.randn(m, h, dtype=torch.bfloat16, device="cuda")
+            res = torch.randn_like(x)
+            w = torch.randn(h, dtype=torch.bfloat16, device="cuda")
+            out, res_out = torch.empty_like(x), torch.empty_like(x)
+            t_norm = _time_graph(lambda: dev.all_reduce_norm(x, res, w, 1e-5, out=out, res_out=res_out), iters,
+                                 before_replay=dist.barrier)
+            dist.barrier()
+            t_ar = _time_graph(lambda: dev(x, out=out, algorithm="one_shot_ll"), iters, before_replay=dist.barrier)
+            dist.barrier()
+            rows.append({"kind": "allreduce_norm", "impl": impl, "algo": "oneshot_ll", "gpus": world, "M": m, "N": h,
+                         "bytes": m * h * 2, "us": t_norm * 1e6, "base_us": t_ar * 1e6})
+    except Exception as e:  # noqa: BLE001 - the rest of calibration stands without it
+        rows.append({"kind": "note", "impl": f"all_reduce_norm failed: {type(e).__name__}: {e}"})
     return rows
 
 
@@ -312,7 +402,7 @@ def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str, nccl
         calls = max(copies, iters)
         variants: dict[tuple[str, str], Any] = {("gemm", "none"): None, ("nccl", "nccl"): lambda: nccl_fn(y)}
         for algo, fn in fns.items():
-            variants[(impl, algo)] = lambda fn=fn: fn(y, z)
+            variants[(impl, algo)] = lambda fn=fn: fn(y, z)  # noqa: B023 - bound by the default
         times = {}
         for key, ar in variants.items():
             it = iter(range(10**9))
@@ -482,21 +572,27 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_re
     rank = {i: rank(i) for i in {str(r["impl"]) for r in custom}}  # type: ignore[assignment]
     by_algo: dict[str, list[tuple[str, int, float, float]]] = {}
     src: dict[str, str] = {}
-    for algo in sorted({str(r["algo"]) for r in custom}):
-        impl = min((str(r["impl"]) for r in custom if r["algo"] == algo), key=rank.__getitem__)
-        src[algo] = impl
+    algo_nodes: dict[str, int] = {}
+    for algo in sorted({coll.resolve(str(r["algo"])) for r in custom}):
+        mine = [r for r in custom if coll.resolve(str(r["algo"])) == algo]
+        impl = min((str(r["impl"]) for r in mine), key=rank.__getitem__)
+        # rows on logical nodes (`nodes` > 1, e.g. nvrar_ll on 2 x 1) describe the rail exchange; they win
+        nodes = max(_nodes(r) for r in mine if r["impl"] == impl)
+        src[algo], algo_nodes[algo] = impl, nodes
         by_algo[algo] = [(algo, int(r["gpus"]), float(r["bytes"]), float(r["us"]) * 1e-6)
-                         for r in custom if r["algo"] == algo and r["impl"] == impl]
-    fits = {algo: fit_regimes(smp, hw.gamma, min_points=min_regime_points)
+                         for r in mine if r["impl"] == impl and _nodes(r) == nodes]
+    fits = {algo: fit_regimes(smp, hw.gamma, nodes=algo_nodes[algo], min_points=min_regime_points)
             for algo, smp in by_algo.items() if len(smp) >= 2}
     if fits:
         # the plain custom link is two-shot's largest regime (NVRAR's intra-node phases are a two-shot)
-        _, a, b = (fits.get("twoshot") or [(math.inf, *fit_link([x for smp in by_algo.values() for x in smp],
-                                                                  hw.gamma))])[-1]
+        one_node = [x for algo, smp in by_algo.items() if algo_nodes[algo] == 1 for x in smp]
+        _, a, b = (fits.get("twoshot") or [(math.inf, *fit_link(one_node or by_algo[next(iter(fits))], hw.gamma,
+                                                                  1 if one_node else algo_nodes[next(iter(fits))]))])[-1]
         intra = dataclasses.replace(intra, alpha=a, beta=b)
         for algo, regs in fits.items():
             intra = intra.with_regimes(algo, regs)
-            notes.append(f"{src[algo]} {algo} NVLink fit: {_regime_text(regs)}")
+            where = f" on {algo_nodes[algo]} logical nodes of 1 GPU" if algo_nodes[algo] > 1 else ""
+            notes.append(f"{src[algo]} {algo}{where} NVLink fit: {_regime_text(regs)}")
     hw = hw.with_(intra=intra)
     layers = [r for r in rows if r.get("kind") == "layer"]
     for nccl_rows in (True, False):
@@ -512,6 +608,12 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_re
             hw = hw.with_(**{field: h})
             notes.append(f"GEMM + {'NCCL' if nccl_rows else 'custom'} all-reduce in one graph: {h:.0%} of the "
                          "all-reduce latency hidden")
+    norms = [r for r in rows if r.get("kind") == "allreduce_norm"]
+    if norms:
+        per_row = fit_norm_row([(int(r["M"]), float(r["us"]) * 1e-6, float(r["base_us"]) * 1e-6) for r in norms])
+        hw = hw.with_(ar_norm_row_latency=per_row)
+        notes.append(f"all-reduce + residual + RMSNorm in one kernel vs the one-shot LL all-reduce alone "
+                     f"({len(norms)} shapes): {per_row * 1e9:.0f} ns per row added")
     name = f"calibrated-{str(dev.get('name', 'gpu')).lower().replace(' ', '-')}"
     return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
 
@@ -530,8 +632,8 @@ def calibrate(base: str = "h200-ndr", sizes: list[int] | None = None, iters: int
     return hw.with_(gpu=str(rows[0]["name"])), rows
 
 
-RAW_FIELDS = ["kind", "impl", "algo", "gpus", "bytes", "us", "gemm_us", "M", "K", "N", "GBps", "TFLOPs", "name",
-              "date"]
+RAW_FIELDS = ["kind", "impl", "algo", "gpus", "nodes", "bytes", "us", "gemm_us", "base_us", "M", "K", "N", "GBps",
+              "TFLOPs", "name", "date"]
 
 
 def write_raw_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -60,6 +60,9 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "rd, rabenseifner, oneshot, twoshot, and the LL (flag-in-data) kernels oneshot_ll, "
                         "twoshot_ll, nvrar_ll (also as fusedlis.comm names one_shot_ll, ...) (default nccl,nvrar)")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight/activation element (default 2)")
+    p.add_argument("--fuse-norm", action="store_true",
+                   help="decode: each row-parallel all-reduce runs fused with the residual add + RMSNorm after it "
+                        "(fusedlis AllReduce.all_reduce_norm): 2 RMSNorm kernels fewer per layer")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every prediction as JSON")
     p.set_defaults(func=run_predict)
@@ -164,7 +167,8 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"skipped: {s}", file=sys.stderr)
     if not layouts:
         raise ValueError("no requested layout can run this model on these GPUs")
-    preds = predict(shape, hw, layouts, algos, batches, args.prompt, args.gen, args.dtype_bytes)
+    preds = predict(shape, hw, layouts, algos, batches, args.prompt, args.gen, args.dtype_bytes,
+                    fuse_norm=getattr(args, "fuse_norm", False))
     rows = [_row(p) for p in preds]
     nodes = args.gpus // gpn
     print(f"{shape.name} ({shape.num_params() / 1e9:.1f}B params) on {args.gpus} x {hw.gpu} "
@@ -193,7 +197,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "calibrate", help="measure NVLink all-reduce alpha/beta, HBM bandwidth and GEMM rate; write a profile",
         description="Measure the GPUs of this machine (needs CUDA; NVLink terms need >= 2 GPUs; starts one "
                     "process per GPU itself, or runs under torchrun --nproc-per-node N): all-reduce "
-                    "latency over NCCL and, if available, fusedlis' own all-reduce, a large bf16 add "
+                    "latency over NCCL and, if available, fusedlis' own all-reduce (one-shot, two-shot, their LL "
+                    "variants, NVRAR LL on logical nodes of one GPU, all-reduce + RMSNorm), a large bf16 add "
                     "(reduction rate), decode-shaped GEMM times and a large GEMM's rate. Fits the alpha/beta/overhead "
                     "terms and writes a JSON profile for `fusedlis predict --hardware FILE`. Inter-node terms "
                     "cannot be measured on one node: they are copied from --base.")

@@ -226,6 +226,29 @@ def auto_algorithm(nodes: int, gpn: int, m: float, inter_load_store: bool = Fals
     return base + "_ll" if ll and m <= AUTO_LL_MAX_BYTES else base
 
 
+def engine_algorithm(mode: str, nodes: int, gpn: int, m: float, ll: bool = True) -> str:
+    """The all-reduce algorithm the fusedlis engine runs for a message of `m` bytes in all-reduce `mode`
+    (`fusedlis.Engine(allreduce=...)`), following fusedlis.comm.allreduce.choose_algorithm.
+
+    `ll`: the LL protocol is available (fusedlis.comm since the LL kernels; peers load/store reachable: one
+    node, or logical nodes of one host). "nccl" -> nccl; "auto" -> `auto_algorithm`; "one_shot" / "two_shot" /
+    "nvrar" -> that algorithm, in LL up to AUTO_LL_MAX_BYTES; "fused" (GEMM + all-reduce in one kernel, its
+    own flag-style tile pushes) -> auto's algorithm in the flag protocol.
+    """
+    key = mode.strip().lower().replace("-", "_")
+    if key == "nccl":
+        return "nccl"
+    if key == "fused":
+        return "nvrar" if nodes > 1 else ("oneshot" if m <= auto_one_shot_max(gpn) else "twoshot")
+    if key == "auto":
+        a = auto_algorithm(nodes, gpn, m, inter_load_store=ll)
+        return a if ll else flag_variant(a)
+    base = resolve(key)
+    if base not in LL_CAPABLE:
+        raise ValueError(f"unknown engine all-reduce mode {mode!r}: use nccl, auto, one_shot, two_shot, nvrar, fused")
+    return base + "_ll" if ll and m <= AUTO_LL_MAX_BYTES else base
+
+
 def auto(hw: Hardware, nodes: int, gpn: int, m: float, impl: str = "auto") -> Cost:
     """What fusedlis' AllReduce("auto") runs (`auto_algorithm`), with that algorithm's link terms."""
     a = auto_algorithm(nodes, gpn, m, hw.inter_load_store)

@@ -159,6 +159,10 @@ class Hardware:
     # Rail partners in other nodes are load/store reachable (logical nodes of one host, a multi-node NVLink
     # domain): fusedlis' auto all-reduce then runs NVRAR in the LL protocol across nodes. False over InfiniBand.
     inter_load_store: bool = False
+    # Seconds per row that fusing the residual add + RMSNorm into an all-reduce (AllReduce.all_reduce_norm, one
+    # LL one-shot kernel) adds to that all-reduce's time; the separate RMSNorm kernel is then not launched.
+    # Fitted by calibrate from all_reduce_norm vs the all-reduce alone; 0: the fused kernel costs the all-reduce.
+    ar_norm_row_latency: float = 0.0
 
     def latency_hidden(self, algo: str) -> float:
         """The hidden fraction that applies to all-reduce algorithm `algo`."""
@@ -176,7 +180,7 @@ class Hardware:
             "memory_GB": self.memory_bytes / 1e9, "kernel_overhead_us": self.kernel_overhead * 1e6,
             "reduce_GBps": 1e-9 / self.gamma, "ar_latency_hidden": self.ar_latency_hidden,
             "nccl_latency_hidden": self.nccl_latency_hidden, "gemm_TFLOPs": self.gemm_flop_rate / 1e12,
-            "gemm_row_us": self.gemm_row_latency * 1e6,
+            "gemm_row_us": self.gemm_row_latency * 1e6, "ar_norm_row_us": self.ar_norm_row_latency * 1e6,
             "intra": self.intra.to_json(), "inter": self.inter.to_json(), "sources": list(self.sources),
         }
         if self.inter_load_store:
@@ -354,6 +358,7 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         nccl_latency_hidden=_fraction(d, "nccl_latency_hidden", source),
         gemm_flop_rate=_num(d, "gemm_TFLOPs", source, required=False, default=0.0, positive=False) * 1e12,
         gemm_row_latency=_num(d, "gemm_row_us", source, required=False, default=0.0, positive=False) * 1e-6,
+        ar_norm_row_latency=_num(d, "ar_norm_row_us", source, required=False, default=0.0, positive=False) * 1e-6,
         inter_load_store=ils)
 
 

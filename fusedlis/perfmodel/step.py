@@ -25,6 +25,16 @@ from fusedlis.perfmodel.volume import Layout, ModelShape, Volume, step_volume
 KERNELS_PER_LAYER = 8
 # embedding, final rmsnorm, lm_head GEMM, sampling
 KERNELS_PER_STEP = 4
+# row-parallel all-reduces per layer (after o_proj and down_proj); each is followed by a residual add + RMSNorm
+# that `fuse_norm` folds into the all-reduce kernel (AllReduce.all_reduce_norm): one RMSNorm kernel fewer each
+FUSED_NORMS_PER_LAYER = 2
+
+
+def kernels_per_step(num_layers: int, fuse_norm: bool = False) -> int:
+    """Kernel launches of one forward step outside communication: 8 per layer + 4, minus one RMSNorm per fused
+    all-reduce (2 per layer) when `fuse_norm`."""
+    per_layer = KERNELS_PER_LAYER - (FUSED_NORMS_PER_LAYER if fuse_norm else 0)
+    return num_layers * per_layer + KERNELS_PER_STEP
 
 
 @dataclass
@@ -67,10 +77,11 @@ def _local_kv_heads(shape: ModelShape, tp: int) -> int:
 
 
 def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: int, context: float,
-                  prefill: bool, dtype_bytes: int = 2) -> float:
+                  prefill: bool, dtype_bytes: int = 2, fuse_norm: bool = False) -> float:
     """Roofline seconds of one decoder layer's kernels on one GPU (no overhead, no communication).
 
     `context` is the attended length: the KV length in decode, the prompt length in prefill (causal).
+    `fuse_norm`: the two RMSNorms run inside the all-reduces (costed there), not as kernels of their own.
     """
     b = dtype_bytes
     h, hd = shape.hidden_size, shape.head_dim
@@ -88,17 +99,23 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
     else:
         flops = 4.0 * batch * context * hq * hd
         t += _kernel(hw, batch * context * kv_width * b + 2 * batch * hq * hd * b, flops)
-    t += 2 * _kernel(hw, 2 * tokens * h * b, 0)  # two rmsnorms
+    if not fuse_norm:
+        t += FUSED_NORMS_PER_LAYER * _kernel(hw, 2 * tokens * h * b, 0)  # two rmsnorms
     t += _kernel(hw, tokens * (hq + 2 * hkv) * hd * b * 2, 0)  # rope + cache write
     return t
 
 
 def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, context: float, prefill: bool,
-              allreduce: str = "nccl", dtype_bytes: int = 2) -> StepTime:
+              allreduce: str = "nccl", dtype_bytes: int = 2, fuse_norm: bool = False,
+              allgather: str | None = None) -> StepTime:
     """One forward step: decode (1 new token per sequence, `context` cached) or prefill (`context` prompt tokens).
 
     `allreduce` names the TP all-reduce algorithm (`collectives.ALGORITHMS`); stage boundaries use NCCL
-    send/recv when it is "nccl", custom puts otherwise.
+    send/recv when it is "nccl", custom puts otherwise. `allgather` names the logits all-gather's algorithm
+    (default: `allreduce`'s; the fusedlis engine gathers through NCCL in every mode).
+    `fuse_norm` (TP > 1 only): each row-parallel all-reduce (2 per layer) runs fused with the residual add and
+    the following RMSNorm in one kernel (AllReduce.all_reduce_norm): those 2L RMSNorm kernels (launch and bytes)
+    disappear and each fused all-reduce costs the all-reduce plus `hw.ar_norm_row_latency` per row.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -113,23 +130,27 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     vol = step_volume(shape, layout, tokens, batch, dtype_bytes)
     st = StepTime(volume=vol)
 
-    st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes)
+    fuse = fuse_norm and tp > 1
+    st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes, fuse)
     h, v, b = shape.hidden_size, shape.vocab_size, dtype_bytes
     emb = _kernel(hw, tokens * h * b * 2, 0)
     head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h, True, batch)
     st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
-    st.overhead = hw.kernel_overhead * (L * KERNELS_PER_LAYER + KERNELS_PER_STEP)
+    st.overhead = hw.kernel_overhead * kernels_per_step(L, fuse)
 
     if tp > 1:
+        ag_algo = coll.resolve(allgather) if allgather else algo
         ar = coll.allreduce(algo, hw, nodes, gpn, vol.allreduce_bytes)
         if not prefill:  # decode runs as one CUDA graph: part of the latency may hide behind the GEMM before
             ar = ar.hiding_latency(hw.latency_hidden(algo))
         ar = ar.scale(vol.allreduce_count)
-        ag = coll.allgather(algo, hw, nodes, gpn, vol.allgather_bytes)
+        if fuse:  # the residual add + RMSNorm inside the 2L row-parallel all-reduces
+            ar = ar + coll.Cost(latency=FUSED_NORMS_PER_LAYER * L * tokens * hw.ar_norm_row_latency)
+        ag = coll.allgather(ag_algo, hw, nodes, gpn, vol.allgather_bytes)
         st.comm += ar.total + ag.total
         st.comm_inter += ar.inter + ag.inter
         st.net_bytes += (vol.allreduce_count * coll.network_bytes(algo, nodes, gpn, vol.allreduce_bytes, hw)
-                         + coll.network_bytes(algo, nodes, gpn, vol.allgather_bytes, hw) / 2)
+                         + coll.network_bytes(ag_algo, nodes, gpn, vol.allgather_bytes, hw) / 2)
         st.detail["allreduce"] = ar.total
         st.detail["allgather"] = ag.total
     if pp > 1:
@@ -188,8 +209,10 @@ class Prediction:
 
 
 def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: list[str], batches: list[int],
-            prompt: int, gen: int, dtype_bytes: int = 2, memory_fraction: float = 0.9) -> list[Prediction]:
-    """Every combination of layout x all-reduce x batch. Layouts with tp == 1 get one row (no all-reduce)."""
+            prompt: int, gen: int, dtype_bytes: int = 2, memory_fraction: float = 0.9,
+            fuse_norm: bool = False) -> list[Prediction]:
+    """Every combination of layout x all-reduce x batch. Layouts with tp == 1 get one row (no all-reduce).
+    `fuse_norm`: decode steps run each row-parallel all-reduce fused with its RMSNorm (see `step_time`)."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be >= 1, got {prompt}, {gen}")
     out = []
@@ -198,7 +221,7 @@ def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: 
         for algo in algos:
             for bsz in batches:
                 dec = step_time(shape, lay, hw, batch=bsz, context=prompt + gen / 2, prefill=False,
-                                allreduce=algo, dtype_bytes=dtype_bytes)
+                                allreduce=algo, dtype_bytes=dtype_bytes, fuse_norm=fuse_norm)
                 pre = step_time(shape, lay, hw, batch=bsz, context=prompt, prefill=True, allreduce=algo,
                                 dtype_bytes=dtype_bytes)
                 mem = memory_per_gpu(shape, lay, bsz, prompt + gen, dtype_bytes)
