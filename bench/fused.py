@@ -117,6 +117,11 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
                     # the all-reduce of an M x N output alone, and fused with residual + RMSNorm (LL one-shot)
                     v["fusedlis_ar_only"] = lambda i: ar.all_reduce(yb)
                     v["fusedlis_ar+res+norm_only"] = lambda i: ar.all_reduce_norm(yb, res, nw, eps, res_out=outs[0])
+                    dar = getattr(ar, "device_ar", None)
+                    if dar is not None and dar.supports_norm(M, N):
+                        for t in (256, 512, 1024, 2048, 16384):  # columns per program (16384: whole rows)
+                            v[f"fusedlis_ar+res+norm_only_tile{t}"] = (
+                                lambda t_: lambda i: dar.all_reduce_norm(yb, res, nw, eps, res_out=outs[0], tile=t_))(t)
                     from fusedlis.triton_kernels import rmsnorm as fl_rmsnorm
 
                     def fl_ar_then_norm(i):  # what the engine ran before the fusion: all-reduce, then a norm kernel
@@ -206,8 +211,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--gpus-per-node", type=int, default=None)
     ap.add_argument("--variants", default="",
-                    help="comma-separated variant names to time (default: all); e.g. fusedlis_ar_only,"
-                         "fusedlis_ar+res+norm_only for the all-reduce + norm comparison alone")
+                    help="comma-separated variant names or shell patterns to time (default: all); e.g. "
+                         "'fusedlis_ar_only,fusedlis_ar+res+norm_only*' for the all-reduce + norm comparison alone")
     ap.add_argument("--tune", action="store_true", help="sweep GEMM tile configs of the fused kernel first")
     ap.add_argument("--tune-shapes", default="8B_o,70B_down",
                     help="shapes swept by --tune; the others reuse the pick of a swept shape with the same N")
@@ -264,8 +269,10 @@ def main() -> None:
                 tuned[(N, M)] = best
             variants, ncopy = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best)
             if args.variants:
-                keep = set(args.variants.split(","))
-                variants = {k: f for k, f in variants.items() if k in keep}
+                import fnmatch
+
+                keep = args.variants.split(",")
+                variants = {k: f for k, f in variants.items() if any(fnmatch.fnmatchcase(k, p) for p in keep)}
             for vname, fn in variants.items():
                 try:
                     us = time_variant(fn, ncopy, args.reps, args.iters)

@@ -7,11 +7,15 @@
 # F: bench/fused.py, variants fusedlis_ar_only / fusedlis_ar+res+norm_only / fusedlis_ar+triton_res+norm_only /
 #    cublas+nccl+res+norm(torch), the four TP=2 shapes, M in 1,8,32,64,128
 # D: decode 8B TP=2, auto / auto-unfusednorm / nccl / fused, batch 1,8,32,64, context 512,4096, breakdown
+# U: decode 8B TP=2 auto again with the committed H200 tuning caches merged (FUSEDLIS_TUNING_FILE)
+# P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
+#    its files packed into perfmodel_results.tgz
 # E: tests/test_engine_multigpu.py (every allreduce mode against the fp32 reference, greedy tokens)
+# DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G
 export PYTHONUNBUFFERED=1
-START=$(date +%s); BUDGET_S=${BUDGET_S:-560}; PARTS=${PARTS:-T,F,D,E}
+START=$(date +%s); BUDGET_S=${BUDGET_S:-560}; PARTS=${PARTS:-T,F,D,E}; DTAG=${DTAG:-8b-s3}
 OUTD=${OUT:-/tmp/gpu_norm_out}; mkdir -p "$OUTD"; R=$(mktemp -d); LOG="$OUTD/gpu_norm_engine_log.txt"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.log, tail to stdout
@@ -33,13 +37,42 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   want T && step comm_norm 150 torchrun --nproc-per-node 2 tests/test_comm_gpu.py --only norm --replays 10000
-  want F && step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \
-    --variants fusedlis_ar_only,fusedlis_ar+res+norm_only,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm\(torch\)
+  want F && TAIL=30 step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \
+    --variants 'fusedlis_ar_only,fusedlis_ar+res+norm_only*,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm(torch)'
+  want F && grep -h -E "M=   1 |M=   8 |M=  64 " "$R/fused_norm.log" | grep -E "tile|only" | cut -c1-80
   want D && TAIL=90 step decode_8b 230 torchrun --nproc-per-node 2 bench/decode.py --out "$R" --models llama-3.1-8b \
-    --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --breakdown
+    --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --breakdown --tag "$DTAG"
+  if want U; then
+    python3 - "$R/tuning_merged.json" <<'PY'
+import json, sys, glob
+out = None
+for f in sorted(glob.glob("bench/results/tuning_NVIDIA-H200_*.json")):
+    d = json.load(open(f))
+    if out is None:
+        out = d
+        continue
+    for fp, v in d["devices"].items():
+        tgt = out["devices"].setdefault(fp, v)
+        if tgt is not v:
+            for op, e in v["entries"].items():
+                tgt["entries"].setdefault(op, {}).update(e)
+json.dump(out, open(sys.argv[1], "w"))
+print("merged tuning:", {op: len(e) for v in out["devices"].values() for op, e in v["entries"].items()})
+PY
+    FUSEDLIS_TUNING_FILE="$R/tuning_merged.json" TAIL=12 step decode_8b_tuned 120 torchrun --nproc-per-node 2 \
+      bench/decode.py --out "$R" --models llama-3.1-8b --modes auto --batch 1,8,32,64 --context 512,4096 --steps 100 \
+      --tag "$DTAG-tuned"
+  fi
+  if want P; then
+    cp "$R"/decode_tp2_"$DTAG"_*.csv bench/results/ 2>/dev/null
+    mkdir -p "$R/pm"
+    TAIL=60 step perfmodel 300 env OUT="$R/pm" bash bench/gpu_perfmodel.sh
+    tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .
+  fi
   want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
   echo "== total $(( $(date +%s) - START )) s"
 } 2>&1 | tee "$LOG"
-cp "$R"/fused_*_summary.txt "$R"/decode_tp2_*.csv "$OUTD/" 2>/dev/null
+cp "$R"/fused_*_summary.txt "$OUTD/" 2>/dev/null
+python3 bench/decode.py --summarize "$R"/decode_tp2_*.csv --out "$R" >/dev/null 2>&1 && cp "$R"/decode_all_*summary.txt "$OUTD/"
 tar czf "$OUTD/gpu_norm_engine_results.tgz" -C "$R" .
 ls -la "$OUTD"

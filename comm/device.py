@@ -155,6 +155,9 @@ class DeviceAllReduce:
         self.agf_off = ws.alloc_flags(max_blocks * g)
         self.ch = ws.alloc_channel()
         self._ctr = ws.counters[self.ch:]
+        # all_reduce_norm's per-(row, tile) partial sums of squares (tiles >= 128 columns), local memory
+        self._norm_parts = (torch.zeros(cdiv(self.ll_max, 64) + 1024, dtype=torch.int64, device=ws.device)
+                            if self.ll_max and m == 1 and g > 1 else None)
 
     def _config(self, elems: int, ll: bool = False) -> tuple[int, int, int, int]:
         """(programs, elements per program, tile, warps) for `elems` elements per chunk."""
@@ -191,13 +194,14 @@ class DeviceAllReduce:
         return self.M == 1 and self.G > 1 and 0 < M * H <= self.ll_max and H <= 16384
 
     def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        out: torch.Tensor | None = None, res_out: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        out: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
+                        tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(rmsnorm(allreduce(x) + residual) * weight, allreduce(x) + residual)` in one LL one-shot kernel.
 
         For the end of a row-parallel layer in decode: x [M, H] is this rank's partial output, residual [M, H]
         the (replicated) residual stream, weight [H] the next RMSNorm's weight. Single node only, M * H within
-        `ll_max_elems` (see `supports_norm`). `res_out=residual` updates the residual in place."""
+        `ll_max_elems` (see `supports_norm`). `res_out=residual` updates the residual in place. `tile`: columns
+        per program (a power of two >= 128; None picks 1024-column tiles for small grids, else whole rows)."""
         if x.dim() != 2 or residual.shape != x.shape or weight.shape != (x.shape[1],):
             raise ValueError(f"all_reduce_norm: x and residual must be [M, H] and weight [H], got "
                              f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
@@ -212,12 +216,20 @@ class DeviceAllReduce:
             res_out = torch.empty_like(x)
         elif res_out.shape != x.shape or res_out.dtype != x.dtype or not res_out.is_contiguous():
             raise ValueError("res_out must be a contiguous tensor of x's shape and dtype")
-        rows = cdiv(M, self.max_blocks)
-        block_h = triton.next_power_of_2(H)
-        K._ll_one_shot_norm_kernel[(cdiv(M, rows),)](
+        if tile is None:
+            # Split rows into 1024-column tiles while that keeps the grid small (whole rows per program otherwise)
+            tile = 1024 if M * cdiv(H, 1024) <= 2 * self.max_blocks else triton.next_power_of_2(H)
+        if x.device.type != "cuda":
+            # The interpreter runs programs one after another: a row's tiles cannot wait for each other there.
+            tile = triton.next_power_of_2(H)
+        tile = max(128, min(int(tile), triton.next_power_of_2(H)))
+        T = cdiv(H, tile)
+        rows = 1 if T > 1 else cdiv(M, self.max_blocks)
+        K._ll_one_shot_norm_kernel[(cdiv(M, rows) * T,)](
             xf, residual, weight, y, res_out, M, H, float(eps), self.ws.buffer, self.ws.peer_ptrs, self._ctr,
-            self.ws.err, self.ll_os_off, self.ll_max, self.rank, self.node_base, rows, self.max_spins,
-            G=self.G, BLOCK_H=block_h, num_warps=min(16, max(4, block_h // 1024)))
+            self.ws.err, self._norm_parts, self.ll_os_off, self.ll_max, self.rank, self.node_base, rows, T,
+            self.max_spins, G=self.G, TILE=tile, TP2=triton.next_power_of_2(T),
+            num_warps=min(16, max(4, tile // 1024)))
         return y.view(M, H), res_out
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar",

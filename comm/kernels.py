@@ -436,16 +436,19 @@ def _ll_hier_kernel(
 
 @triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_one_shot_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, M, H, eps, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
-    data_off, cap, rank, node_base, rows_per_prog, max_spins,
-    G: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, M, H, eps, buf_ptr, peer_ptrs, ctr_ptr, err_ptr, part_ptr,
+    data_off, cap, rank, node_base, rows_per_prog, T, max_spins,
+    G: tl.constexpr, TILE: tl.constexpr, TP2: tl.constexpr,
 ):
     """One-shot all-reduce in the LL protocol fused with the residual add and RMSNorm that follow a row-parallel
     layer: h = allreduce(x) + residual, y = h * rsqrt(mean(h^2) + eps) * w, for rows of x [M, H].
 
-    Program p owns whole rows [p*rows_per_prog, ...): it stores its encoded rows into slot [parity][local rank]
-    of every node peer, takes the peers' rows, sums them in local-rank order (rounded to x's dtype, as the
-    unfused all-reduce returns it), adds the residual in fp32 and normalises. Same slots and sequence channel as
+    Each row is cut into T tiles of TILE columns; program p owns tile p % T of rows [(p // T) * rows_per_prog, ...)
+    (rows_per_prog is 1 when T > 1). It stores its encoded tile into slot [parity][local rank] of every node peer,
+    takes the peers' tiles, sums them in local-rank order (rounded to x's dtype, as the unfused all-reduce returns
+    it) and adds the residual in fp32. With T > 1 the row's sum of squares is shared between its T programs
+    through `part_ptr` (int64 words: call sequence number << 32 | fp32 partial; a word tagged with an older call
+    reads as not yet written, so the buffer never needs clearing). Same slots and sequence channel as
     `_ll_one_shot_kernel`; `data_off` in bytes."""
     pid = tl.program_id(0)
     dty: tl.constexpr = x_ptr.dtype.element_ty
@@ -455,9 +458,10 @@ def _ll_one_shot_norm_kernel(
     seq = tl.load(ctr_ptr) + 1
     par = seq % 2
     lr = rank - node_base
-    cols = tl.arange(0, BLOCK_H)
+    tile = pid % T
+    cols = tile * TILE + tl.arange(0, TILE)
     cm = cols < H
-    r_lo = pid * rows_per_prog
+    r_lo = (pid // T) * rows_per_prog
     r_hi = tl.minimum(r_lo + rows_per_prog, M)
     for row in range(r_lo, r_hi):
         idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
@@ -469,7 +473,7 @@ def _ll_one_shot_norm_kernel(
     mine = _ptr(peer_ptrs, rank, data_off, UT)
     for row in range(r_lo, r_hi):
         idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([TILE], dtype=tl.float32)
         for j in tl.static_range(G):
             if j == lr:
                 v = _ll_sanitize(tl.load(x_ptr + idx, mask=cm), UT, SIGN)
@@ -479,7 +483,23 @@ def _ll_one_shot_norm_kernel(
         h = acc.to(dty).to(tl.float32) + tl.load(res_ptr + idx, mask=cm, other=0.0).to(tl.float32)
         h = tl.where(cm, h, 0.0)
         tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=cm)
-        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / H + eps)
+        ss = tl.sum(h * h, axis=0)
+        if TP2 > 1:
+            tag = seq.to(tl.int64) << 32
+            tl.store(part_ptr + row * T + tile, tag | (ss.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF))
+            offs = tl.arange(0, TP2)
+            pm = offs < T
+            wv = tl.load(part_ptr + row * T + offs, mask=pm, other=tag, volatile=True)
+            n = 0
+            while (tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0) & (n < max_spins):
+                wv = tl.load(part_ptr + row * T + offs, mask=pm, other=tag, volatile=True)
+                n += 1
+            if tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0:
+                # a sibling program of this row never published its partial: reported as step 1, this rank
+                code = tl.cast(rank, tl.int64) | ((1 << 62) | (1 << 32))
+                tl.atomic_cas(err_ptr, code * 0, code)
+            ss = tl.sum(tl.where(pm, (wv & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
+        rstd = 1.0 / tl.sqrt(ss / H + eps)
         w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
         tl.store(y_ptr + idx, (h * rstd * w).to(y_ptr.dtype.element_ty), mask=cm)
     _finish(ctr_ptr, seq)

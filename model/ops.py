@@ -106,8 +106,9 @@ class TritonOps(TorchOps):
         q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
                              k_cache, v_cache)
         if T == 1:
-            seq_lens = (positions[:, 0] + 1).to(torch.int32)
-            return self.tk.decode_attention(q_rot.view(B, Hq, D), k_cache, v_cache, seq_lens, scale).view(B, 1, Hq, D)
+            # length = position + 1, read by the kernel from the positions column itself (no per-layer torch ops)
+            return self.tk.decode_attention(q_rot.view(B, Hq, D), k_cache, v_cache, positions[:, 0], scale,
+                                            lens_offset=1).view(B, 1, Hq, D)
         # Prefill: attention over the filled cache stays in torch.
         L = kv_len or k_cache.shape[2]
         keys, vals = k_cache[:B, :, :L], v_cache[:B, :, :L]

@@ -20,7 +20,8 @@ from fusedlis.comm import kernels as K
 from fusedlis.comm.symmetric import nvshmem_device_library
 PTRS = {"x_ptr": "*{t}", "out_ptr": "*{t}", "buf_ptr": "*u8", "flag_ptr": "*i64", "peer_ptrs": "*i64",
         "peer_flag_ptrs": "*i64", "ctr_ptr": "*i64", "err_ptr": "*i64", "steps_ptr": "*i32",
-        "res_ptr": "*{t}", "w_ptr": "*{t}", "y_ptr": "*{t}", "h_ptr": "*{t}", "eps": "fp32"}
+        "res_ptr": "*{t}", "w_ptr": "*{t}", "y_ptr": "*{t}", "h_ptr": "*{t}", "eps": "fp32",
+        "part_ptr": "*i64"}
 name, dtype, const, extern = json.loads(sys.argv[1])
 fn = getattr(K, name)
 names = fn.arg_names
@@ -66,7 +67,8 @@ def test_peer_store_kernels_compile_for_sm90():
     ("_ll_one_shot_kernel", "bf16", dict(G=2, BLOCK=1024)),
     ("_ll_hier_kernel", "fp32", dict(G=2, NSTEPS=0, NSLOT=1, BLOCK=1024)),
     ("_ll_hier_kernel", "bf16", dict(G=2, NSTEPS=3, NSLOT=4, BLOCK=1024)),
-    ("_ll_one_shot_norm_kernel", "bf16", dict(G=2, BLOCK_H=8192))])
+    ("_ll_one_shot_norm_kernel", "bf16", dict(G=2, TILE=8192, TP2=1)),
+    ("_ll_one_shot_norm_kernel", "bf16", dict(G=2, TILE=1024, TP2=8))])
 def test_ll_kernels_compile_for_sm90(name, dtype, const):
     """The LL protocol polls with volatile loads and needs no flag, fence or NVSHMEM call."""
     res = _compile(name, dtype, const, extern=False)

@@ -14,7 +14,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False):
+def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False, from_positions=False):
     g = torch.Generator().manual_seed(seed)
     Hq = Hkv * group
     q = torch.randn(B, Hq, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -27,7 +27,11 @@ def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False):
         kc[b, :, int(lens[b]):] = float("nan")
         vc[b, :, int(lens[b]):] = float("nan")
     scale = D ** -0.5
-    o = decode_attention(q, kc, vc, lens, scale, config=cfg)
+    if from_positions:  # the engine's form: a strided int64 column of positions, length = position + 1
+        pos = torch.stack([lens.long() - 1, torch.full_like(lens.long(), -7)], dim=1)
+        o = decode_attention(q, kc, vc, pos[:, 0], scale, config=cfg, lens_offset=1)
+    else:
+        o = decode_attention(q, kc, vc, lens, scale, config=cfg)
     ref = decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale)
     assert not torch.isnan(o).any()
     return ((o.double() - ref).norm() / ref.norm()).item()
@@ -41,13 +45,13 @@ def cases(draw):
                "FUSED_REDUCE": draw(st.booleans())}
     return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4])),
             draw(st.sampled_from([16, 24, 32])), draw(st.integers(1, 90)),
-            draw(st.sampled_from([torch.float32, torch.float16])), cfg)
+            draw(st.sampled_from([torch.float32, torch.float16])), cfg, draw(st.booleans()))
 
 
 @given(cases())
 def test_decode_attention_matches_reference(case):
-    B, Hkv, group, D, S, dtype, cfg = case
-    assert run_case(B, Hkv, group, D, S, dtype, cfg) < TOL[dtype]
+    B, Hkv, group, D, S, dtype, cfg, from_positions = case
+    assert run_case(B, Hkv, group, D, S, dtype, cfg, from_positions=from_positions) < TOL[dtype]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -77,7 +81,7 @@ def test_decode_attention_bad_inputs():
     kc = torch.randn(2, 2, 8, 16)
     lens = torch.full((2,), 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="seq_lens"):
-        decode_attention(q, kc, kc, lens.long(), 0.25)
+        decode_attention(q, kc, kc, lens.float(), 0.25)
     with pytest.raises(ValueError, match="incompatible"):
         decode_attention(torch.randn(2, 3, 16), kc, kc, lens, 0.25)
     with pytest.raises(ValueError, match="incompatible"):

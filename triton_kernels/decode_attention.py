@@ -25,7 +25,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scale,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, o_ptr, lse_ptr, scale,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                              GROUP, SPLIT_LEN, NUM_SPLITS, out_ptr, cnt_ptr, stride_ob, stride_oh,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -35,7 +35,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scal
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(lens_ptr + b)
+    seq_len = (tl.load(lens_ptr + b * stride_l) + lens_off).to(tl.int32)
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, seq_len)
 
@@ -199,11 +199,13 @@ def _counters(device, n: int) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, *, config: dict | None = None) -> torch.Tensor:
-    """Softmax attention of q[B, Hq, D] over cache positions `[0, seq_lens[b])`; returns o[B, Hq, D].
+                     scale: float, *, config: dict | None = None, lens_offset: int = 0) -> torch.Tensor:
+    """Softmax attention of q[B, Hq, D] over cache positions `[0, seq_lens[b] + lens_offset)`; returns o[B, Hq, D].
 
-    GQA: q head h reads kv head h // (Hq // Hkv). seq_lens must be >= 1 and <= max_seq_len (not checked
-    on the device). The fp32 partials buffer is shared per device: no concurrent launches on two streams.
+    GQA: q head h reads kv head h // (Hq // Hkv). seq_lens is int32 or int64 [B], any stride (the decode step
+    passes its positions column with lens_offset=1, so no length tensor is built per layer). Lengths must be
+    >= 1 and <= max_seq_len (not checked on the device). The fp32 partials buffer is shared per device: no
+    concurrent launches on two streams.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
         if not isinstance(t, torch.Tensor):
@@ -220,8 +222,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"decode_attention: q/k_cache/v_cache must share fp16/bf16/fp32, got "
                         f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
-    if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
-        raise ValueError(f"decode_attention: seq_lens must be [B] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: seq_lens must be [B] int32/int64, got {tuple(seq_lens.shape)} "
+                         f"{seq_lens.dtype}")
     if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("decode_attention: q needs unit stride along D; caches must be contiguous")
     out = torch.empty_like(q)
@@ -244,7 +247,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fused = bool(config.get("FUSED_REDUCE", False)) and splits > 1
     cnt = _counters(q.device, B * Hkv) if fused else lse
     _decode_attention_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, seq_lens, o_part, lse, float(scale),
+        q, k_cache, v_cache, seq_lens, seq_lens.stride(0) if B > 1 else 0, int(lens_offset), o_part, lse, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         group, split_len, splits, out, cnt, out.stride(0), out.stride(1),
         D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
@@ -259,14 +262,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                         seq_lens: torch.Tensor, scale: float, lens_offset: int = 0) -> torch.Tensor:
     """Plain-torch reference of `decode_attention` (fp32 math, float64 for float64 inputs)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     out = torch.empty_like(q)
     for b in range(B):
-        L = int(seq_lens[b])
+        L = int(seq_lens[b]) + lens_offset
         k = k_cache[b, :, :L].to(ct).repeat_interleave(Hq // Hkv, dim=0)  # [Hq, L, D]
         v = v_cache[b, :, :L].to(ct).repeat_interleave(Hq // Hkv, dim=0)
         s = torch.einsum("hd,hld->hl", q[b].to(ct), k) * scale
