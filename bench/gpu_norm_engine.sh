@@ -7,6 +7,7 @@
 # F: bench/fused.py, variants fusedlis_ar_only / fusedlis_ar+res+norm_only / fusedlis_ar+triton_res+norm_only /
 #    cublas+nccl+res+norm(torch), the four TP=2 shapes, M in 1,8,32,64,128
 # D: decode 8B TP=2, auto / auto-unfusednorm / nccl / fused, batch 1,8,32,64, context 512,4096, breakdown
+# L: decode 70B TP=2, auto / auto-unfusednorm / nccl, batch 1,8,32,64, context 512,4096, 30 steps
 # U: decode 8B TP=2 auto again with the committed H200 tuning caches merged (FUSEDLIS_TUNING_FILE)
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
 #    its files packed into perfmodel_results.tgz
@@ -42,6 +43,9 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   want F && grep -h -E "M=   1 |M=   8 |M=  64 " "$R/fused_norm.log" | grep -E "tile|only" | cut -c1-80
   want D && TAIL=90 step decode_8b 230 torchrun --nproc-per-node 2 bench/decode.py --out "$R" --models llama-3.1-8b \
     --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --breakdown --tag "$DTAG"
+  want L && TAIL=40 step decode_70b 240 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
+    --models llama-3.1-70b --modes auto,auto-unfusednorm,nccl --batch 1,8,32,64 --context 512,4096 --steps 30 \
+    --tag "${DTAG/8b/70b}"
   if want U; then
     python3 - "$R/tuning_merged.json" <<'PY'
 import json, sys, glob
@@ -64,7 +68,7 @@ PY
       --tag "$DTAG-tuned"
   fi
   if want P; then
-    cp "$R"/decode_tp2_"$DTAG"_*.csv bench/results/ 2>/dev/null
+    cp "$R"/decode_tp2_"$DTAG"_*.csv "$R"/decode_tp2_"${DTAG/8b/70b}"_*.csv bench/results/ 2>/dev/null
     mkdir -p "$R/pm"
     TAIL=60 step perfmodel 300 env OUT="$R/pm" bash bench/gpu_perfmodel.sh
     tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .

@@ -197,6 +197,11 @@ class AllReduce:
         if self.fuses_norm(x):
             return self.device_ar.all_reduce_norm(x, residual, weight, eps, res_out=res_out)
         y = self(x)
+        if y.is_cuda and y.dim() == 2 and y.stride(1) == 1:
+            from fusedlis.triton_kernels import rmsnorm
+
+            normed, h = rmsnorm(y, weight, eps, residual=residual)
+            return normed, (res_out.copy_(h) if res_out is not None else h)
         h = y.float() + residual.float()
         normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
         if res_out is not None:

@@ -471,8 +471,11 @@ def _ll_one_shot_norm_kernel(
                 dst = _ptr(peer_ptrs, node_base + j, data_off, UT)
                 tl.store(dst + (par * G + lr) * cap + idx, e, mask=cm)
     mine = _ptr(peer_ptrs, rank, data_off, UT)
+    # issued before the peers' data is awaited, so their latency hides behind the polling
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     for row in range(r_lo, r_hi):
         idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
+        r = tl.load(res_ptr + idx, mask=cm, other=0.0).to(tl.float32)
         acc = tl.zeros([TILE], dtype=tl.float32)
         for j in tl.static_range(G):
             if j == lr:
@@ -480,7 +483,7 @@ def _ll_one_shot_norm_kernel(
             else:
                 v = _ll_take(mine + (par * G + j) * cap + idx, cm, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
             acc += v.to(tl.float32)
-        h = acc.to(dty).to(tl.float32) + tl.load(res_ptr + idx, mask=cm, other=0.0).to(tl.float32)
+        h = acc.to(dty).to(tl.float32) + r
         h = tl.where(cm, h, 0.0)
         tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=cm)
         ss = tl.sum(h * h, axis=0)
@@ -500,6 +503,5 @@ def _ll_one_shot_norm_kernel(
                 tl.atomic_cas(err_ptr, code * 0, code)
             ss = tl.sum(tl.where(pm, (wv & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0), axis=0)
         rstd = 1.0 / tl.sqrt(ss / H + eps)
-        w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
         tl.store(y_ptr + idx, (h * rstd * w).to(y_ptr.dtype.element_ty), mask=cm)
     _finish(ctr_ptr, seq)

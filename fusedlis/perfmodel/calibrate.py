@@ -434,7 +434,7 @@ def _measure_single_gpu() -> list[dict[str, Any]]:
     t = _time_graph(lambda: torch.add(a, b, out=c), 5)
     rows.append({"kind": "reduce", "bytes": 2 * n, "us": t * 1e6, "GBps": 3 * 2 * n / t / 1e9})
     s_out = torch.empty((), dtype=torch.float32, device="cuda")
-    t = _time_graph(lambda: torch.sum(a, dtype=torch.float32, out=s_out), 5)  # a pure HBM read
+    t = _time_graph(lambda: torch.sum(a, dim=0, dtype=torch.float32, out=s_out), 5)  # a pure HBM read
     rows.append({"kind": "read", "bytes": 2 * n, "us": t * 1e6, "GBps": 2 * n / t / 1e9})
     del a, b, c
     for k, nn in GEMM_SHAPES:
