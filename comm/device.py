@@ -201,7 +201,7 @@ class DeviceAllReduce:
         For the end of a row-parallel layer in decode: x [M, H] is this rank's partial output, residual [M, H]
         the (replicated) residual stream, weight [H] the next RMSNorm's weight. Single node only, M * H within
         `ll_max_elems` (see `supports_norm`). `res_out=residual` updates the residual in place. `tile`: columns
-        per program (a power of two >= 128; None picks 1024-column tiles for small grids, else whole rows)."""
+        per program (a power of two >= 128; None: 1024 below 8 rows, else 512)."""
         if x.dim() != 2 or residual.shape != x.shape or weight.shape != (x.shape[1],):
             raise ValueError(f"all_reduce_norm: x and residual must be [M, H] and weight [H], got "
                              f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
@@ -217,8 +217,9 @@ class DeviceAllReduce:
         elif res_out.shape != x.shape or res_out.dtype != x.dtype or not res_out.is_contiguous():
             raise ValueError("res_out must be a contiguous tensor of x's shape and dtype")
         if tile is None:
-            # Split rows into 1024-column tiles while that keeps the grid small (whole rows per program otherwise)
-            tile = 1024 if M * cdiv(H, 1024) <= 2 * self.max_blocks else triton.next_power_of_2(H)
+            # Fastest of 256..whole-row tiles on 2xH200 for H 4096/8192 (fused_arnorm_tiles_*_run0547): 1024 columns
+            # per program below 8 rows, 512 from 8 rows on.
+            tile = 1024 if M < 8 else 512
         if x.device.type != "cuda":
             # The interpreter runs programs one after another: a row's tiles cannot wait for each other there.
             tile = triton.next_power_of_2(H)
