@@ -56,9 +56,9 @@ for M, pdl in ((1, False), (32, False), (1, True)):
     out[f"linear_M{M}" + ("_pdl" if pdl else "")] = stats(_linear_kernel, types, consts, div, cfg["num_warps"],
                                                           cfg["num_stages"])
 names = _decode_attention_kernel.arg_names
-types = (["*bf16"] * 3 + ["*i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 8 + ["*bf16", "*i32", "i32", "i32"]
+types = (["*bf16"] * 3 + ["*i32", "i32", "i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 8 + ["*bf16", "*i32", "i32", "i32"]
          + ["constexpr"] * 8)
-div = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n == "SPLIT_LEN"]
+div = [n for n in names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_l") or n == "SPLIT_LEN"]
 for fused in (False, True):
     out["attention" + ("_fused_reduce" if fused else "")] = stats(
         _decode_attention_kernel, types, {"D": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": False,
