@@ -122,6 +122,11 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
                         for t in (256, 512, 1024, 2048, 16384):  # columns per program (16384: whole rows)
                             v[f"fusedlis_ar+res+norm_only_tile{t}"] = (
                                 lambda t_: lambda i: dar.all_reduce_norm(yb, res, nw, eps, res_out=outs[0], tile=t_))(t)
+                        for t in (512, 1024):
+                            for w_ in (1, 2, 8):  # the default is 4 warps
+                                v[f"fusedlis_ar+res+norm_only_tile{t}_w{w_}"] = (
+                                    lambda t_, w2: lambda i: dar.all_reduce_norm(yb, res, nw, eps, res_out=outs[0],
+                                                                                 tile=t_, num_warps=w2))(t, w_)
                     from fusedlis.triton_kernels import rmsnorm as fl_rmsnorm
 
                     def fl_ar_then_norm(i):  # what the engine ran before the fusion: all-reduce, then a norm kernel

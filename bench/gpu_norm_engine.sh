@@ -8,6 +8,8 @@
 #    cublas+nccl+res+norm(torch), the four TP=2 shapes, M in 1,8,32,64,128
 # D: decode 8B TP=2, auto / auto-unfusednorm / nccl / fused, batch 1,8,32,64, context 512,4096, breakdown
 # L: decode 70B TP=2, auto / auto-unfusednorm / nccl, batch 1,8,32,64, context 512,4096, 30 steps
+# A: decode 8B TP=2 auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
+#    instead of two; NUM_SPLITS capped at 32) through a tuning cache written here, for an A/B against D
 # U: decode 8B TP=2 auto again with the committed H200 tuning caches merged (FUSEDLIS_TUNING_FILE)
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
 #    its files packed into perfmodel_results.tgz
@@ -46,6 +48,25 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   want L && TAIL=40 step decode_70b 240 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
     --models llama-3.1-70b --modes auto,auto-unfusednorm,nccl --batch 1,8,32,64 --context 512,4096 --steps 30 \
     --tag "${DTAG/8b/70b}"
+  if want A; then
+    python3 - "$R/attn_fused_reduce.json" <<'PY'
+import sys
+import torch
+from fusedlis.tuning.cache import make_entry, merge_entries
+from fusedlis.triton_kernels.decode_attention import decode_attention_default_config, decode_attention_key
+S = 4096 + 3 + 100 + 8  # bench/decode.py's max_seq_len for contexts up to 4096 and 100 steps
+entries = []
+for B in (1, 2, 4, 8, 16, 32, 64):
+    key = decode_attention_key(B, 16, 4, 128, S, torch.bfloat16)
+    cfg = decode_attention_default_config(dict(key, sms=132))
+    cfg = dict(cfg, NUM_SPLITS=min(32, cfg["NUM_SPLITS"]), FUSED_REDUCE=True)
+    entries.append(make_entry("decode_attention", key, cfg, note="A/B: FUSED_REDUCE"))
+print("wrote", merge_entries(entries, sys.argv[1]), [e["config"] for e in entries[:2]])
+PY
+    FUSEDLIS_TUNING_FILE="$R/attn_fused_reduce.json" TAIL=12 step decode_8b_attnfr 120 torchrun --nproc-per-node 2 \
+      bench/decode.py --out "$R" --models llama-3.1-8b --modes auto --batch 1,8,32,64 --context 512,4096 --steps 100 \
+      --tag "$DTAG-attnfr"
+  fi
   if want U; then
     python3 - "$R/tuning_merged.json" <<'PY'
 import json, sys, glob

@@ -195,13 +195,14 @@ class DeviceAllReduce:
 
     def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         out: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
-                        tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        tile: int | None = None, num_warps: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(rmsnorm(allreduce(x) + residual) * weight, allreduce(x) + residual)` in one LL one-shot kernel.
 
         For the end of a row-parallel layer in decode: x [M, H] is this rank's partial output, residual [M, H]
         the (replicated) residual stream, weight [H] the next RMSNorm's weight. Single node only, M * H within
         `ll_max_elems` (see `supports_norm`). `res_out=residual` updates the residual in place. `tile`: columns
-        per program (a power of two >= 128; None: 1024 below 8 rows, else 512)."""
+        per program (a power of two >= 128; None: 1024 below 8 rows, else 512); `num_warps` per program."""
         if x.dim() != 2 or residual.shape != x.shape or weight.shape != (x.shape[1],):
             raise ValueError(f"all_reduce_norm: x and residual must be [M, H] and weight [H], got "
                              f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
@@ -230,7 +231,7 @@ class DeviceAllReduce:
             xf, residual, weight, y, res_out, M, H, float(eps), self.ws.buffer, self.ws.peer_ptrs, self._ctr,
             self.ws.err, self._norm_parts, self.ll_os_off, self.ll_max, self.rank, self.node_base, rows, T,
             self.max_spins, G=self.G, TILE=tile, TP2=triton.next_power_of_2(T),
-            num_warps=min(16, max(4, tile // 1024)))
+            num_warps=num_warps or min(16, max(4, tile // 1024)))
         return y.view(M, H), res_out
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, algorithm: str = "nvrar",
