@@ -240,6 +240,39 @@ def _file_protocol_ll(comments: list[str], fields: list[str]) -> bool:
     return False
 
 
+# bench/decode.py files dated from 2026-11-22T05:38Z (commit f19d74e) ran a decode step whose attention reads the
+# sequence lengths from the positions column; before, the step launched 2 torch kernels per layer for seq_lens
+# (`step.SEQ_LENS_KERNELS_PER_LAYER`). Undated files are older.
+SEQ_LENS_KERNELS_UNTIL = "2026-11-22T05:38"
+
+
+def _file_meta(comments: list[str], key: str) -> str:
+    """`key=value` from a bench/decode.py header comment ('' if absent)."""
+    import re
+
+    for line in comments:
+        m = re.search(rf"\b{key}=(\S+)", line)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def _file_seq_lens_kernels(comments: list[str]) -> int:
+    """Torch kernels per layer the file's engine launched for seq_lens (0 from SEQ_LENS_KERNELS_UNTIL on)."""
+    from fusedlis.perfmodel.step import SEQ_LENS_KERNELS_PER_LAYER
+
+    date = _file_meta(comments, "date")
+    new = "T" in date and date[:len(SEQ_LENS_KERNELS_UNTIL)] >= SEQ_LENS_KERNELS_UNTIL
+    return 0 if new else SEQ_LENS_KERNELS_PER_LAYER
+
+
+def _file_build(comments: list[str]) -> str:
+    """The engine build of a bench/decode.py file: its `fusedlis_commit` when clean ('' when absent or dirty:
+    uncommitted changes need not be the same in two runs)."""
+    c = _file_meta(comments, "fusedlis_commit")
+    return "" if (not c or "dirty" in c) else c
+
+
 def decode_row_algorithm(mode: str, nodes: int, tp: int, hidden: int, batch: int, ll: bool) -> str:
     """The all-reduce algorithm the engine in `mode` ran for one decode step's [batch, hidden] bf16 messages."""
     gpn = max(tp // nodes, 1)
@@ -260,6 +293,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         comments = [ln for ln in text if ln.startswith("#")]
         reader = csv.DictReader([ln for ln in text if not ln.startswith("#")])
         file_ll = _file_protocol_ll(comments, list(reader.fieldnames or []))
+        seq_k, build = _file_seq_lens_kernels(comments), _file_build(comments)
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
             if system not in _DECODE_SYSTEMS:
@@ -278,6 +312,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             proto = (r.get("protocol") or "").strip().lower()
             ll = proto == "ll" if proto in ("ll", "flag") else file_ll
             r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
+            r["_seqk"], r["_build"] = str(seq_k), build
             algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
     return cases
@@ -292,7 +327,7 @@ def _decode_hw(hw: Hardware, tp: int, nodes: int) -> Hardware:
 def _decode_kw(r: dict[str, str], algo: str) -> dict[str, Any]:
     # the engine gathers the logits through NCCL (TorchDistBackend.all_gather) in every all-reduce mode
     return dict(batch=int(r["batch"]), context=float(r["_ctx"]), prefill=False, allreduce=algo,
-                fuse_norm=r.get("_fuse") == "1", allgather="nccl")
+                fuse_norm=r.get("_fuse") == "1", allgather="nccl", extra_layer_kernels=int(r.get("_seqk") or 0))
 
 
 def fit_decode(hw: Hardware, cases: list) -> Hardware:
@@ -317,7 +352,7 @@ def fit_decode(hw: Hardware, cases: list) -> Hardware:
         comm = step_time(shape, lay, h, **kw).comm
         nbytes = step_time(shape, lay, h.with_(hbm_bw=1.0, gemm_row_latency=0.0), **kw).compute
         per_row = step_time(shape, lay, h.with_(hbm_bw=big, gemm_row_latency=1.0), **kw).compute
-        k = kernels_per_step(shape.num_hidden_layers, kw["fuse_norm"] and lay.tp > 1)
+        k = kernels_per_step(shape.num_hidden_layers, kw["fuse_norm"] and lay.tp > 1, kw["extra_layer_kernels"])
         rows.append([k / meas, nbytes / meas, per_row / meas])
         rhs.append((meas - comm) / meas)
     (a, x1, x2), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
@@ -355,17 +390,36 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
             raise SystemExit(f"decode fit needs >= 3 rows with tp={fit_tp}, found {len(fit)}")
         hw = fit_decode(hw, fit)
     per_file: dict[str, Hardware] = {}
+    fit_ids: set[int] = set()  # the cases fitted (per file, or pooled over a build)
     if fit_system is not None:
-        for path in dict.fromkeys(c[0]["_file"] for c in cases):
-            fit = [c for c in cases if c[0]["_file"] == path and c[0]["system"] == fit_system and c[5].tp > 1]
+        def sys_rows(cs: list) -> list:
+            return [c for c in cs if c[0]["system"] == fit_system and c[5].tp > 1]
+
+        paths = list(dict.fromkeys(c[0]["_file"] for c in cases))
+        for path in paths:
+            fit = sys_rows([c for c in cases if c[0]["_file"] == path])
             if len(fit) >= 3:
                 per_file[path] = fit_decode(hw, fit)
+                fit_ids |= {id(c) for c in fit}
+        for path in paths:
+            # too few rows of its own (e.g. a PDL A/B file with one NCCL row): the terms fitted on the same
+            # engine build's rows of that system in the other files of the same model(s), if >= 3; this file's
+            # rows stay held out
+            mine = [c for c in cases if c[0]["_file"] == path]
+            build = mine[0][0]["_build"] if mine else ""
+            if path in per_file or not build:
+                continue
+            models = {c[0]["model"] for c in mine}
+            pool = sys_rows([c for c in cases if c[0]["_file"] != path and c[0]["_build"] == build
+                             and c[0]["model"] in models])
+            if len(pool) >= 3:
+                per_file[path] = fit_decode(hw, pool)
     out = []
     for r, algo, nodes, meas, shape, lay in cases:
         h = per_file.get(r["_file"], hw)
         st = step_time(shape, lay, _decode_hw(h, lay.tp, nodes), **_decode_kw(r, algo))
         if r["_file"] in per_file:
-            role = "fit" if r["system"] == fit_system and lay.tp > 1 else "held-out"
+            role = "fit" if any(id(c) in fit_ids for c in cases if c[0] is r) else "held-out"
         else:
             role = "profile" if fit_tp is None else ("fit" if lay.tp == fit_tp else "held-out")
         out.append({"what": "decode", "impl": r["system"] + (" +norm" if r["_fuse"] == "1" else ""),
@@ -552,20 +606,23 @@ def committed_runs() -> list[list[str]]:
         raw = r / prof.name.replace("calibrated_", "calibrate_raw_").replace(".json", ".csv")
         # the raw measurements refitted by the current code (the JSON holds an older code's fit); that older
         # calibrate measured only 2M and 4M above NCCL's protocol switch, so regimes of 2 sizes are allowed
-        src = (["--raw", rel(raw), "--regime-points", "2"] if raw.is_file() and prof.name.startswith("calibrated_")
-               else ["--profile", rel(prof)])
+        has_ll = raw.is_file() and "_ll," in raw.read_text()
+        # a calibration with LL terms measured 3 MB and 6 MB too: regimes need 3 sizes, as calibrate fits them
+        src = (["--raw", rel(raw)] + ([] if has_ll else ["--regime-points", "2"])
+               if raw.is_file() and prof.name.startswith("calibrated_") else ["--profile", rel(prof)])
         args = [*src, "--out-prefix", rel(r / f"perfmodel_validation_{tag}")]
         # the variants whose algorithms calibrate measured (NCCL and fusedlis' own one-/two-shot kernels in the
         # flag protocol), in the newest run whose auto variant ran those kernels (no LL variants: 0249, measured
         # 7 minutes before the committed calibration; later runs' auto runs the LL kernels calibrate does not time)
         # A calibration that timed the LL kernels (oneshot_ll, ...: `fusedlis calibrate` since the LL terms) is
         # compared with the newest run, LL and auto variants included.
-        has_ll = raw.is_file() and "_ll," in raw.read_text()
         flag_runs = allreduce if has_ll else [p for p in allreduce if "_ll" not in p.read_text()]
         args += (["--allreduce", rel(max(flag_runs, key=lambda p: p.stem.split("_")[2])),
                   "--only", ALLREDUCE_ONLY_LL if has_ll else ALLREDUCE_ONLY_FLAG] if flag_runs else [])
         args += (["--layer", *map(rel, fused)] if fused else [])
-        args += (["--decode", *map(rel, decode), "--decode-fit-tp", "1"] if decode else [])
+        # LL-era calibrations: decode compute terms also per engine build from its NCCL rows (gpu_perfmodel.sh)
+        args += (["--decode", *map(rel, decode), "--decode-fit-tp", "1"]
+                 + (["--decode-fit-system", "fusedlis-nccl"] if has_ll else []) if decode else [])
         if len(args) > len(src) + 2:
             runs.append(args)
     return runs

@@ -295,11 +295,14 @@ def test_validate_decode_rows(tmp_path):
     shape = model_shape("llama-3.1-8b")
     f = tmp_path / "decode_tp2.csv"
     lines = ["# device=fake", "model,tp,system,batch,context,ms_per_token,floor_ms,ratio_to_floor"]
-    # no dated header: the flag protocol; fused -> one-shot (flag); the engine gathers logits through NCCL
+    # no dated header: the flag protocol and an engine with 2 seq_lens kernels per layer; fused -> one-shot
+    # (flag); the engine gathers logits through NCCL
+    from fusedlis.perfmodel.step import SEQ_LENS_KERNELS_PER_LAYER
+
     for system, algo in (("fusedlis-nccl", "nccl"), ("fusedlis-fused", "oneshot"), ("torch-eager-nccl", "nccl")):
         for b in (1, 32):
             t = step_time(shape, Layout(2, 1), hw.with_(gpus_per_node=2), batch=b, context=512, prefill=False,
-                          allreduce=algo, allgather="nccl").total
+                          allreduce=algo, allgather="nccl", extra_layer_kernels=SEQ_LENS_KERNELS_PER_LAYER).total
             lines.append(f"llama-3.1-8b,2,{system},{b},512,{t * 1e3 * 1.25},1,1")
     f.write_text("\n".join(lines) + "\n")
     prefix = str(tmp_path / "d")
@@ -308,6 +311,54 @@ def test_validate_decode_rows(tmp_path):
         rows = list(csv.DictReader(fh))
     assert {r["impl"] for r in rows} == {"fusedlis-nccl", "fusedlis-fused"}  # eager torch is not modelled
     assert all(float(r["rel_err"]) == pytest.approx(1 / 1.25 - 1, abs=1e-3) for r in rows)
+
+
+def _load_validate():
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_seq_lens_kernels_by_file_date():
+    from fusedlis.perfmodel.step import SEQ_LENS_KERNELS_PER_LAYER, kernels_per_step
+
+    mod = _load_validate()
+    assert mod._file_seq_lens_kernels(["# device=x date=2026-11-22T05:45"]) == 0
+    assert mod._file_seq_lens_kernels(["# device=x date=2026-11-22T04:46"]) == SEQ_LENS_KERNELS_PER_LAYER
+    assert mod._file_seq_lens_kernels(["# device=x date=2026-11-22"]) == SEQ_LENS_KERNELS_PER_LAYER
+    assert kernels_per_step(32, extra_layer_kernels=2) == kernels_per_step(32) + 64
+    assert mod._file_build(["# fusedlis_commit=161ef69 date=x"]) == "161ef69"
+    assert mod._file_build(["# fusedlis_commit=f3790f7+dirty date=x"]) == ""
+
+
+def test_decode_fit_system_borrows_same_build_terms(tmp_path):
+    """A file with too few NCCL rows takes the compute terms fitted on the same clean build's NCCL rows of
+    another file of the same model; its own rows stay held out."""
+    from fusedlis.perfmodel.step import step_time
+    from fusedlis.perfmodel.volume import Layout, model_shape
+
+    mod = _load_validate()
+    hw = get_hardware("h200-ndr").with_(kernel_overhead=5e-6)
+    shape = model_shape("llama-3.1-8b")
+    head = "# device=x fusedlis_commit=abc1234 date=2026-11-22T05:50"
+    cols = "model,tp,system,batch,context,ms_per_token,fuse_norm"
+
+    def t(b, algo):
+        return step_time(shape, Layout(2, 1), hw.with_(gpus_per_node=2), batch=b, context=512, prefill=False,
+                         allreduce=algo, allgather="nccl").total * 1e3
+
+    big = [head, cols] + [f"llama-3.1-8b,2,fusedlis-nccl,{b},512,{t(b, 'nccl')},0" for b in (1, 8, 32, 64)]
+    small = [head, cols, f"llama-3.1-8b,2,fusedlis-nccl,1,512,{t(1, 'nccl')},0",
+             f"llama-3.1-8b,2,fusedlis-auto,1,512,{t(1, 'oneshot_ll')},0"]
+    (tmp_path / "a.csv").write_text("\n".join(big) + "\n")
+    (tmp_path / "b.csv").write_text("\n".join(small) + "\n")
+    rows, _ = mod.validate_decode(get_hardware("h200-ndr"), [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+                                  None, "fusedlis-nccl")
+    small_rows = rows[4:]
+    assert [r["role"] for r in rows[:4]] == ["fit"] * 4
+    assert [r["role"] for r in small_rows] == ["held-out", "held-out"]
+    assert all(abs(r["rel_err"]) < 1e-3 for r in small_rows)  # the terms of `hw` recovered from file a
 
 
 def test_gpufacts_allreduce_held_out_sizes_within_15_percent():
@@ -335,7 +386,7 @@ def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
     base = get_hardware("h200-ndr").with_(peak_flops=1e30)
     truth = base.with_(kernel_overhead=7e-6, hbm_bw=4.0e12, gemm_flop_rate=0.0, gemm_row_latency=0.2e-6)
     shape = model_shape("llama-3.1-8b")
-    lines = ["# fake", "model,tp,system,batch,context,ms_per_token"]
+    lines = ["# fake date=2026-11-22T06:00", "model,tp,system,batch,context,ms_per_token"]
     for tp in (1, 2):
         for b in (1, 8, 64):
             for ctx in (512, 4096):

@@ -1,6 +1,7 @@
 """Measure this machine's GPUs and fit a hardware profile (`fusedlis calibrate`).
 
-What is measured (bf16, medians, CUDA graphs to hide launch gaps):
+What is measured (bf16, medians, CUDA graphs to hide launch gaps; collectives timed with bench/allreduce.py's
+method, `fusedlis.perfmodel.timing.time_graph`: 100 calls per graph, median of 30 replays, max over ranks):
 - all-reduce latency over the visible GPUs for each size: NCCL, and fusedlis' own all-reduce
   (`fusedlis.comm.AllReduce`: one-shot and two-shot in the flag and the LL protocol, NVRAR LL on logical nodes
   of one GPU) when it imports and runs, else torch symmetric-memory one-/two-shot;
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedlis.perfmodel import collectives as coll
+from fusedlis.perfmodel import timing
 from fusedlis.perfmodel.hardware import Hardware, Link, get_hardware
 
 # (K, N) per GPU at TP=2, from Llama-3.1-8B and -70B: qkv, o, gate_up, down
@@ -158,38 +160,19 @@ def _nodes(r: dict[str, Any]) -> int:
 
 
 # ---------------------------------------------------------------- measurement (GPU)
-def _time_graph(fn: Any, calls: int, replays: int = 7, before_replay: Any = None) -> float:
-    """Median seconds per call of `fn` captured `calls` times in one CUDA graph.
+def _time_graph(fn: Any, calls: int, replays: int = timing.REPLAYS, before_replay: Any = None,
+                reduce_max: Any = None) -> float:
+    """Median seconds per call of `fn` captured `calls` times in one CUDA graph (`timing.time_graph`, the
+    method of bench/allreduce.py). `before_replay` (e.g. a barrier) runs before each timed replay so that ranks
+    start together; `reduce_max` (e.g. `timing.max_over_ranks`) makes every rank return the slowest rank's time."""
+    return timing.time_graph(fn, calls, replays, barrier=before_replay, reduce_max=reduce_max)
 
-    `before_replay` (e.g. a barrier) runs before each timed replay so that ranks start together.
-    """
-    import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if before_replay is not None:
-            before_replay()
-            torch.cuda.synchronize()
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / calls)
-    return statistics.median(times)
+def _time_collective(fn: Any, calls: int, replays: int = timing.REPLAYS) -> float:
+    """A collective timed as bench/allreduce.py times it: barrier before each replay, max over ranks."""
+    import torch.distributed as dist
+
+    return _time_graph(fn, calls, replays, before_replay=dist.barrier, reduce_max=timing.max_over_ranks)
 
 
 def _custom_allreduces(max_bytes: int) -> tuple[str, dict[str, tuple[Any, int, int]], Any]:
@@ -299,8 +282,19 @@ def _nccl_allreduce() -> tuple[str, Any]:
         return "torch-nccl", lambda x: dist.all_reduce(x)
 
 
-def _measure_allreduces(world: int, sizes: list[int], iters: int) -> list[dict[str, Any]]:
-    """Every all-reduce and GEMM + all-reduce row, on an initialised NCCL process group (all ranks call it)."""
+def _allreduce_schedule(sizes: list[int], impls: list[tuple[str, str, int, int]]) -> list[tuple[int, str, str, int]]:
+    """The order in which all-reduces are timed: bench/allreduce.py's, every implementation at one size before
+    the next size (NCCL first). `impls`: (impl, algo, max bytes, nodes); returns (bytes, impl, algo, nodes)."""
+    return [(m, impl, algo, nodes) for m in sizes for impl, algo, max_m, nodes in impls if m <= max_m]
+
+
+def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
+                        replays: int = timing.REPLAYS) -> list[dict[str, Any]]:
+    """Every all-reduce and GEMM + all-reduce row, on an initialised NCCL process group (all ranks call it).
+
+    Timed like bench/allreduce.py (`timing.time_graph`: `iters` calls per graph, `replays` replays after a
+    barrier each, median, maximum over ranks; clocks warmed first; fusedlis' communicators built before NCCL is
+    timed; sizes outer, implementations inner), so that the profile and that bench measure the same thing."""
     import torch
     import torch.distributed as dist
 
@@ -310,35 +304,37 @@ def _measure_allreduces(world: int, sizes: list[int], iters: int) -> list[dict[s
     torch.cuda.synchronize()
     nccl_label, nccl_fn = _nccl_allreduce()
     rows.append({"kind": "note", "impl": nccl_label})
-    for m in sizes:
-        x = x0[: m // 2]
-        t = _time_graph(lambda: nccl_fn(x), iters, before_replay=dist.barrier)
-        rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m, "us": t * 1e6})
-        dist.barrier()
     label, fns, ar = _custom_allreduces(max(sizes))
     rows.append({"kind": "note", "impl": label})
+    rows.append({"kind": "note", "impl": f"timing: {iters} calls per CUDA graph, median of {replays} replays "
+                                         "(barrier before each), max over ranks (bench/allreduce.py's method)"})
     impl = label.split(" ", 1)[0]
-    for algo, (fn, max_m, nodes) in fns.items():
-        for m in sizes:
-            if m > max_m:
-                continue
-            x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
-            out = torch.empty_like(x)
-            t = _time_graph(lambda: fn(x, out), iters, before_replay=dist.barrier)
-            rows.append({"kind": "allreduce", "impl": impl, "algo": algo, "gpus": world, "nodes": nodes, "bytes": m,
+    timing.warm_clocks()
+    impls = [("nccl", "ring", max(sizes), 1)] + [(impl, algo, max_m, nodes) for algo, (_, max_m, nodes) in fns.items()]
+    for m, im, algo, nodes in _allreduce_schedule(sizes, impls):
+        x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
+        if im == "nccl":
+            t = _time_collective(lambda: nccl_fn(x), iters, replays)
+            rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m,
                          "us": t * 1e6})
-            dist.barrier()
+        else:
+            out = torch.empty_like(x)
+            fn = fns[algo][0]
+            t = _time_collective(lambda: fn(x, out), iters, replays)  # noqa: B023 - used before the next loop
+            rows.append({"kind": "allreduce", "impl": im, "algo": algo, "gpus": world, "nodes": nodes, "bytes": m,
+                         "us": t * 1e6})
+        dist.barrier()
     one_node = {algo: fn for algo, (fn, _, nodes) in fns.items() if nodes == 1}
-    rows += _measure_layers(world, iters, one_node, impl, nccl_fn)
+    rows += _measure_layers(world, iters, one_node, impl, nccl_fn, replays)
     if ar is not None:
-        rows += _measure_norm(ar, world, iters, impl)
+        rows += _measure_norm(ar, world, iters, impl, replays)
     return rows
 
 
 NORM_SHAPES = [(m, h) for h in (4096, 8192) for m in (1, 8, 32, 64)]  # decode rows x hidden (Llama 8B / 70B)
 
 
-def _measure_norm(ar: Any, world: int, iters: int, impl: str) -> list[dict[str, Any]]:
+def _measure_norm(ar: Any, world: int, iters: int, impl: str, replays: int = timing.REPLAYS) -> list[dict[str, Any]]:
     """All-reduce + residual + RMSNorm in one kernel (`all_reduce_norm`) and the one-shot LL all-reduce alone on
     the same rows [M, H]; shapes the kernel does not support are skipped, any failure ends the measurement."""
     import torch
@@ -356,10 +352,10 @@ def _measure_norm(ar: Any, world: int, iters: int, impl: str) -> list[dict[str, 
             res = torch.randn_like(x)
             w = torch.randn(h, dtype=torch.bfloat16, device="cuda")
             out, res_out = torch.empty_like(x), torch.empty_like(x)
-            t_norm = _time_graph(lambda: dev.all_reduce_norm(x, res, w, 1e-5, out=out, res_out=res_out), iters,
-                                 before_replay=dist.barrier)
+            t_norm = _time_collective(lambda: dev.all_reduce_norm(x, res, w, 1e-5, out=out, res_out=res_out),
+                                      iters, replays)
             dist.barrier()
-            t_ar = _time_graph(lambda: dev(x, out=out, algorithm="one_shot_ll"), iters, before_replay=dist.barrier)
+            t_ar = _time_collective(lambda: dev(x, out=out, algorithm="one_shot_ll"), iters, replays)
             dist.barrier()
             rows.append({"kind": "allreduce_norm", "impl": impl, "algo": "oneshot_ll", "gpus": world, "M": m, "N": h,
                          "bytes": m * h * 2, "us": t_norm * 1e6, "base_us": t_ar * 1e6})
@@ -368,7 +364,8 @@ def _measure_norm(ar: Any, world: int, iters: int, impl: str) -> list[dict[str, 
     return rows
 
 
-def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outdir: str) -> None:
+def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outdir: str,
+            replays: int = timing.REPLAYS) -> None:
     import json
 
     import torch
@@ -377,7 +374,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))
-    rows = _measure_allreduces(world, sizes, iters)
+    rows = _measure_allreduces(world, sizes, iters, replays)
     if rank == 0:
         Path(outdir, "rank0.json").write_text(json.dumps(rows))
     dist.barrier()
@@ -387,7 +384,8 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, outd
 LAYER_SHAPES = [(2048, 4096), (7168, 4096)]  # Llama-3.1-8B o_proj and down_proj at TP=2
 
 
-def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str, nccl_fn: Any) -> list[dict[str, Any]]:
+def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str, nccl_fn: Any,
+                    replays: int = timing.REPLAYS) -> list[dict[str, Any]]:
     """GEMM alone and GEMM followed by each all-reduce in one graph (M=1, weights rotated past L2)."""
     import torch
     import torch.distributed as dist
@@ -412,7 +410,7 @@ def _measure_layers(world: int, iters: int, fns: dict[str, Any], impl: str, nccl
                 if ar is not None:
                     ar()
 
-            times[key] = _time_graph(step, calls, before_replay=dist.barrier)
+            times[key] = _time_collective(step, calls, replays)
             dist.barrier()
         for (im, algo), t in times.items():
             if im != "gemm":
@@ -470,7 +468,8 @@ def _launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
 
 
-def measure(sizes: list[int], iters: int = 50, gpus: int | None = None) -> list[dict[str, Any]] | None:
+def measure(sizes: list[int], iters: int = timing.CALLS, gpus: int | None = None,
+            replays: int = timing.REPLAYS) -> list[dict[str, Any]] | None:
     """Run every measurement on the visible GPUs; returns raw rows (dicts with 'kind').
 
     Alone it starts one process per GPU itself; under `torchrun --nproc-per-node N` it uses the N ranks and
@@ -492,7 +491,7 @@ def measure(sizes: list[int], iters: int = 50, gpus: int | None = None) -> list[
         torch.cuda.set_device(local)
         if not dist.is_initialized():
             dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        ar_rows = _measure_allreduces(n, sizes, iters)
+        ar_rows = _measure_allreduces(n, sizes, iters, replays)
         dist.barrier()
         if rank != 0:
             return None
@@ -505,7 +504,7 @@ def measure(sizes: list[int], iters: int = 50, gpus: int | None = None) -> list[
             import torch.multiprocessing as mp
 
             with tempfile.TemporaryDirectory() as d:
-                mp.spawn(_worker, args=(n, _free_port(), sizes, iters, d), nprocs=n, join=True)
+                mp.spawn(_worker, args=(n, _free_port(), sizes, iters, d, replays), nprocs=n, join=True)
                 ar_rows = json.loads(Path(d, "rank0.json").read_text())
     rows = [{"kind": "device", "name": torch.cuda.get_device_name(), "gpus": n,
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
@@ -537,6 +536,7 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_re
     else:
         notes = [f"fitted from measurement files (bench/validate_perfmodel.py); inter-node and unmeasured "
                  f"fields from {base.name}"]
+    notes += [str(r["impl"]) for r in rows if r.get("kind") == "note" and str(r.get("impl", "")).startswith("timing:")]
     if reduces:
         g = statistics.median(float(r["us"]) * 1e-6 / float(r["bytes"]) for r in reduces)
         hw = hw.with_(gamma=g)
@@ -618,14 +618,14 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_re
     return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
 
 
-def calibrate(base: str = "h200-ndr", sizes: list[int] | None = None, iters: int = 50,
-              gpus: int | None = None) -> tuple[Hardware, list[dict[str, Any]]] | None:
+def calibrate(base: str = "h200-ndr", sizes: list[int] | None = None, iters: int = timing.CALLS,
+              gpus: int | None = None, replays: int = timing.REPLAYS) -> tuple[Hardware, list[dict[str, Any]]] | None:
     """Measure, then fit: returns (profile, raw rows), or None on the non-zero ranks of a torchrun launch.
     `gpus_per_node` stays the base profile's."""
     sizes = sizes or [8192 << i for i in range(10)]
     if any(m % 2 for m in sizes):
         raise ValueError("all-reduce sizes must be even (bf16 elements)")
-    rows = measure(sizes, iters, gpus)
+    rows = measure(sizes, iters, gpus, replays)
     if rows is None:
         return None
     hw = profile_from_measurements(rows, get_hardware(base))

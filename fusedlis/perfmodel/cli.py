@@ -206,7 +206,10 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--base", default="h200-ndr", help="profile supplying unmeasured fields (default h200-ndr)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"all-reduce sizes in bytes (default {DEFAULT_SIZES})")
-    p.add_argument("--iters", type=int, default=50, help="calls per timing (default 50)")
+    p.add_argument("--iters", type=int, default=100,
+                   help="calls captured per CUDA graph (default 100, as bench/allreduce.py --calls)")
+    p.add_argument("--replays", type=int, default=30,
+                   help="timed graph replays, median taken (default 30, as bench/allreduce.py --replays)")
     p.add_argument("--raw", default=None, metavar="CSV", help="also write every raw measurement to this CSV")
     p.set_defaults(func=run_calibrate)
     return p
@@ -221,7 +224,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError("--sizes is empty")
     if args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
-    result = calibrate(base=args.base, sizes=sizes, iters=args.iters, gpus=args.gpus)
+    replays = getattr(args, "replays", 30)
+    if replays < 1:
+        raise ValueError(f"--replays must be >= 1, got {replays}")
+    result = calibrate(base=args.base, sizes=sizes, iters=args.iters, gpus=args.gpus, replays=replays)
     if result is None:  # a non-zero torchrun rank: rank 0 writes the files
         return 0
     hw, raw = result

@@ -21,8 +21,13 @@ from fusedlis.perfmodel import collectives as coll
 from fusedlis.perfmodel.hardware import Hardware
 from fusedlis.perfmodel.volume import Layout, ModelShape, Volume, step_volume
 
-# rmsnorm, qkv GEMM, rope+cache write, attention, o GEMM (+all-reduce), rmsnorm, gate_up+SwiGLU, down (+AR)
-KERNELS_PER_LAYER = 8
+# rmsnorm, qkv GEMM, rope+cache write, attention (split over the context) + its reduce, o GEMM (+all-reduce),
+# rmsnorm, gate_up+SwiGLU, down (+AR): what the fusedlis engine launches per layer in a decode step (per-kernel
+# profile of bench/decode.py --breakdown, 2xH200 run 05:47: _decode_attention_kernel and
+# _decode_attention_reduce_kernel once per layer each)
+KERNELS_PER_LAYER = 9
+# engine builds before 2026-11-22T05:38 (f19d74e) also ran 2 torch kernels per layer for the sequence lengths
+SEQ_LENS_KERNELS_PER_LAYER = 2
 # embedding, final rmsnorm, lm_head GEMM, sampling
 KERNELS_PER_STEP = 4
 # row-parallel all-reduces per layer (after o_proj and down_proj); each is followed by a residual add + RMSNorm
@@ -30,10 +35,11 @@ KERNELS_PER_STEP = 4
 FUSED_NORMS_PER_LAYER = 2
 
 
-def kernels_per_step(num_layers: int, fuse_norm: bool = False) -> int:
-    """Kernel launches of one forward step outside communication: 8 per layer + 4, minus one RMSNorm per fused
-    all-reduce (2 per layer) when `fuse_norm`."""
-    per_layer = KERNELS_PER_LAYER - (FUSED_NORMS_PER_LAYER if fuse_norm else 0)
+def kernels_per_step(num_layers: int, fuse_norm: bool = False, extra_layer_kernels: int = 0) -> int:
+    """Kernel launches of one forward step outside communication: 9 per layer + 4, minus one RMSNorm per fused
+    all-reduce (2 per layer) when `fuse_norm`, plus `extra_layer_kernels` per layer (e.g. an older engine's
+    SEQ_LENS_KERNELS_PER_LAYER)."""
+    per_layer = KERNELS_PER_LAYER - (FUSED_NORMS_PER_LAYER if fuse_norm else 0) + extra_layer_kernels
     return num_layers * per_layer + KERNELS_PER_STEP
 
 
@@ -107,7 +113,7 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
 
 def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, context: float, prefill: bool,
               allreduce: str = "nccl", dtype_bytes: int = 2, fuse_norm: bool = False,
-              allgather: str | None = None) -> StepTime:
+              allgather: str | None = None, extra_layer_kernels: int = 0) -> StepTime:
     """One forward step: decode (1 new token per sequence, `context` cached) or prefill (`context` prompt tokens).
 
     `allreduce` names the TP all-reduce algorithm (`collectives.ALGORITHMS`); stage boundaries use NCCL
@@ -116,6 +122,8 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     `fuse_norm` (TP > 1 only): each row-parallel all-reduce (2 per layer) runs fused with the residual add and
     the following RMSNorm in one kernel (AllReduce.all_reduce_norm): those 2L RMSNorm kernels (launch and bytes)
     disappear and each fused all-reduce costs the all-reduce plus `hw.ar_norm_row_latency` per row.
+    `extra_layer_kernels`: launches per layer beyond `KERNELS_PER_LAYER` with no bytes worth counting (an older
+    engine's seq_lens updates: SEQ_LENS_KERNELS_PER_LAYER); each costs `hw.kernel_overhead`.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -136,7 +144,7 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     emb = _kernel(hw, tokens * h * b * 2, 0)
     head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h, True, batch)
     st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
-    st.overhead = hw.kernel_overhead * kernels_per_step(L, fuse)
+    st.overhead = hw.kernel_overhead * kernels_per_step(L, fuse, extra_layer_kernels)
 
     if tp > 1:
         ag_algo = coll.resolve(allgather) if allgather else algo
