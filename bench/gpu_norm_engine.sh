@@ -8,7 +8,8 @@
 #    cublas+nccl+res+norm(torch), the four TP=2 shapes, M in 1,8,32,64,128
 # D: decode 8B TP=2, auto / auto-unfusednorm / nccl / fused, batch 1,8,32,64, context 512,4096, breakdown
 # L: decode 70B TP=2, auto / auto-unfusednorm / nccl, batch 1,8,32,64, context 512,4096, 30 steps
-# A: decode 8B TP=2 auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
+# K: bench/kernels.py --parts swiglu on GPU 0 (gate_up + SwiGLU: as dispatched, cuBLAS + silu*mul, swept configs)
+# A: decode 8B TP=2 auto, then auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
 #    instead of two; NUM_SPLITS capped at 32) through a tuning cache written here, for an A/B against D
 # U: decode 8B TP=2 auto again with the committed H200 tuning caches merged (FUSEDLIS_TUNING_FILE)
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
@@ -39,6 +40,8 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
       .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
   fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  want K && TAIL=20 step kernels_swiglu 200 env CUDA_VISIBLE_DEVICES=0 python3 bench/kernels.py --out "$R" \
+    --parts swiglu --models 8b,70b --ms 1,8,32,64 --reps 10
   want T && step comm_norm 150 torchrun --nproc-per-node 2 tests/test_comm_gpu.py --only norm --replays 10000
   want F && TAIL=30 step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \
     --variants 'fusedlis_ar_only,fusedlis_ar+res+norm_only*,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm(torch)'
@@ -63,6 +66,9 @@ for B in (1, 2, 4, 8, 16, 32, 64):
     entries.append(make_entry("decode_attention", key, cfg, note="A/B: FUSED_REDUCE"))
 print("wrote", merge_entries(entries, sys.argv[1]), [e["config"] for e in entries[:2]])
 PY
+    TAIL=12 step decode_8b_attnbase 120 torchrun --nproc-per-node 2 \
+      bench/decode.py --out "$R" --models llama-3.1-8b --modes auto --batch 1,8,32,64 --context 512,4096 --steps 100 \
+      --tag "$DTAG-attnbase"
     FUSEDLIS_TUNING_FILE="$R/attn_fused_reduce.json" TAIL=12 step decode_8b_attnfr 120 torchrun --nproc-per-node 2 \
       bench/decode.py --out "$R" --models llama-3.1-8b --modes auto --batch 1,8,32,64 --context 512,4096 --steps 100 \
       --tag "$DTAG-attnfr"
@@ -91,7 +97,7 @@ PY
   if want P; then
     cp "$R"/decode_tp2_"$DTAG"_*.csv "$R"/decode_tp2_"${DTAG/8b/70b}"_*.csv bench/results/ 2>/dev/null
     mkdir -p "$R/pm"
-    TAIL=60 step perfmodel 300 env OUT="$R/pm" bash bench/gpu_perfmodel.sh
+    TAIL=60 step perfmodel 300 env OUT="$R/pm" PERFMODEL_GPU_ONLY=${PERFMODEL_GPU_ONLY:-0} bash bench/gpu_perfmodel.sh
     tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .
   fi
   want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py

@@ -131,7 +131,7 @@ def test_measured_table_lookup_and_configs_run(monkeypatch):
     assert lin.measured_config(1, 4096, 7168, torch.bfloat16, None, torch.device("cpu")) is None
     assert lin.measured_config(1, 123, 7168, torch.bfloat16, None, cuda) is None
     # Every distinct Triton config in the table is valid for the launcher (run on a small fp32 problem).
-    cfgs = {tuple(sorted(c.items())) for (dev, n, k), v in lin._MEASURED.items() for _, c in v}
+    cfgs = {tuple(sorted(c.items())) for v in lin._MEASURED.values() for _, c in v}
     assert any(dict(c).get("backend") == "torch" for c in cfgs)
     for c in cfgs:
         c = dict(c)
@@ -161,3 +161,25 @@ def test_split_k_counters_reset_after_each_call():
         assert lin._WORKSPACE
         for _, cnt in lin._WORKSPACE.values():
             assert int(cnt.abs().sum()) == 0
+
+
+def test_measured_swiglu_entry_wins_over_halved_plain_entry(monkeypatch):
+    lin = importlib.import_module("fusedlis.triton_kernels.linear")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    plain = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}
+    monkeypatch.setattr(lin, "_MEASURED", {("GPU X", 512, 256, "none"): [(8, plain), (32, plain)],
+                                           ("GPU X", 512, 256, "swiglu"): [(32, {"backend": "torch"})]})
+    cuda = torch.device("cuda", 0)
+    assert lin.measured_config(16, 512, 256, torch.bfloat16, "swiglu", cuda) == {"backend": "torch"}
+    assert lin.measured_config(64, 512, 256, torch.bfloat16, "swiglu", cuda) is None  # beyond both tables
+    assert lin.measured_config(16, 512, 256, torch.bfloat16, None, cuda) == plain
+
+
+def test_linear_torch_backend_swiglu_matches_reference():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(5, 48, generator=g)
+    w = torch.randn(2 * 40, 48, generator=g)
+    out = torch.full((5, 40), float("nan"))
+    y = linear(x, w, activation="swiglu", config={"backend": "torch"}, out=out)
+    ref = linear_ref(x.double(), w.double(), activation="swiglu")
+    assert y is out and ((y.double() - ref).norm() / ref.norm()).item() < 1e-5

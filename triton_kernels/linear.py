@@ -217,9 +217,10 @@ def measured_config(M: int, N: int, K: int, dtype: torch.dtype, activation: str 
     """Config measured fastest on this GPU model for (N, K) at the smallest measured M >= `M`, from
     `linear_measured.json` (bench/kernels.py output; `{"backend": "torch"}` where cuBLAS won).
 
-    Only bf16 on a CUDA device whose name is in the table; None otherwise. SwiGLU (not measured itself)
-    reuses the plain GEMM's entry for the merged weight with BLOCK_N halved (a program streams gate and
-    up rows, so the bytes per stage stay the same), and never dispatches to cuBLAS.
+    Only bf16 on a CUDA device whose name is in the table; None otherwise. SwiGLU uses its own entries
+    (`activation=swiglu`, measured with the epilogue; `{"backend": "torch"}` = cuBLAS then silu * up) where the
+    table has them, else the plain GEMM's entry for the merged weight with BLOCK_N halved (a program streams
+    gate and up rows, so the bytes per stage stay the same), never cuBLAS.
     """
     global _MEASURED
     if device.type != "cuda" or dtype != torch.bfloat16 or activation not in (None, "swiglu"):
@@ -237,11 +238,17 @@ def measured_config(M: int, N: int, K: int, dtype: torch.dtype, activation: str 
                 continue
             for kstr, cfg in table.items():
                 f = dict(kv.split("=") for kv in kstr.split(","))
-                if f.get("activation") == "none" and f.get("dtype") == "bfloat16":
-                    _MEASURED.setdefault((dev, int(f["N"]), int(f["K"])), []).append((int(f["M"]), cfg))
+                if f.get("activation") in ("none", "swiglu") and f.get("dtype") == "bfloat16":
+                    _MEASURED.setdefault((dev, int(f["N"]), int(f["K"]), f["activation"]), []).append(
+                        (int(f["M"]), cfg))
         for v in _MEASURED.values():
             v.sort(key=lambda mc: mc[0])
-    entries = _MEASURED.get((torch.cuda.get_device_name(device), N, K))
+    name = torch.cuda.get_device_name(device)
+    if activation == "swiglu":  # an entry measured with the SwiGLU epilogue itself wins (cuBLAS allowed)
+        for m, cfg in _MEASURED.get((name, N, K, "swiglu"), ()):
+            if m >= M:
+                return dict(cfg)
+    entries = _MEASURED.get((name, N, K, "none"))
     if not entries:
         return None
     for m, cfg in entries:
