@@ -11,6 +11,9 @@
 # K: bench/kernels.py --parts swiglu on GPU 0 (gate_up + SwiGLU: as dispatched, cuBLAS + silu*mul, swept configs)
 # A: decode 8B TP=2 auto, then auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
 #    instead of two; NUM_SPLITS capped at 32) through a tuning cache written here, for an A/B against D
+# R: bench/allreduce.py on this machine (copied into bench/results so part P validates against it)
+# B: per-kernel breakdown (torch profiler) of 8B TP=2 batch 1 context 512 in its own process, because profiling
+#    first slowed the later timings of the same process (run 05:47 vs 06:08); D and L time without it
 # U: decode 8B TP=2 auto again with the committed H200 tuning caches merged (FUSEDLIS_TUNING_FILE)
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
 #    its files packed into perfmodel_results.tgz
@@ -47,7 +50,7 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
     --variants 'fusedlis_ar_only,fusedlis_ar+res+norm_only*,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm(torch)'
   want F && grep -h -E "M=   1 |M=   8 |M=  64 " "$R/fused_norm.log" | grep -E "tile|only" | cut -c1-80
   want D && TAIL=90 step decode_8b 230 torchrun --nproc-per-node 2 bench/decode.py --out "$R" --models llama-3.1-8b \
-    --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --breakdown --tag "$DTAG"
+    --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --tag "$DTAG"
   want L && TAIL=40 step decode_70b 240 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
     --models llama-3.1-70b --modes auto,auto-unfusednorm,nccl --batch 1,8,32,64 --context 512,4096 --steps 30 \
     --tag "${DTAG/8b/70b}"
@@ -94,6 +97,10 @@ PY
       bench/decode.py --out "$R" --models llama-3.1-8b --modes auto --batch 1,8,32,64 --context 512,4096 --steps 100 \
       --tag "$DTAG-tuned"
   fi
+  if want R; then
+    TAIL=25 step allreduce_bench 150 torchrun --nproc-per-node 2 bench/allreduce.py --out "$R"
+    cp "$R"/allreduce_*.csv bench/results/ 2>/dev/null
+  fi
   if want P; then
     cp "$R"/decode_tp2_"$DTAG"_*.csv "$R"/decode_tp2_"${DTAG/8b/70b}"_*.csv bench/results/ 2>/dev/null
     mkdir -p "$R/pm"
@@ -101,6 +108,8 @@ PY
     tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .
   fi
   want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
+  want B && TAIL=60 step breakdown_8b 120 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
+    --models llama-3.1-8b --modes auto,nccl,fused --batch 1 --context 512 --steps 30 --breakdown --tag "$DTAG-profiled"
   echo "== total $(( $(date +%s) - START )) s"
 } 2>&1 | tee "$LOG"
 cp "$R"/fused_*_summary.txt "$OUTD/" 2>/dev/null
