@@ -32,7 +32,10 @@ Modes:
   fits them per file on its NCCL rows and holds out the file's other all-reduce modes.
 With `--fit-from` or `--decode-fit-tp` the fitted profile is written to `<out-prefix>_profile.json`.
 Rows whose relative error exceeds `--tolerance` (default 0.15) are marked FAIL; the exit code is 0 either way
-unless --strict.
+unless --strict. The .md ends with counts per kind of row and per decode file (the .csv's `source` column); a
+decode file with a `decode_breakdown_` twin was timed after a profiler breakdown in the same process and is
+marked `[profiled]`. `--all` compares a calibration named `..._<date>_run<HHMM>` with the newest
+bench/allreduce.py run measured at or before it (run 0614: the same machine, minutes before calibrating).
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                     if "x" not in dev or not dev.split("x", 1)[0].isdigit():
                         raise SystemExit(f"{path}: no gpus/world_size column and no device like '2xH200'")
                     gpus = dev.split("x", 1)[0]
-                ars.append({"impl": impl, "variant": impl, "algo": coll.resolve(algo), "gpus": int(gpus),
+                ars.append({"source": Path(path).stem, "impl": impl, "variant": impl, "algo": coll.resolve(algo),
+                            "gpus": int(gpus),
                             "nodes": int(_get(r, "nodes", path, required=False) or logical),
                             "bytes": parse_size(_get(r, "bytes", path)), "us": float(_get(r, "us", path))})
     # calibrate --raw names an implementation once for all its algorithms ("fusedlis": oneshot and twoshot)
@@ -192,7 +196,8 @@ def validate_allreduce(hw: Hardware, rows: list[dict[str, Any]], fit_sizes: set[
             a, b = h.intra.params(r["algo"])
             out.append({"what": "allreduce", "impl": impl, "model": r["algo"], "gpus": r["gpus"],
                         "case": f"{r['bytes']}", "measured_us": r["us"], "predicted_us": pred,
-                        "rel_err": pred / r["us"] - 1, "role": role, "alpha_us": a * 1e6, "GBps": 1e-9 / b})
+                        "rel_err": pred / r["us"] - 1, "role": role, "alpha_us": a * 1e6, "GBps": 1e-9 / b,
+                        "source": r.get("source", "")})
     return out
 
 
@@ -273,6 +278,18 @@ def _file_build(comments: list[str]) -> str:
     return "" if (not c or "dirty" in c) else c
 
 
+def _file_profiled(path: str) -> bool:
+    """True if a bench/decode.py file was timed after a torch-profiler breakdown in the same process.
+
+    `bench/decode.py --breakdown` writes `decode_breakdown_<rest>` next to `decode_<rest>` (same tp, tag, device
+    and date) and, up to commit a9e36e8, timed the steps in the process the profiler had run in. On 2xH200 (run
+    06:12-06:16) such timings were up to several percent slower than a profiler-free process of the same build;
+    they are flagged, not corrected.
+    """
+    p = Path(path)
+    return p.name.startswith("decode_") and (p.parent / p.name.replace("decode_", "decode_breakdown_", 1)).is_file()
+
+
 def decode_row_algorithm(mode: str, nodes: int, tp: int, hidden: int, batch: int, ll: bool) -> str:
     """The all-reduce algorithm the engine in `mode` ran for one decode step's [batch, hidden] bf16 messages."""
     gpn = max(tp // nodes, 1)
@@ -294,6 +311,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         reader = csv.DictReader([ln for ln in text if not ln.startswith("#")])
         file_ll = _file_protocol_ll(comments, list(reader.fieldnames or []))
         seq_k, build = _file_seq_lens_kernels(comments), _file_build(comments)
+        profiled = _file_profiled(path)
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
             if system not in _DECODE_SYSTEMS:
@@ -312,7 +330,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             proto = (r.get("protocol") or "").strip().lower()
             ll = proto == "ll" if proto in ("ll", "flag") else file_ll
             r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
-            r["_seqk"], r["_build"] = str(seq_k), build
+            r["_seqk"], r["_build"], r["_profiled"] = str(seq_k), build, str(int(profiled))
             algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
     return cases
@@ -426,7 +444,8 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
                     "model": algo if lay.tp > 1 else "-", "gpus": lay.tp,
                     "case": f"{r['model']} tp{lay.tp} b{r['batch']} ctx{float(r['_ctx']):g}",
                     "measured_us": meas * 1e6, "predicted_us": st.total * 1e6, "rel_err": st.total / meas - 1,
-                    "role": role, "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}"})
+                    "role": role, "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}",
+                    "source": Path(r["_file"]).stem + (" [profiled]" if r["_profiled"] == "1" else "")})
     return out, hw
 
 
@@ -490,9 +509,34 @@ def validate_layer(hw: Hardware, paths: list[str], fit_m: int | None,
     return out, hw
 
 
+def summary_lines(rows: list[dict[str, Any]], tol: float) -> list[str]:
+    """Counts per kind of row and role, and per decode file (`[profiled]`: timed after a profiler breakdown in
+    the same process, see `_file_profiled`), each with its misses."""
+    def line(label: str, sel: list[dict[str, Any]]) -> str:
+        bad = [r for r in sel if abs(r["rel_err"]) > tol]
+        worst = max(sel, key=lambda r: abs(r["rel_err"]))
+        miss = "; ".join(f"{r['impl']} {r['case']} {r['rel_err']:+.1%}" for r in bad)
+        return (f"- {label}: {len(sel) - len(bad)}/{len(sel)} within {tol:.0%}, worst {worst['rel_err']:+.1%}"
+                + (f" (misses: {miss})" if bad else ""))
+
+    out = ["", "By kind of row (all-reduce, layer, decode) and decode file:", ""]
+    for what in dict.fromkeys(r["what"] for r in rows):
+        for role in ("held-out", "profile", "fit"):
+            sel = [r for r in rows if r["what"] == what and r["role"] == role]
+            if sel:
+                out.append(line(f"{what} {role}", sel))
+    dec = [r for r in rows if r["what"] == "decode"]
+    for src in dict.fromkeys(r.get("source", "") for r in dec):
+        for role in ("held-out", "profile", "fit"):
+            sel = [r for r in dec if r.get("source", "") == src and r["role"] == role]
+            if sel:
+                out.append(line(f"decode {role}, {src}", sel))
+    return out
+
+
 def write_outputs(rows: list[dict[str, Any]], prefix: str, tol: float, header: list[str]) -> None:
     fields = ["what", "impl", "model", "gpus", "case", "role", "measured_us", "predicted_us", "rel_err",
-              "alpha_us", "GBps"]
+              "alpha_us", "GBps", "source"]
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -512,6 +556,7 @@ def write_outputs(rows: list[dict[str, Any]], prefix: str, tol: float, header: l
             worst = max(abs(r["rel_err"]) for r in sel)
             n_ok = sum(abs(r["rel_err"]) <= tol for r in sel)
             lines.append(f"- {role}: {n_ok}/{len(sel)} within {tol:.0%}, worst |error| {worst:.1%}")
+    lines += summary_lines(rows, tol)
     Path(prefix + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -577,6 +622,22 @@ ALLREDUCE_ONLY_FLAG = "nccl,fusedlis_one_shot,fusedlis_two_shot,fusedlis_auto"
 ALLREDUCE_ONLY_LL = ALLREDUCE_ONLY_FLAG + ",fusedlis_one_shot_ll,fusedlis_two_shot_ll,fusedlis_nvrar_2x1_ll,fusedlis_auto_2x1"
 
 
+def _profile_time(prof: Path) -> str | None:
+    """'YYYYMMDD-HHMM' of a profile named `..._<YYYY-MM-DD>_run<HHMM>.json`, else None."""
+    import re
+
+    m = re.search(r"_(\d{4})-(\d\d)-(\d\d)_run(\d{4})$", prof.stem)
+    return f"{m.group(1)}{m.group(2)}{m.group(3)}-{m.group(4)}" if m else None
+
+
+def _allreduce_time(run: Path) -> str | None:
+    """'YYYYMMDD-HHMM' of a bench/allreduce.py file `allreduce_<dev>_<YYYYMMDD-HHMM>[_tag].csv`, else None."""
+    import re
+
+    m = re.search(r"_(\d{8}-\d{4})(?:_|$)", run.stem)
+    return m.group(1) if m else None
+
+
 def committed_runs() -> list[list[str]]:
     """The validations whose outputs are committed in bench/results (see `--all`)."""
     r = RESULTS
@@ -617,6 +678,12 @@ def committed_runs() -> list[list[str]]:
         # A calibration that timed the LL kernels (oneshot_ll, ...: `fusedlis calibrate` since the LL terms) is
         # compared with the newest run, LL and auto variants included.
         flag_runs = allreduce if has_ll else [p for p in allreduce if "_ll" not in p.read_text()]
+        # a calibration of a known time (`..._<date>_runHHMM`) is compared with the newest run measured at or
+        # before it: run 0614's bench/allreduce.py ran on the calibration's machine minutes before it (the fair
+        # comparison); runs 0547 and 0608 keep run 0444 (a later run need not be the same machine)
+        when = _profile_time(prof)
+        if when is not None:
+            flag_runs = [p for p in flag_runs if _allreduce_time(p) is not None and _allreduce_time(p) <= when]
         args += (["--allreduce", rel(max(flag_runs, key=lambda p: p.stem.split("_")[2])),
                   "--only", ALLREDUCE_ONLY_LL if has_ll else ALLREDUCE_ONLY_FLAG] if flag_runs else [])
         args += (["--layer", *map(rel, fused)] if fused else [])

@@ -560,3 +560,24 @@ def test_validate_decode_fit_per_file_system(tmp_path):
     rows, _ = mod.validate_decode(hw, [str(f)], fit_system="fusedlis-nccl")
     assert {r["role"] for r in rows if r["impl"] == "fusedlis-nccl"} == {"fit"}
     assert {r["role"] for r in rows if r["impl"] == "fusedlis-auto"} == {"held-out"}
+
+
+def test_validate_flags_profiled_decode_files_and_pairs_runs_by_time(tmp_path):
+    """A decode file with a `decode_breakdown_` twin was timed after the profiler (flagged in `source`); a
+    calibration tagged `_runHHMM` is paired with the newest all-reduce run at or before it."""
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    body = "model,tp,system,batch,context,ms_per_token\n" + "".join(
+        f"llama-3.1-8b,1,fusedlis-nccl,{b},512,{3 + b / 32}\n" for b in (1, 8, 32))
+    (tmp_path / "decode_tp1_x.csv").write_text(body)
+    (tmp_path / "decode_tp1_y.csv").write_text(body)
+    (tmp_path / "decode_breakdown_tp1_y.csv").write_text("")
+    rows, _ = mod.validate_decode(get_hardware("h200-ndr"), [str(tmp_path / "decode_tp1_x.csv"),
+                                                            str(tmp_path / "decode_tp1_y.csv")])
+    assert {r["source"] for r in rows} == {"decode_tp1_x", "decode_tp1_y [profiled]"}
+    lines = mod.summary_lines(rows, 0.15)
+    assert any(ln.startswith("- decode profile, decode_tp1_y [profiled]: ") for ln in lines)
+    assert mod._profile_time(Path("calibrated_2xH200_2026-11-22_run0614.json")) == "20261122-0614"
+    assert mod._profile_time(Path("calibrated_2xH200_2026-11-22.json")) is None
+    assert mod._allreduce_time(Path("allreduce_2xH200_20261122-0234_v0.csv")) == "20261122-0234"
