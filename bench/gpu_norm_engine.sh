@@ -12,8 +12,9 @@
 # A: decode 8B TP=2 auto, then auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
 #    instead of two; NUM_SPLITS capped at 32) through a tuning cache written here, for an A/B against D
 # R: bench/allreduce.py on this machine (copied into bench/results so part P validates against it)
-# B: per-kernel breakdown (torch profiler) of 8B TP=2 batch 1 context 512 in its own process, because profiling
-#    first slowed the later timings of the same process (run 05:47 vs 06:08); D and L time without it
+# B: per-kernel breakdown (torch profiler) of 8B TP=2 batch 1 context 512 in its own process, so that D and L are
+#    timed with no profiler attached (a profiled and an unprofiled run on one machine, 06:12 vs 06:16, differed by
+#    -3% to +4% at batch 1; the 05:47 vs 06:08 gap of up to 9% was on different machines)
 # U: decode 8B TP=2 auto again with the committed H200 tuning caches merged (FUSEDLIS_TUNING_FILE)
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
 #    its files packed into perfmodel_results.tgz
