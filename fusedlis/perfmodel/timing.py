@@ -1,6 +1,6 @@
 """One CUDA-graph timing method for every all-reduce measurement (`fusedlis calibrate` and bench/allreduce.py).
 
-`time_graph` repeats, step for step, `bench/allreduce.py`'s `time_graph` (100 calls captured in one graph,
+`time_graph` is what `bench/allreduce.py` times with too (100 calls captured in one graph,
 3 eager warm-up calls on a side stream, 3 untimed replays, then 30 replays each preceded by a barrier and a
 device synchronize and timed with CUDA events; the median per call) and, like that script, takes the maximum of
 the ranks' medians (`reduce_max`). Calibration used to time 50 calls, 7 replays, 1 untimed replay and rank 0's
