@@ -350,6 +350,8 @@ def environment_line(device: torch.device, tp: int, bw: float) -> str:
             commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
+    # A lent machine's copy of the tree has a stale .git: the caller can name the source commit literally.
+    commit = os.environ.get("FUSEDLIS_SOURCE_COMMIT", "") or commit
     dev = device_name(device).replace(" ", "-")
     return (f"# device={dev} gpus={tp} torch={torch.__version__} triton={triton.__version__} transformers={tf} "
             f"python={platform.python_version()} fusedlis_commit={commit} "

@@ -19,6 +19,8 @@
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
 #    its files packed into perfmodel_results.tgz
 # E: tests/test_engine_multigpu.py (every allreduce mode against the fp32 reference, greedy tokens)
+# FUSEDLIS_SOURCE_COMMIT=<hash> (written literally in the device command: the device's .git is stale) goes into
+#    the decode CSV headers instead of the copy's commit
 # DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G
