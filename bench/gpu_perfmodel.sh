@@ -4,6 +4,10 @@
 # PERFMODEL_GPU_ONLY=1 leaves out `--all` and the CPU tests)
 # Calibration times NCCL, fusedlis' one-/two-shot in the flag and LL protocols, NVRAR LL on <N> logical nodes of
 # 1 GPU and the all-reduce + RMSNorm kernel; the profile gets per-variant (alpha, beta) incl. the LL ones.
+# It also times the fused GEMM + all-reduce + residual + RMSNorm kernel (linear_allreduce, the engine's fused mode)
+# on the Llama 8B/70B TP=2 row-parallel shapes at M = 1, 8, 32, 64 (raw rows kind=fused_linear, with the cuBLAS
+# GEMM alone beside each); the profile's `fused_linear_allreduce` table then costs fused-mode decode steps.
+# Any failure there is a note in the profile's sources, not an error. Not yet run on a GPU (docs/perfmodel.md).
 # CPU dry run of everything after calibration: PERFMODEL_RAW=some_calibrate_raw.csv OUT=dir bash bench/gpu_perfmodel.sh
 # (no GPU needed: the profile is fitted from that raw file by the current code instead of measured).
 # Writes into $OUT (at most 7 files; everything else is in perfmodel_extras.tgz):
@@ -57,7 +61,8 @@ save_profile(profile_from_measurements(read_raw_csv(sys.argv[1]), get_hardware('
 elif [ "$NGPU" -ge 2 ]; then
   # all-reduces timed with bench/allreduce.py's method (fusedlis.perfmodel.timing: 100 calls per graph, median of
   # 30 replays, max over ranks): --iters 100 --replays 30 are calibrate's defaults
-  run 300 torchrun --nproc-per-node "$NGPU" -m fusedlis calibrate --out "$PROF" --raw "$RAW"
+  # (450 s: the fused-kernel timings and their Triton compiles come on top of the 1-2 minutes before them)
+  run 450 torchrun --nproc-per-node "$NGPU" -m fusedlis calibrate --out "$PROF" --raw "$RAW"
 else
   echo "calibrate needs >= 2 GPUs for the NVLink terms; found $NGPU" | tee -a "$LOG"
 fi
@@ -85,7 +90,7 @@ if [ -z "${PERFMODEL_GPU_ONLY:-}" ]; then
   { for f in $R/perfmodel_validation_*.md; do echo "## $f"; grep -E "^- (held-out|profile|fit):" "$f"; done; } \
     >"$OUT/perfmodel_validation_committed.md"
   run 60 python3 -m pytest -q -p no:cacheprovider tests/test_perfmodel.py tests/test_perfmodel_cli.py \
-    tests/test_perfmodel_props.py tests/test_perfmodel_timing.py
+    tests/test_perfmodel_props.py tests/test_perfmodel_timing.py tests/test_perfmodel_fused.py
 fi
 
 cd "$OUT" && tar czf perfmodel_extras.tgz --remove-files $(ls | grep -E '^perfmodel_validation_new.*\.(csv|png|json)$') \

@@ -344,8 +344,10 @@ def _decode_hw(hw: Hardware, tp: int, nodes: int) -> Hardware:
 
 def _decode_kw(r: dict[str, str], algo: str) -> dict[str, Any]:
     # the engine gathers the logits through NCCL (TorchDistBackend.all_gather) in every all-reduce mode
+    # fused mode: o_proj / down_proj at the profile's measured linear_allreduce time when it has one
     return dict(batch=int(r["batch"]), context=float(r["_ctx"]), prefill=False, allreduce=algo,
-                fuse_norm=r.get("_fuse") == "1", allgather="nccl", extra_layer_kernels=int(r.get("_seqk") or 0))
+                fuse_norm=r.get("_fuse") == "1", allgather="nccl", extra_layer_kernels=int(r.get("_seqk") or 0),
+                fused_linear=r.get("_mode") == "fused")
 
 
 def fit_decode(hw: Hardware, cases: list) -> Hardware:
@@ -360,7 +362,7 @@ def fit_decode(hw: Hardware, cases: list) -> Hardware:
     """
     import numpy as np
 
-    from fusedlis.perfmodel.step import kernels_per_step, step_time
+    from fusedlis.perfmodel.step import step_time
 
     big = 1e30
     rows, rhs = [], []
@@ -370,7 +372,8 @@ def fit_decode(hw: Hardware, cases: list) -> Hardware:
         comm = step_time(shape, lay, h, **kw).comm
         nbytes = step_time(shape, lay, h.with_(hbm_bw=1.0, gemm_row_latency=0.0), **kw).compute
         per_row = step_time(shape, lay, h.with_(hbm_bw=big, gemm_row_latency=1.0), **kw).compute
-        k = kernels_per_step(shape.num_hidden_layers, kw["fuse_norm"] and lay.tp > 1, kw["extra_layer_kernels"])
+        # kernel launches as the step model counts them (`kernels_per_step`: fused norms, measured fused kernels)
+        k = step_time(shape, lay, h.with_(kernel_overhead=1.0), **kw).overhead
         rows.append([k / meas, nbytes / meas, per_row / meas])
         rhs.append((meas - comm) / meas)
     (a, x1, x2), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
@@ -390,14 +393,16 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
     one-shot LL up to 2 MB and two-shot LL up to 4 MB on 2 GPUs, nvrar -> NVRAR LL, in files of the flag era their
     flag variants; nccl -> NCCL), with that algorithm's terms from the profile (an LL kernel without terms takes its
     flag variant's). `nvrar-2node` runs 2 logical nodes over NVLink, so its "network" is the NVLink link. The fused
-    GEMM + all-reduce (+ residual + RMSNorm) kernel is costed as cuBLAS-like GEMM then auto's flag all-reduce and a
+    GEMM + all-reduce (+ residual + RMSNorm) kernel is costed at the profile's measured time of that kernel
+    (`Hardware.fused_linear_ar`, from `fusedlis calibrate`; model column `fused(measured)+<algo>`) where the
+    profile has it for the row's shapes and TP, else as cuBLAS-like GEMM then auto's flag all-reduce and a
     separate RMSNorm (its Triton GEMM is slower than cuBLAS at 8-64 rows while its norm costs no launch; the two
-    were not separated, and this form matched its measured steps). Rows with fuse_norm = 1 have 2 RMSNorm kernels
-    fewer per layer. With `fit_tp`, the engine's compute terms (`fit_decode`) are fitted on the rows with
-    tp == fit_tp and every other row is held out. With `fit_system` (e.g. "fusedlis-nccl"), each file with >= 3
-    rows of that system at TP > 1 gets its own compute terms fitted on those rows (same engine build and day as
-    the other rows of the file; communication from the profile) and its other rows are held out; rows of other
-    files use the `fit_tp` fit (or the profile).
+    were not separated in the older profiles, and this form matched its measured steps). Rows with fuse_norm = 1
+    have 2 RMSNorm kernels fewer per layer. With `fit_tp`, the engine's compute terms (`fit_decode`) are fitted on
+    the rows with tp == fit_tp and every other row is held out. With `fit_system` (e.g. "fusedlis-nccl"), each
+    file with >= 3 rows of that system at TP > 1 gets its own compute terms fitted on those rows (same engine
+    build and day as the other rows of the file; communication from the profile) and its other rows are held
+    out; rows of other files use the `fit_tp` fit (or the profile).
     """
     from fusedlis.perfmodel.step import step_time
 
@@ -441,7 +446,8 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
         else:
             role = "profile" if fit_tp is None else ("fit" if lay.tp == fit_tp else "held-out")
         out.append({"what": "decode", "impl": r["system"] + (" +norm" if r["_fuse"] == "1" else ""),
-                    "model": algo if lay.tp > 1 else "-", "gpus": lay.tp,
+                    "model": (("fused(measured)+" if "fused_linear_allreduce" in st.detail else "") + algo
+                              if lay.tp > 1 else "-"), "gpus": lay.tp,
                     "case": f"{r['model']} tp{lay.tp} b{r['batch']} ctx{float(r['_ctx']):g}",
                     "measured_us": meas * 1e6, "predicted_us": st.total * 1e6, "rel_err": st.total / meas - 1,
                     "role": role, "alpha_us": "", "GBps": f"comm {st.comm_share:.0%}",

@@ -9,7 +9,13 @@ method, `fusedlis.perfmodel.timing.time_graph`: 100 calls per graph, median of 3
 - a bf16 add of two 1 GiB tensors (the reduction rate, gamma);
 - GEMM alone and GEMM followed by each all-reduce in one graph (how much all-reduce latency hides);
 - decode-shaped GEMMs (M=1, Llama 8B/70B TP=2 weights, rotated through >= 2 GB so L2 does not hold them);
-- a large GEMM's rate.
+- a large GEMM's rate;
+- the fused row-parallel GEMM + all-reduce + residual + RMSNorm kernel (`fusedlis.triton_kernels.linear_allreduce`
+  with residual and norm weight, as `Engine(allreduce="fused")` runs o_proj and down_proj) on the engine's
+  row-parallel shapes at TP = the number of GPUs (`fused_linear_shapes`; on 2 GPUs Llama 8B 2048->4096,
+  7168->4096, 70B 4096->8192, 14336->8192) at M = 1, 8, 32, 64 rows, weights rotated past L2, with the cuBLAS
+  GEMM of the same shape alone for comparison (`_measure_fused_linear`). Decode steps in fused mode use this
+  table (`Hardware.fused_linear_ar`); a failure is recorded in the profile's sources and skipped.
 
 Fits: `kernel_overhead` and `hbm_bw` from GEMM time = overhead + bytes / bw; NVLink (alpha, beta) for NCCL from
 its times with the ring model, and for custom kernels from theirs with the matching model, by least squares on
@@ -153,6 +159,22 @@ def fit_norm_row(samples: list[tuple[int, float, float]]) -> float:
     num = sum(m * (t - base) for m, t, base in samples)
     den = sum(m * m for m, _, _ in samples)
     return max(num / den, 0.0) if den > 0 else 0.0
+
+
+def fused_linear_table(rows: list[dict[str, Any]]) -> tuple[tuple[int, int, int, tuple[tuple[int, float], ...]], ...]:
+    """`Hardware.fused_linear_ar` from `fused_linear` rows (gpus, K, N, M, us): ((gpus, K, N, ((M, seconds),
+    ...)), ...), the median where one (gpus, K, N, M) was measured more than once."""
+    by: dict[tuple[int, int, int], dict[int, list[float]]] = {}
+    for r in rows:
+        if r.get("kind") != "fused_linear":
+            continue
+        t = float(r["us"]) * 1e-6
+        if not (t > 0 and math.isfinite(t)):
+            continue
+        key = (int(r["gpus"]), int(r["K"]), int(r["N"]))
+        by.setdefault(key, {}).setdefault(int(r["M"]), []).append(t)
+    return tuple((*key, tuple((m, statistics.median(ts)) for m, ts in sorted(pts.items())))
+                 for key, pts in sorted(by.items()))
 
 
 def _nodes(r: dict[str, Any]) -> int:
@@ -328,6 +350,7 @@ def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
     rows += _measure_layers(world, iters, one_node, impl, nccl_fn, replays)
     if ar is not None:
         rows += _measure_norm(ar, world, iters, impl, replays)
+    rows += _measure_fused_linear(world, iters, replays)
     return rows
 
 
@@ -361,6 +384,149 @@ def _measure_norm(ar: Any, world: int, iters: int, impl: str, replays: int = tim
                          "bytes": m * h * 2, "us": t_norm * 1e6, "base_us": t_ar * 1e6})
     except Exception as e:  # noqa: BLE001 - the rest of calibration stands without it
         rows.append({"kind": "note", "impl": f"all_reduce_norm failed: {type(e).__name__}: {e}"})
+    return rows
+
+
+FUSED_LINEAR_MS = (1, 8, 32, 64)  # decode rows
+FUSED_LINEAR_MODELS = ("llama-3.1-8b", "llama-3.1-70b")
+FUSED_LINEAR_NOTE = "fused linear_allreduce"  # notes with this prefix reach the profile's sources
+
+
+def fused_linear_shapes(world: int) -> list[tuple[int, int]]:
+    """(K per GPU, N) of the row-parallel layers (o_proj, down_proj) of Llama-3.1 8B and 70B at TP = `world`,
+    as `fusedlis.perfmodel.step.row_parallel_shapes` costs them: on 2 GPUs 2048->4096, 7168->4096, 4096->8192,
+    14336->8192."""
+    from fusedlis.perfmodel.step import row_parallel_shapes
+    from fusedlis.perfmodel.volume import model_shape
+
+    out: list[tuple[int, int]] = []
+    for name in FUSED_LINEAR_MODELS:
+        shape = model_shape(name)
+        if shape.num_attention_heads % world or shape.intermediate_size % world:
+            continue
+        out += [s for s in row_parallel_shapes(shape, world) if s not in out]
+    return out
+
+
+def _measure_fused_linear(world: int, iters: int, replays: int = timing.REPLAYS,
+                          shapes: list[tuple[int, int]] | None = None,
+                          ms: tuple[int, ...] = FUSED_LINEAR_MS, time_collective: Any = None,
+                          time_local: Any = None, kernel: Any = None, device: str = "cuda",
+                          rotate_bytes: float = 1e9) -> list[dict[str, Any]]:
+    """The fused GEMM + all-reduce + residual + RMSNorm kernel, `linear_allreduce(x, w, ws, residual,
+    norm_weight, eps)` as the engine's fused mode calls it (`fusedlis.engine._fused_row_linear`: a
+    `FusedAllReduceWorkspace.from_torch_symm` workspace, the kernel's own configuration choice), on every rank.
+
+    Per (K, N) of `shapes` (default `fused_linear_shapes(world)`) and M of `ms`: weights [N, K] rotated through
+    >= `rotate_bytes` (1 GB) of copies (past L2, as `_measure_layers`), timed with `time_collective` (default
+    `_time_collective`: `timing.time_graph`, barrier before each replay, max over ranks), and the cuBLAS GEMM x @ w.T of the same
+    shape alone with `time_local` (default `_time_graph`). The kernel's result is first checked against NCCL +
+    torch on the first shape. Any failure (no Triton kernel, no symmetric memory, a wrong result, a timeout)
+    ends the measurement with a note (`FUSED_LINEAR_NOTE ... not measured`/`failed`) that reaches the
+    profile's sources; the rows measured before it are kept. Every rank runs the same sequence; a failure seen
+    by one rank is shared with the others (MIN all-reduce of an ok flag) after each point, so that all stop
+    together (a rank that fails inside a timed graph while its peer waits in a barrier can still hang: the
+    failures expected here, a missing kernel or a wrong result, happen on every rank alike).
+    `kernel`: (workspace factory (max_m, max_n), linear_allreduce), default fusedlis' (tests pass fakes)."""
+    import torch
+    import torch.distributed as dist
+
+    time_collective = time_collective or _time_collective
+    time_local = time_local or _time_graph
+    shapes = fused_linear_shapes(world) if shapes is None else shapes
+    if world < 2 or not shapes:
+        return [{"kind": "note", "impl": f"{FUSED_LINEAR_NOTE}: not measured (needs >= 2 GPUs and a Llama shape "
+                                         f"divisible by {world})"}]
+
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    rows: list[dict[str, Any]] = []
+    try:
+        if kernel is None:
+            from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace, linear_allreduce
+
+            kernel = (FusedAllReduceWorkspace.from_torch_symm, linear_allreduce)
+        make_ws, linear_allreduce = kernel
+        fws = make_ws(max(ms), max(n for _, n in shapes))
+    except Exception as e:  # noqa: BLE001 - the rest of calibration stands without it
+        agree(False)
+        return [{"kind": "note", "impl": f"{FUSED_LINEAR_NOTE}: not measured (workspace: {type(e).__name__}: {e})"}]
+    if not agree(True):
+        return [{"kind": "note", "impl": f"{FUSED_LINEAR_NOTE}: not measured (workspace failed on another rank)"}]
+    eps = 1e-5
+    gen = torch.Generator(device=device).manual_seed(11 + dist.get_rank())
+    failed: str | None = None
+
+    def point(stage_: str, fn: Any) -> bool:
+        """Run one step on every rank and keep the row it returns; False (and `failed` set, the row dropped) if
+        it raised on any rank."""
+        nonlocal failed
+        err, row = None, None
+        try:
+            row = fn()
+        except Exception as e:  # noqa: BLE001 - keep what was measured
+            err = f"{stage_}: {type(e).__name__}: {e}"
+        if agree(err is None):
+            if row is not None:
+                rows.append(row)
+            return True
+        failed = err or f"{stage_}: failed on another rank"
+        return False
+
+    for si, (k, n) in enumerate(shapes):
+        st: dict[str, Any] = {}
+        wbytes = k * n * 2
+        copies = max(2, math.ceil(rotate_bytes / wbytes))
+        calls = max(copies, iters)
+
+        def weights() -> None:
+            st["w"] = [torch.randn(n, k, dtype=torch.bfloat16, device=device, generator=gen) / k ** 0.5
+                       for _ in range(copies)]
+            st["nw"] = torch.rand(n, dtype=torch.bfloat16, device=device, generator=gen) + 0.5
+
+        ok = point(f"K={k} N={n} weights", weights)
+        for m in ms if ok else ():
+            def measure_m(m: int = m) -> dict[str, Any]:
+                w, nw = st["w"], st["nw"]
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=device, generator=gen)
+                # the residual stream is the same on every rank
+                res = torch.randn(m, n, dtype=torch.bfloat16, device=device,
+                                  generator=torch.Generator(device=device).manual_seed(5))
+                out = (torch.empty(m, n, dtype=torch.bfloat16, device=device),
+                       torch.empty(m, n, dtype=torch.bfloat16, device=device))
+                if si == 0 and m == ms[min(1, len(ms) - 1)]:
+                    normed, _ = linear_allreduce(x, w[0], fws, res, nw, eps, out=out)
+                    y = x.double() @ w[0].double().T
+                    dist.all_reduce(y)
+                    h = y + res.double()
+                    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * nw.double()
+                    rel = ((normed.double() - ref).norm() / ref.norm()).item()
+                    if not rel < 2e-2:
+                        raise RuntimeError(f"disagrees with NCCL + torch (relative error {rel:.2e})")
+                it = iter(range(10**9))
+                t = time_collective(lambda: linear_allreduce(x, w[next(it) % copies], fws, res, nw, eps, out=out),
+                                    calls, replays)
+                dist.barrier()
+                it2 = iter(range(10**9))
+                g = time_local(lambda: torch.matmul(x, w[next(it2) % copies].T, out=out[0]), calls)
+                if hasattr(fws, "check"):
+                    fws.check()  # raises if a rank timed out waiting for its peer
+                return {"kind": "fused_linear", "impl": "fusedlis", "algo": "linear_allreduce+res+norm",
+                        "gpus": world, "K": k, "N": n, "M": m, "bytes": wbytes + 2 * m * (k + 3 * n),
+                        "us": t * 1e6, "gemm_us": g * 1e6}
+
+            if not point(f"K={k} N={n} M={m}", measure_m):
+                break
+        st.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if failed is not None:
+            rows.append({"kind": "note", "impl": f"{FUSED_LINEAR_NOTE} failed ({failed}): not measured from "
+                                                 "there on"})
+            break
     return rows
 
 
@@ -536,7 +702,8 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_re
     else:
         notes = [f"fitted from measurement files (bench/validate_perfmodel.py); inter-node and unmeasured "
                  f"fields from {base.name}"]
-    notes += [str(r["impl"]) for r in rows if r.get("kind") == "note" and str(r.get("impl", "")).startswith("timing:")]
+    notes += [str(r["impl"]) for r in rows if r.get("kind") == "note"
+              and str(r.get("impl", "")).startswith(("timing:", FUSED_LINEAR_NOTE))]
     if reduces:
         g = statistics.median(float(r["us"]) * 1e-6 / float(r["bytes"]) for r in reduces)
         hw = hw.with_(gamma=g)
@@ -614,6 +781,16 @@ def profile_from_measurements(rows: list[dict[str, Any]], base: Hardware, min_re
         hw = hw.with_(ar_norm_row_latency=per_row)
         notes.append(f"all-reduce + residual + RMSNorm in one kernel vs the one-shot LL all-reduce alone "
                      f"({len(norms)} shapes): {per_row * 1e9:.0f} ns per row added")
+    table = fused_linear_table(rows)
+    if table:
+        hw = hw.with_(fused_linear_ar=table)
+        for g, k, n, pts in table:
+            gem = {int(r["M"]): float(r["gemm_us"]) for r in rows if r.get("kind") == "fused_linear"
+                   and (int(r["gpus"]), int(r["K"]), int(r["N"])) == (g, k, n) and r.get("gemm_us") not in (None, "")}
+            notes.append(f"{FUSED_LINEAR_NOTE} + residual + RMSNorm on {g} GPUs, K {k} -> N {n}: "
+                         + ", ".join(f"M={m} {t * 1e6:.1f} us" + (f" (cuBLAS GEMM alone {gem[m]:.1f} us)"
+                                                                   if m in gem else "") for m, t in pts)
+                         + "; decode steps in fused mode cost o_proj/down_proj at these times")
     name = f"calibrated-{str(dev.get('name', 'gpu')).lower().replace(' ', '-')}"
     return hw.with_(intra=intra, name=name, sources=tuple(notes) + base.sources)
 

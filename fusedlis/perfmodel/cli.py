@@ -63,6 +63,10 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fuse-norm", action="store_true",
                    help="decode: each row-parallel all-reduce runs fused with the residual add + RMSNorm after it "
                         "(fusedlis AllReduce.all_reduce_norm): 2 RMSNorm kernels fewer per layer")
+    p.add_argument("--fused-linear", action="store_true",
+                   help="decode: o_proj and down_proj run as the fused GEMM + all-reduce + residual + RMSNorm kernel "
+                        "(Engine(allreduce='fused')), costed at the time `fusedlis calibrate` measured for it where "
+                        "the profile has that table for the layer's shapes and TP (else as GEMM then the all-reduce)")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every prediction as JSON")
     p.set_defaults(func=run_predict)
@@ -168,7 +172,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not layouts:
         raise ValueError("no requested layout can run this model on these GPUs")
     preds = predict(shape, hw, layouts, algos, batches, args.prompt, args.gen, args.dtype_bytes,
-                    fuse_norm=getattr(args, "fuse_norm", False))
+                    fuse_norm=getattr(args, "fuse_norm", False), fused_linear=getattr(args, "fused_linear", False))
     rows = [_row(p) for p in preds]
     nodes = args.gpus // gpn
     print(f"{shape.name} ({shape.num_params() / 1e9:.1f}B params) on {args.gpus} x {hw.gpu} "
@@ -199,7 +203,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "process per GPU itself, or runs under torchrun --nproc-per-node N): all-reduce "
                     "latency over NCCL and, if available, fusedlis' own all-reduce (one-shot, two-shot, their LL "
                     "variants, NVRAR LL on logical nodes of one GPU, all-reduce + RMSNorm), a large bf16 add "
-                    "(reduction rate), decode-shaped GEMM times and a large GEMM's rate. Fits the alpha/beta/overhead "
+                    "(reduction rate), decode-shaped GEMM times, a large GEMM's rate and the fused GEMM + all-reduce "
+                    "+ residual + RMSNorm kernel (linear_allreduce, the engine's fused mode) on the Llama 8B/70B "
+                    "row-parallel shapes at M = 1, 8, 32, 64. Fits the alpha/beta/overhead "
                     "terms and writes a JSON profile for `fusedlis predict --hardware FILE`. Inter-node terms "
                     "cannot be measured on one node: they are copied from --base.")
     p.add_argument("--out", required=True, help="profile JSON to write")

@@ -16,6 +16,17 @@ File format (JSON, or YAML if PyYAML is installed), human units:
 
 `reduce_GBps` (bytes of one operand reduced per second) is optional: it defaults to a third of `hbm_GBps`
 (a reduction reads two operands and writes one).
+
+`fused_linear_allreduce` is optional: the time `fusedlis calibrate` measured for the fused row-parallel GEMM +
+all-reduce + residual + RMSNorm kernel (`fusedlis.triton_kernels.linear_allreduce`, what `Engine(allreduce=
+"fused")` runs for o_proj and down_proj) per shape, by rows M:
+
+    "fused_linear_allreduce": [{"gpus": 2, "K": 2048, "N": 4096, "M": [1, 8, 32, 64],
+                                "us": [14.1, 19.0, 25.3, 31.2]}, ...]
+
+(illustrative values; K: the per-GPU input width, N: the output width, gpus: the TP size it ran at, one node;
+`us`: microseconds per call, one per M). Profiles without it
+cost fused mode as a GEMM followed by the all-reduce.
 """
 
 from __future__ import annotations
@@ -163,6 +174,37 @@ class Hardware:
     # LL one-shot kernel) adds to that all-reduce's time; the separate RMSNorm kernel is then not launched.
     # Fitted by calibrate from all_reduce_norm vs the all-reduce alone; 0: the fused kernel costs the all-reduce.
     ar_norm_row_latency: float = 0.0
+    # Measured fused GEMM + all-reduce + residual + RMSNorm kernel (linear_allreduce with residual and norm weight,
+    # as Engine(allreduce="fused") runs o_proj and down_proj): ((gpus, K, N, ((M, seconds), ...)), ...), sorted.
+    # Empty: not measured (fused mode is then costed as GEMM + all-reduce). See `fused_linear_time`.
+    fused_linear_ar: tuple[tuple[int, int, int, tuple[tuple[int, float], ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        norm = tuple(sorted((int(g), int(k), int(n), tuple(sorted((int(m), float(t)) for m, t in pts)))
+                            for g, k, n, pts in self.fused_linear_ar))
+        object.__setattr__(self, "fused_linear_ar", norm)
+
+    def fused_linear_time(self, gpus: int, k: int, n: int, m: float) -> float | None:
+        """Seconds of one fused linear_allreduce (+ residual + RMSNorm) call on `gpus` GPUs of one node with a
+        [m, k] input and an [n, k] weight shard, from the measured table; None if (gpus, k, n) was not measured.
+
+        Piecewise linear in M between measured rows, on the running maximum of the measured times over M (a
+        time below a smaller M's, timing noise, is raised to it, so the cost never falls with more rows); below
+        the smallest measured M its time, above the largest the last segment's slope continues."""
+        pts = next((p for g, kk, nn, p in self.fused_linear_ar if (g, kk, nn) == (gpus, k, n)), None)
+        if not pts:
+            return None
+        ms, ts, top = [], [], 0.0
+        for mm, t in pts:
+            top = max(top, t)
+            ms.append(mm)
+            ts.append(top)
+        if len(ms) == 1 or m <= ms[0]:
+            return ts[0]
+        for i in range(1, len(ms)):
+            if m <= ms[i] or i == len(ms) - 1:
+                return ts[i - 1] + (ts[i] - ts[i - 1]) * (m - ms[i - 1]) / (ms[i] - ms[i - 1])
+        raise AssertionError("unreachable")
 
     def latency_hidden(self, algo: str) -> float:
         """The hidden fraction that applies to all-reduce algorithm `algo`."""
@@ -185,6 +227,9 @@ class Hardware:
         }
         if self.inter_load_store:
             d["inter_load_store"] = True
+        if self.fused_linear_ar:
+            d["fused_linear_allreduce"] = [{"gpus": g, "K": k, "N": n, "M": [m for m, _ in pts],
+                                            "us": [t * 1e6 for _, t in pts]} for g, k, n, pts in self.fused_linear_ar]
         return d
 
 
@@ -330,6 +375,36 @@ def _link(d: Any, where: str) -> Link:
                      _num(d, "nccl_bandwidth_GBps", where, required=False), per)
 
 
+def _pos_int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ProfileError(f"{what} must be an integer >= 1, got {v!r}")
+    return v
+
+
+def _fused_linear(v: Any, source: str) -> tuple[tuple[int, int, int, tuple[tuple[int, float], ...]], ...]:
+    where = f"{source}: field 'fused_linear_allreduce'"
+    if not isinstance(v, list):
+        raise ProfileError(f"{where} must be a list of objects with gpus, K, N, M, us")
+    out, seen = [], set()
+    for i, e in enumerate(v):
+        w = f"{where}[{i}]"
+        if not isinstance(e, dict):
+            raise ProfileError(f"{w}: must be an object with gpus, K, N, M, us")
+        key = tuple(_pos_int(e.get(f), f"{w}: field {f!r}") for f in ("gpus", "K", "N"))
+        if key in seen:
+            raise ProfileError(f"{w}: gpus={key[0]} K={key[1]} N={key[2]} listed twice")
+        seen.add(key)
+        ms, us = e.get("M"), e.get("us")
+        if not isinstance(ms, list) or not isinstance(us, list) or not ms or len(ms) != len(us):
+            raise ProfileError(f"{w}: 'M' and 'us' must be non-empty lists of the same length")
+        ms = [_pos_int(m, f"{w}: 'M' entry") for m in ms]
+        if len(set(ms)) != len(ms):
+            raise ProfileError(f"{w}: 'M' lists a row count twice")
+        ts = [_num({"us": t}, "us", f"{w}: 'us' entry") * 1e-6 for t in us]
+        out.append((*key, tuple(zip(ms, ts))))
+    return tuple(out)
+
+
 def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
     """Validate a profile dict (file form) and build a `Hardware`. Errors name `source` and the field."""
     if not isinstance(d, dict):
@@ -359,7 +434,7 @@ def profile_from_dict(d: Any, source: str = "<dict>") -> Hardware:
         gemm_flop_rate=_num(d, "gemm_TFLOPs", source, required=False, default=0.0, positive=False) * 1e12,
         gemm_row_latency=_num(d, "gemm_row_us", source, required=False, default=0.0, positive=False) * 1e-6,
         ar_norm_row_latency=_num(d, "ar_norm_row_us", source, required=False, default=0.0, positive=False) * 1e-6,
-        inter_load_store=ils)
+        inter_load_store=ils, fused_linear_ar=_fused_linear(d.get("fused_linear_allreduce", []), source))
 
 
 def load_profile(path: str | Path) -> Hardware:

@@ -8,6 +8,13 @@ that in decode (one CUDA graph) a fraction `hw.latency_hidden(algo)` of each all
 is hidden behind the GEMM before it (fitted from GEMM + all-reduce pairs; on 2xH200 NCCL hides some, the custom
 kernels none).
 
+Fused mode (`Engine(allreduce="fused")`, `step_time(fused_linear=True)`): o_proj and down_proj each run as one
+fused GEMM + all-reduce + residual + RMSNorm kernel (`fusedlis.triton_kernels.linear_allreduce`). Where the
+profile holds that kernel's measured time for both shapes (`Hardware.fused_linear_ar`, from `fusedlis
+calibrate`), a decode step costs those calls at the measured time, interpolated in the batch, in place of the two
+GEMMs, their all-reduces and the two RMSNorm kernels; otherwise (older profiles) fused mode is costed as the
+GEMM then the all-reduce, as for the other modes.
+
 In decode, pipeline stages run one after another for the batch (no micro-batching), so PP does not shorten
 a token's latency; it only cuts weights per GPU and communication. Prefill with PP sends each sequence of the
 batch through the pipe as a micro-batch.
@@ -33,13 +40,20 @@ KERNELS_PER_STEP = 4
 # row-parallel all-reduces per layer (after o_proj and down_proj); each is followed by a residual add + RMSNorm
 # that `fuse_norm` folds into the all-reduce kernel (AllReduce.all_reduce_norm): one RMSNorm kernel fewer each
 FUSED_NORMS_PER_LAYER = 2
+# row-parallel GEMMs per layer (o_proj, down_proj): with a measured fused linear_allreduce table they run inside
+# that kernel, whose measured time includes its launches
+ROW_PARALLEL_GEMMS_PER_LAYER = 2
 
 
-def kernels_per_step(num_layers: int, fuse_norm: bool = False, extra_layer_kernels: int = 0) -> int:
+def kernels_per_step(num_layers: int, fuse_norm: bool = False, extra_layer_kernels: int = 0,
+                     fused_linear: bool = False) -> int:
     """Kernel launches of one forward step outside communication: 9 per layer + 4, minus one RMSNorm per fused
     all-reduce (2 per layer) when `fuse_norm`, plus `extra_layer_kernels` per layer (e.g. an older engine's
-    SEQ_LENS_KERNELS_PER_LAYER)."""
-    per_layer = KERNELS_PER_LAYER - (FUSED_NORMS_PER_LAYER if fuse_norm else 0) + extra_layer_kernels
+    SEQ_LENS_KERNELS_PER_LAYER). `fused_linear` (a measured fused linear_allreduce time is used): the 2
+    row-parallel GEMMs and the 2 RMSNorms of each layer are not counted (their launches are in the measured time)."""
+    fuse_norm = fuse_norm or fused_linear
+    per_layer = (KERNELS_PER_LAYER - (FUSED_NORMS_PER_LAYER if fuse_norm else 0)
+                 - (ROW_PARALLEL_GEMMS_PER_LAYER if fused_linear else 0) + extra_layer_kernels)
     return num_layers * per_layer + KERNELS_PER_STEP
 
 
@@ -82,19 +96,38 @@ def _local_kv_heads(shape: ModelShape, tp: int) -> int:
     return max(1, shape.num_key_value_heads // tp)
 
 
+def row_parallel_shapes(shape: ModelShape, tp: int) -> list[tuple[int, int]]:
+    """(K per GPU, N) of the row-parallel GEMMs of one layer at TP `tp`: o_proj and down_proj."""
+    return [((shape.num_attention_heads // tp) * shape.head_dim, shape.hidden_size),
+            (shape.intermediate_size // tp, shape.hidden_size)]
+
+
+def fused_linear_layer_time(shape: ModelShape, hw: Hardware, tp: int, rows: int) -> float | None:
+    """Seconds of one layer's two fused linear_allreduce (+ residual + RMSNorm) calls with `rows` rows, from
+    the profile's measured table (`Hardware.fused_linear_time`) on `tp` GPUs; None unless both shapes were
+    measured."""
+    ts = [hw.fused_linear_time(tp, k, n, rows) for k, n in row_parallel_shapes(shape, tp)]
+    return None if any(t is None for t in ts) else float(sum(ts))
+
+
 def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: int, context: float,
-                  prefill: bool, dtype_bytes: int = 2, fuse_norm: bool = False) -> float:
+                  prefill: bool, dtype_bytes: int = 2, fuse_norm: bool = False,
+                  row_parallel_gemms: bool = True) -> float:
     """Roofline seconds of one decoder layer's kernels on one GPU (no overhead, no communication).
 
     `context` is the attended length: the KV length in decode, the prompt length in prefill (causal).
     `fuse_norm`: the two RMSNorms run inside the all-reduces (costed there), not as kernels of their own.
+    `row_parallel_gemms=False`: o_proj and down_proj are left out (costed as a measured fused kernel instead).
     """
     b = dtype_bytes
     h, hd = shape.hidden_size, shape.head_dim
     hq, hkv = shape.num_attention_heads // tp, _local_kv_heads(shape, tp)
     inter = shape.intermediate_size // tp
     t = 0.0
-    for n_in, n_out in ((h, (hq + 2 * hkv) * hd), (hq * hd, h), (h, 2 * inter), (inter, h)):
+    gemms = [(h, (hq + 2 * hkv) * hd), (hq * hd, h), (h, 2 * inter), (inter, h)]
+    if not row_parallel_gemms:
+        gemms = [gemms[0], gemms[2]]
+    for n_in, n_out in gemms:
         t += _gemm(hw, (n_in * n_out + tokens * (n_in + n_out)) * b, 2.0 * tokens * n_in * n_out, not prefill,
                    tokens)
     kv_width = 2 * hkv * hd
@@ -113,7 +146,7 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
 
 def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, context: float, prefill: bool,
               allreduce: str = "nccl", dtype_bytes: int = 2, fuse_norm: bool = False,
-              allgather: str | None = None, extra_layer_kernels: int = 0) -> StepTime:
+              allgather: str | None = None, extra_layer_kernels: int = 0, fused_linear: bool = False) -> StepTime:
     """One forward step: decode (1 new token per sequence, `context` cached) or prefill (`context` prompt tokens).
 
     `allreduce` names the TP all-reduce algorithm (`collectives.ALGORITHMS`); stage boundaries use NCCL
@@ -124,6 +157,12 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     disappear and each fused all-reduce costs the all-reduce plus `hw.ar_norm_row_latency` per row.
     `extra_layer_kernels`: launches per layer beyond `KERNELS_PER_LAYER` with no bytes worth counting (an older
     engine's seq_lens updates: SEQ_LENS_KERNELS_PER_LAYER); each costs `hw.kernel_overhead`.
+    `fused_linear` (decode, TP > 1, one node; the engine's `allreduce="fused"` mode): if the profile has the
+    measured fused linear_allreduce time for both row-parallel shapes at this TP (`fused_linear_layer_time`),
+    o_proj and down_proj with their all-reduces, residual adds and RMSNorms cost 2L calls at that time (booked
+    under `comm`, `detail["fused_linear_allreduce"]`: a measured term the compute terms do not scale), their
+    GEMMs, RMSNorms and launches leave `compute` and `overhead`, and only the embedding's all-reduce remains an
+    all-reduce (`allreduce`'s algorithm). Without the table the step is costed as with `fused_linear=False`.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -138,24 +177,31 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, *, batch: int, co
     vol = step_volume(shape, layout, tokens, batch, dtype_bytes)
     st = StepTime(volume=vol)
 
-    fuse = fuse_norm and tp > 1
-    st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes, fuse)
+    fused_t = (fused_linear_layer_time(shape, hw, tp, batch)
+               if fused_linear and tp > 1 and not prefill and nodes == 1 else None)
+    fuse = (fuse_norm and tp > 1) or fused_t is not None
+    st.compute = L * layer_compute(shape, hw, tp, tokens, batch, context, prefill, dtype_bytes, fuse,
+                                   row_parallel_gemms=fused_t is None)
     h, v, b = shape.hidden_size, shape.vocab_size, dtype_bytes
     emb = _kernel(hw, tokens * h * b * 2, 0)
     head = _gemm(hw, (v // tp) * h * b + batch * (h + v // tp) * b, 2.0 * batch * (v // tp) * h, True, batch)
     st.compute += emb + head + _kernel(hw, 2 * batch * h * b, 0) + _kernel(hw, batch * v * 4, 0)
-    st.overhead = hw.kernel_overhead * kernels_per_step(L, fuse, extra_layer_kernels)
+    st.overhead = hw.kernel_overhead * kernels_per_step(L, fuse, extra_layer_kernels, fused_t is not None)
 
     if tp > 1:
         ag_algo = coll.resolve(allgather) if allgather else algo
         ar = coll.allreduce(algo, hw, nodes, gpn, vol.allreduce_bytes)
         if not prefill:  # decode runs as one CUDA graph: part of the latency may hide behind the GEMM before
             ar = ar.hiding_latency(hw.latency_hidden(algo))
-        ar = ar.scale(vol.allreduce_count)
-        if fuse:  # the residual add + RMSNorm inside the 2L row-parallel all-reduces
+        n_fused = ROW_PARALLEL_GEMMS_PER_LAYER * L if fused_t is not None else 0
+        ar = ar.scale(vol.allreduce_count - n_fused)
+        if fuse and fused_t is None:  # the residual add + RMSNorm inside the 2L row-parallel all-reduces
             ar = ar + coll.Cost(latency=FUSED_NORMS_PER_LAYER * L * tokens * hw.ar_norm_row_latency)
         ag = coll.allgather(ag_algo, hw, nodes, gpn, vol.allgather_bytes)
         st.comm += ar.total + ag.total
+        if fused_t is not None:
+            st.comm += L * fused_t
+            st.detail["fused_linear_allreduce"] = L * fused_t
         st.comm_inter += ar.inter + ag.inter
         st.net_bytes += (vol.allreduce_count * coll.network_bytes(algo, nodes, gpn, vol.allreduce_bytes, hw)
                          + coll.network_bytes(ag_algo, nodes, gpn, vol.allgather_bytes, hw) / 2)
@@ -218,9 +264,11 @@ class Prediction:
 
 def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: list[str], batches: list[int],
             prompt: int, gen: int, dtype_bytes: int = 2, memory_fraction: float = 0.9,
-            fuse_norm: bool = False) -> list[Prediction]:
+            fuse_norm: bool = False, fused_linear: bool = False) -> list[Prediction]:
     """Every combination of layout x all-reduce x batch. Layouts with tp == 1 get one row (no all-reduce).
-    `fuse_norm`: decode steps run each row-parallel all-reduce fused with its RMSNorm (see `step_time`)."""
+    `fuse_norm`: decode steps run each row-parallel all-reduce fused with its RMSNorm (see `step_time`).
+    `fused_linear`: decode steps run o_proj and down_proj as the fused linear_allreduce kernel at the profile's
+    measured time where it has one (see `step_time`)."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be >= 1, got {prompt}, {gen}")
     out = []
@@ -229,7 +277,8 @@ def predict(shape: ModelShape, hw: Hardware, layouts: list[Layout], allreduces: 
         for algo in algos:
             for bsz in batches:
                 dec = step_time(shape, lay, hw, batch=bsz, context=prompt + gen / 2, prefill=False,
-                                allreduce=algo, dtype_bytes=dtype_bytes, fuse_norm=fuse_norm)
+                                allreduce=algo, dtype_bytes=dtype_bytes, fuse_norm=fuse_norm,
+                                fused_linear=fused_linear)
                 pre = step_time(shape, lay, hw, batch=bsz, context=prompt, prefill=True, allreduce=algo,
                                 dtype_bytes=dtype_bytes)
                 mem = memory_per_gpu(shape, lay, bsz, prompt + gen, dtype_bytes)
