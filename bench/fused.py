@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 bench/fused.py [--out bench/results] [--ms 1,8,32,64,128] [--quick]
 
 Shapes (K per GPU -> N), Llama-3.1 TP=2 row-parallel layers: 8B o_proj 2048->4096, 8B down 7168->4096,
-70B o_proj 4096->8192, 70B down 7168->8192. Per (shape, M), each variant is captured `--reps` times in
+70B o_proj 4096->8192, 70B down 14336->8192. Per (shape, M), each variant is captured `--reps` times in
 one CUDA graph (weights and inputs rotated through > L2-sized copies) and the graph is replayed; the
 time is the median replay / reps. Writes fused_<device>_<date>.csv and .png (rank 0).
 """
@@ -23,7 +23,9 @@ import torch.distributed as dist
 for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
-SHAPES = {"8B_o": (2048, 4096), "8B_down": (7168, 4096), "70B_o": (4096, 8192), "70B_down": (7168, 8192)}
+# (K per GPU, N) at TP=2. Result files before 2026-11-22 06:45 used K=7168 for 70B_down (wrong: the 70B
+# intermediate size is 28672, so its down_proj has K=14336 per GPU); their all-reduce-only rows do not depend on K.
+SHAPES = {"8B_o": (2048, 4096), "8B_down": (7168, 4096), "70B_o": (4096, 8192), "70B_down": (14336, 8192)}
 
 
 def _rmsnorm_torch(h, w, eps):
