@@ -312,6 +312,30 @@ def _ll_take(p, m, max_spins, err_ptr, step, peer, dty: tl.constexpr, SIGN: tl.c
     return (e ^ SIGN).to(dty, bitcast=True)
 
 
+@triton.jit
+def _ll_send(e, idx, m, peer_ptrs, node_base, data_off, slot_off, lr, G: tl.constexpr, UT: tl.constexpr):
+    """Store the encoded tile `e` at `slot_off + idx` of every other node peer's LL buffer (`data_off` bytes)."""
+    for j in tl.static_range(G):
+        if j != lr:
+            dst = _ptr(peer_ptrs, node_base + j, data_off, UT)
+            tl.store(dst + slot_off + idx, e, mask=m)
+
+
+@triton.jit
+def _ll_sum(own, slots, cap, m, lr, node_base, max_spins, err_ptr, G: tl.constexpr, BLOCK: tl.constexpr,
+            dty: tl.constexpr, UT: tl.constexpr, SIGN: tl.constexpr):
+    """fp32 sum of one tile over the node's G local ranks, in local-rank order (so every rank rounds alike):
+    this rank's own values at `own`, local rank j's taken from its LL slot `slots + j * cap`."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(G):
+        if j == lr:
+            v = _ll_sanitize(tl.load(own, mask=m), UT, SIGN)
+        else:
+            v = _ll_take(slots + j * cap, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
+        acc += v.to(tl.float32)
+    return acc
+
+
 # rank / node_base equal to 1 must not become constants (peer ids are converted with .to())
 @triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_one_shot_kernel(
@@ -335,21 +359,12 @@ def _ll_one_shot_kernel(
         idx = off + tl.arange(0, BLOCK)
         m = idx < hi
         e = _ll_encode(tl.load(x_ptr + idx, mask=m), UT, SIGN)
-        for j in tl.static_range(G):
-            if j != lr:
-                dst = _ptr(peer_ptrs, node_base + j, data_off, UT)
-                tl.store(dst + (par * G + lr) * cap + idx, e, mask=m)
-    mine = _ptr(peer_ptrs, rank, data_off, UT)
+        _ll_send(e, idx, m, peer_ptrs, node_base, data_off, (par * G + lr) * cap, lr, G, UT)
+    mine = _ptr(peer_ptrs, rank, data_off, UT) + par * G * cap
     for off in range(lo, hi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < hi
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(G):
-            if j == lr:
-                v = _ll_sanitize(tl.load(x_ptr + idx, mask=m), UT, SIGN)
-            else:
-                v = _ll_take(mine + (par * G + j) * cap + idx, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
-            acc += v.to(tl.float32)
+        acc = _ll_sum(x_ptr + idx, mine + idx, cap, m, lr, node_base, max_spins, err_ptr, G, BLOCK, dty, UT, SIGN)
         tl.store(out_ptr + idx, acc.to(dty), mask=m)
     _finish(ctr_ptr, seq)
 
@@ -392,13 +407,8 @@ def _ll_hier_kernel(
     for off in range(blo, bhi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < bhi
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(G):
-            if j == lr:
-                v = _ll_sanitize(tl.load(x_ptr + my_lo + idx, mask=m), UT, SIGN)
-            else:
-                v = _ll_take(rs + (par * G + j) * cap + idx, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
-            acc += v.to(tl.float32)
+        acc = _ll_sum(x_ptr + my_lo + idx, rs + par * G * cap + idx, cap, m, lr, node_base, max_spins, err_ptr, G,
+                      BLOCK, dty, UT, SIGN)
         red = _ll_sanitize(acc.to(dty), UT, SIGN)
         for k in tl.static_range(NSTEPS):
             op = tl.load(steps_ptr + 3 * k)
@@ -466,23 +476,14 @@ def _ll_one_shot_norm_kernel(
     for row in range(r_lo, r_hi):
         idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
         e = _ll_encode(tl.load(x_ptr + idx, mask=cm), UT, SIGN)
-        for j in tl.static_range(G):
-            if j != lr:
-                dst = _ptr(peer_ptrs, node_base + j, data_off, UT)
-                tl.store(dst + (par * G + lr) * cap + idx, e, mask=cm)
-    mine = _ptr(peer_ptrs, rank, data_off, UT)
+        _ll_send(e, idx, cm, peer_ptrs, node_base, data_off, (par * G + lr) * cap, lr, G, UT)
+    mine = _ptr(peer_ptrs, rank, data_off, UT) + par * G * cap
     # issued before the peers' data is awaited, so their latency hides behind the polling
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     for row in range(r_lo, r_hi):
         idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
         r = tl.load(res_ptr + idx, mask=cm, other=0.0).to(tl.float32)
-        acc = tl.zeros([TILE], dtype=tl.float32)
-        for j in tl.static_range(G):
-            if j == lr:
-                v = _ll_sanitize(tl.load(x_ptr + idx, mask=cm), UT, SIGN)
-            else:
-                v = _ll_take(mine + (par * G + j) * cap + idx, cm, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
-            acc += v.to(tl.float32)
+        acc = _ll_sum(x_ptr + idx, mine + idx, cap, cm, lr, node_base, max_spins, err_ptr, G, TILE, dty, UT, SIGN)
         h = acc.to(dty).to(tl.float32) + r
         h = tl.where(cm, h, 0.0)
         tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=cm)
