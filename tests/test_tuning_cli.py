@@ -8,32 +8,20 @@ import os
 import socket
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fusedlis.tuning import _lookup, cache, fingerprint, search
+from fusedlis.tuning import cache, fingerprint, search
 from fusedlis.tuning.bench import FakeBench, GpuBench, SkipOp
 from fusedlis.tuning.cli import main as tune_main
 from fusedlis.tuning.keys import normalize_key
 from fusedlis.tuning.shapes import Problem, kernel_module, load_config, model_problems
 from fusedlis.tuning.tuner import tune, verify
+from tests._tuning_helpers import TINY, iso  # noqa: F401  (iso: fixture)
 
 # Kernels run on the GPU when there is one, else in the Triton interpreter (conftest sets it up).
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TINY = SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, vocab_size=100, name="tiny-test")
-
-
-@pytest.fixture
-def iso(tmp_path, monkeypatch):
-    monkeypatch.setenv("FUSEDLIS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("FUSEDLIS_TUNING_FILE", raising=False)
-    monkeypatch.delenv("FUSEDLIS_TUNING", raising=False)
-    _lookup.invalidate(reset_warning=True)
-    yield tmp_path
-    _lookup.invalidate(reset_warning=True)
 
 
 def test_llama_8b_tp2_shapes_per_rank():

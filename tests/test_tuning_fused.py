@@ -20,21 +20,10 @@ from fusedlis.tuning.cli import main as tune_main
 from fusedlis.tuning.keys import normalize_key
 from fusedlis.tuning.shapes import Problem, load_config, model_problems
 from fusedlis.tuning.tuner import tune
+from tests._tuning_helpers import TINY, iso  # noqa: F401  (iso: fixture)
 
 LA = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
-TINY = SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, vocab_size=100, name="tiny-test")
 TILE = ("USE_DOT", "BM", "BN", "BK", "num_warps", "num_stages")
-
-
-@pytest.fixture
-def iso(tmp_path, monkeypatch):
-    monkeypatch.setenv("FUSEDLIS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("FUSEDLIS_TUNING_FILE", raising=False)
-    monkeypatch.delenv("FUSEDLIS_TUNING", raising=False)
-    _lookup.invalidate(reset_warning=True)
-    yield tmp_path
-    _lookup.invalidate(reset_warning=True)
 
 
 def _simulate(key, config, seed=0):
