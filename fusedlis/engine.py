@@ -60,8 +60,8 @@ class _Collectives:
 
     def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         """One fused all-reduce + residual + RMSNorm kernel where the all-reduce backend has one, else None."""
-        if self.ar.fuses_norm(x):
-            return self.ar.all_reduce_norm(x, residual.contiguous(), weight.contiguous(), eps)
+        if self.ar.fuses_norm(x):  # checked once here; AllReduce.all_reduce_norm would check again
+            return self.ar.device_ar.all_reduce_norm(x, residual.contiguous(), weight.contiguous(), eps)
         return None
 
 

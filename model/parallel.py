@@ -127,21 +127,17 @@ class RowParallelLinear(nn.Module):
         `norm` is a module with `weight` and `eps`; with a fused row_linear the GEMM, all-reduce, residual add
         and RMSNorm run as one fused kernel pair.
         """
+        lead = x.shape[:-1]
+        res2d = residual.reshape(-1, self.out_features)
+        out = None
         if self.tp.row_linear is not None and self.tp.size > 1:
-            lead = x.shape[:-1]
-            out = self.tp.row_linear(x.reshape(-1, x.shape[-1]), self.weight,
-                                     residual.reshape(-1, self.out_features), norm.weight, norm.eps)
-            if out is not None:
-                return out[0].view(*lead, -1), out[1].view(*lead, -1)
-        if self.tp.size > 1:
+            out = self.tp.row_linear(x.reshape(-1, x.shape[-1]), self.weight, res2d, norm.weight, norm.eps)
+        if out is None:
             y = ops.linear(x, self.weight)
-            lead = y.shape[:-1]
-            out = self.tp.all_reduce_norm(y.reshape(-1, self.out_features), residual.reshape(-1, self.out_features),
-                                          norm.weight, norm.eps)
-            if out is not None:
-                return out[0].view(*lead, -1), out[1].view(*lead, -1)
-            return norm(self.tp.all_reduce(y), ops, residual)
-        return norm(self.forward(x, ops), ops, residual)
+            out = self.tp.all_reduce_norm(y.reshape(-1, self.out_features), res2d, norm.weight, norm.eps)
+            if out is None:  # no fused kernel for these rows (or one rank): all-reduce, then the norm op
+                return norm(self.tp.all_reduce(y), ops, residual)
+        return out[0].view(*lead, -1), out[1].view(*lead, -1)
 
 
 def _vocab_shard(vocab_size: int, tp: TPContext) -> tuple[int, int, int]:
