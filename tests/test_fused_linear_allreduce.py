@@ -74,17 +74,52 @@ def test_bf16_gemv_path(one_shot):
     _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw, one_shot=one_shot), xs, ws, r, nw, torch.bfloat16)
 
 
-@pytest.mark.parametrize("tile", sorted(set(la._TUNED_H200.values())))
-def test_tuned_gpu_tiles(tile):
-    """Every GEMM tile shape the GPU defaults use computes the same thing (fp16, one- and two-shot)."""
-    bm, bn, bk, nw, st = tile
-    gen = torch.Generator().manual_seed(bm * bn + bk)
-    M = {16: 3, 32: 20, 64: 40}[bm]
-    xs, ws, r, nw_ = _inputs(2, M, 256, 2 * bk + 32, torch.float16, True, True, gen)
-    wss = la.FusedAllReduceWorkspace.simulate(2, 2, 64, 256)
+_GPU_TILES = sorted({(c["BM"], c["BN"], c["BK"], c["SPLIT_K"], c["num_warps"], c["num_stages"])
+                     for M in (1, 8, 32, 64) for c in la.linear_allreduce_configs(
+                         {"M": M, "N": 4096, "K": 7168, "dtype": torch.bfloat16, "local": 2}) if c["USE_DOT"]})
+
+
+@pytest.mark.parametrize("tile", _GPU_TILES[:: max(1, len(_GPU_TILES) // 6)])
+def test_gpu_tiles_with_split_k(tile):
+    """GEMM tiles (and split-K) of the GPU search space compute the same thing (fp16, one- and two-shot)."""
+    bm, bn, bk, split, nw, st = tile
+    gen = torch.Generator().manual_seed(bm * bn + bk + split)
+    M = {16: 3, 32: 20, 64: 40, 128: 70}[bm]
+    K = 2 * bk * max(split, 1) + 32  # a ragged last split
+    xs, ws, r, nw_ = _inputs(2, M, 256, K, torch.float16, True, True, gen)
+    wss = la.FusedAllReduceWorkspace.simulate(2, 2, 128, 256)
     for one_shot in (True, False):
-        cfg = {"USE_DOT": True, "BM": bm, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": st, "ONE_SHOT": one_shot}
+        cfg = {"USE_DOT": True, "BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": nw, "num_stages": st,
+               "ONE_SHOT": one_shot}
+        if not one_shot and 256 % (2 * bn):
+            continue
         _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw_, config=cfg), xs, ws, r, nw_, torch.float16)
+
+
+@settings(max_examples=6, deadline=None)
+@given(topo=st.sampled_from(TOPOS), M=st.integers(1, 9), split=st.sampled_from([2, 3, 4]),
+       K=st.sampled_from([64, 96, 200]), one_shot=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_split_k_partials(topo, M, split, K, one_shot, norm, seed):
+    """Split-K: unsummed per-split partials from every rank (ragged last split, splits fitted to K)."""
+    W, G = topo
+    N = 64 * G
+    gen = torch.Generator().manual_seed(seed)
+    xs, ws, r, nw = _inputs(W, M, N, K, torch.float32, norm, norm, gen)
+    wss = la.FusedAllReduceWorkspace.simulate(W, G, 16, 512)
+    cfg = {"USE_DOT": False, "BM": la._pow2(M), "BN": 32, "BK": 32, "SPLIT_K": split, "num_warps": 4,
+           "num_stages": 1, "ONE_SHOT": one_shot}
+    if not one_shot and N % (G * 32):
+        cfg["ONE_SHOT"] = True
+    assert la._fit_split(M, N, K, cfg, wss[0].layout) > 1
+    _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw, config=cfg), xs, ws, r, nw, torch.float32)
+
+
+def test_split_fits_workspace():
+    lay = la._Layout(8, 256, 2, 0)
+    cfg = {"BM": 16, "BN": 32, "BK": 32, "SPLIT_K": 8}
+    assert la._fit_split(1, 256, 1024, cfg, lay) == 8
+    assert la._fit_split(8, 256, 1024, cfg, lay) == 1  # 8 partial copies of 8 x 256 exceed max_m * max_n
+    assert la._fit_split(1, 256, 96, cfg, lay) == 3  # whole BK steps: 3 splits of 32
 
 
 def test_matches_comm_plan_executor():
@@ -201,12 +236,13 @@ from triton.compiler import ASTSource
 la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
 sig = {n: "*bf16" for n in ("x_ptr", "w_ptr", "out_ptr", "res_out_ptr", "res_ptr", "nw_ptr")}
 sig.update({"table_ptr": "*i64", "seq_ptr": "*i32", "err_ptr": "*i32"})
-for n in ("M", "N", "K", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "TF_CAP", "M_CAP", "NC_CAP", "NC"):
+for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "TF_CAP", "M_CAP", "NC_CAP", "NC"):
     sig[n] = "i32"
 sig.update({"eps": "fp32", "max_spins": "i32", "n_gemm": "i32", "n_total": "i32"})
-for one_shot, rounds, use_dot in ((True, 0, False), (False, 1, True)):
+for one_shot, rounds, use_dot, split in ((True, 0, False, 1), (False, 1, True, 4)):
     c = dict(MAXP=8, LOCAL=2, LOCAL_P2=2, ROUNDS=rounds, ONE_SHOT=one_shot, PART=tl.bfloat16,
-             BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, USE_DOT=use_dot, EVEN_K=True, IEEE=False,
+             BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split, LS_P2=2 * split,
+             USE_DOT=use_dot, EVEN_K=True, IEEE=False,
              HAS_RES=True, HAS_NORM=True, BLOCK_C=128, NC_P2=16, DO_GEMM=True, DO_FINISH=True,
              W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True)
     src = ASTSource(fn=la._linear_allreduce_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)

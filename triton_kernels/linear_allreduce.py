@@ -1,19 +1,19 @@
 """Row-parallel decode GEMM fused with the all-reduce of its output, optionally + residual + RMSNorm.
 
 `y = sum over ranks of x_r @ w_r.T` where every rank holds a K-shard of the weight (`w_r[N, K_r]`) and its
-slice of the activations (`x_r[M, K_r]`). Two launches per call, no host synchronisation:
+slice of the activations (`x_r[M, K_r]`). One launch per call, no host synchronisation; its programs are:
 
-1. `_linear_allreduce_push_kernel`: a decode GEMM (GEMV-style FMA for M <= 4, `tl.dot` above). The epilogue
-   of every finished [BM, BN] output tile stores the tile's partial sum straight into the receive slot of
-   the GPU that owns those columns (a store through a peer pointer over NVLink) and releases a per-tile
-   flag at system scope. Two-shot: the tile goes to the owner of its column chunk (reduce-scatter);
-   one-shot: the tile goes to every GPU of the node. The kernel never waits, so the partials stream to
-   the peers while the rest of the matmul runs.
-2. `_linear_allreduce_finish_kernel` (one program per row): acquires the tile flags of its row, sums the
-   partials of its chunk, runs the inter-node recursive-doubling rounds of the NVRAR plan on it (one
-   exchange per round with the GPU of the same local rank on node `node ^ 2**k`), adds the residual and,
-   two-shot, all-gathers the chunk (+ its sum of squares for RMSNorm) to the node's GPUs. Finally it
-   writes `y` (or `normed`, `new_residual`).
+1. GEMM programs: the decode GEMM of `linear` (same tiles and split-K; `tl.dot`, or GEMV-style FMA). The
+   epilogue of every finished [BM, BN] output tile (of one K-split) stores its partial sum straight into
+   the receive slot of the GPU that owns those columns (a store through a peer pointer over NVLink) and
+   releases a per-(tile, split) flag at system scope. Two-shot: the tile goes to the owner of its column
+   chunk (reduce-scatter); one-shot: to every GPU of the node. These programs never wait, so the partials
+   stream to the peers while the rest of the matmul runs.
+2. Finish programs (row, column chunk): acquire the flags of their chunk, sum the partials of every
+   source rank and K-split in a fixed order, run the inter-node recursive-doubling rounds of the NVRAR
+   plan on it (one exchange per round with the GPU of the same local rank on node `node ^ 2**k`), add the
+   residual and, two-shot, all-gather the chunk (+ its sum of squares for RMSNorm) to the node's GPUs.
+   Finally they write `y` (or `normed`, `new_residual`).
 
 Buffers are double-buffered by the parity of a device-side sequence number and flags carry that number,
 so consecutive calls (any layer, any shape within the workspace's capacity) reuse them without a host
@@ -60,33 +60,39 @@ except ImportError:  # pragma: no cover - comm without the symmetric workspace
 
 
 @triton.jit
-def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n,
-               MN_CAP, TF_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
-               PART: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK,
+               shard_n, MN_CAP, TF_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
+               PART: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
-    """One [BM, BN] tile of x @ w.T; its partial goes to the owner(s)' receive slot, then a tile flag."""
+    """One [BM, BN] tile of x @ w.T over one K-split; its partial goes to the owner(s)' receive slot of
+    that split, then a flag per (tile, split). Splits are never summed here: the owner sums them with the
+    other ranks' partials, so split-K costs no extra launch, counter or round trip."""
     MB = tl.cdiv(M, BM)
     NT = tl.cdiv(N, BN)
+    tiles = MB * NT
+    ks = pid // tiles
+    tile = pid % tiles
     # m-blocks vary fastest: programs sharing a weight tile run together (weight read once via L2).
-    nt = pid // MB
-    mb = pid % MB
+    nt = tile // MB
+    mb = tile % MB
+    k_lo = ks * K_PER_SPLIT
     offs_m = mb * BM + tl.arange(0, BM)
     offs_n = nt * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     if USE_DOT:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BM, BN, BK), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(0, K_PER_SPLIT, BK):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             wt = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
-            mk = (k0 + offs_k) < K
+            mk = (k_lo + k0 + offs_k) < K
             xt = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=mask_n[:, None] & mk[None, :], other=0.0)
         if USE_DOT:
@@ -104,8 +110,8 @@ def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, stride_xm, st
     part = acc.to(PART)
     mask = mask_m[:, None] & mask_n[None, :]
     offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    slot = (parity * LOCAL + LOCAL_RANK).to(tl.int64) * MN_CAP
-    fslot = (parity * LOCAL + LOCAL_RANK) * TF_CAP + mb * NT + nt
+    slot = (parity * LOCAL + LOCAL_RANK).to(tl.int64) * MN_CAP + ks.to(tl.int64) * M * N
+    fslot = (parity * LOCAL + LOCAL_RANK) * TF_CAP + ks * tiles + mb * NT + nt
     if ONE_SHOT:
         for d in tl.static_range(LOCAL):
             dst = tl.load(table_ptr + _ROW_RS * MAXP + d).to(tl.pointer_type(PART))
@@ -196,8 +202,9 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
             M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
             MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
             ONE_SHOT: tl.constexpr, PART: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-            TILE_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_C: tl.constexpr, NC_P2: tl.constexpr,
-            W_BEGIN: tl.constexpr, W_END: tl.constexpr, FENCE: tl.constexpr):
+            TILE_M: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
+            BLOCK_C: tl.constexpr, NC_P2: tl.constexpr, W_BEGIN: tl.constexpr, W_END: tl.constexpr,
+            FENCE: tl.constexpr):
     """Finish program (row m, column chunk c of this rank's shard): wait, reduce, rounds, residual, norm."""
     # Waits: 0 tile partials, 1..ROUNDS inter-node rounds, ROUNDS+1 all-gather / row norm (if any).
     # A launch runs segments [W_BEGIN, W_END); the CPU simulation runs one segment for every rank at a time.
@@ -221,16 +228,23 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
         rs = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS).to(tl.pointer_type(PART))
         rs_flag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS_FLAG).to(tl.pointer_type(tl.int32))
         NT = tl.cdiv(N, TILE_N)
+        tiles = tl.cdiv(M, TILE_M) * NT
         TPC: tl.constexpr = BLOCK_C // TILE_N
         t = tl.arange(0, TPC)
-        src = tl.arange(0, LOCAL_P2)
-        fptrs = rs_flag + (parity * LOCAL + src[:, None]) * TF_CAP + (m // TILE_M) * NT + (s0 + lo) // TILE_N + t[None, :]
-        fmask = ((lo + t[None, :] * TILE_N) < sw) & (src[:, None] < LOCAL)
+        j = tl.arange(0, LS_P2)  # (source rank, K-split) pairs
+        src = j // SPLIT
+        ks = j % SPLIT
+        fptrs = (rs_flag + (parity * LOCAL + src[:, None]) * TF_CAP + ks[:, None] * tiles + (m // TILE_M) * NT
+                 + (s0 + lo) // TILE_N + t[None, :])
+        fmask = ((lo + t[None, :] * TILE_N) < sw) & (j[:, None] < LOCAL * SPLIT)
         _wait_flags(fptrs, fmask, seq, max_spins, err_ptr, 0, FENCE)
         s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        MN = M.to(tl.int64) * N
+        # Fixed order (rank, then split): every rank sums the same numbers the same way (bitwise-equal results).
         for r in tl.static_range(LOCAL):
-            p = rs + (parity * LOCAL + r).to(tl.int64) * MN_CAP + row0 + cols
-            s += tl.load(p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            for k_ in tl.static_range(SPLIT):
+                p = rs + (parity * LOCAL + r).to(tl.int64) * MN_CAP + k_ * MN + row0 + cols
+                s += tl.load(p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
         if ROUNDS > 0:
             tl.store(acc + row0 + cols, s, mask=cm)
             xp = tl.load(table_ptr + _ROW_X * MAXP + 0).to(tl.pointer_type(tl.float32))
@@ -303,11 +317,12 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
 @triton.jit
 def _linear_allreduce_kernel(
     x_ptr, w_ptr, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, seq_ptr, err_ptr,
-    M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
-    n_gemm, n_total,
+    M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps,
+    max_spins, n_gemm, n_total,
     MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
     ONE_SHOT: tl.constexpr, PART: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
+    USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
     NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
     W_END: tl.constexpr, FENCE: tl.constexpr, BUMP: tl.constexpr,
@@ -318,15 +333,16 @@ def _linear_allreduce_kernel(
     seq = tl.load(seq_ptr)
     parity = seq & 1
     if DO_GEMM and pid < n_gemm:
-        _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, stride_xm, stride_wn, LOCAL_RANK, shard_n,
-                   MN_CAP, TF_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, USE_DOT, EVEN_K, IEEE)
+        _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
+                   LOCAL_RANK, shard_n, MN_CAP, TF_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, SPLIT, USE_DOT,
+                   EVEN_K, IEEE)
     if DO_FINISH:
         fid = pid - n_gemm if DO_GEMM else pid
         if fid >= 0:
             _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
                     M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
-                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, BLOCK_C, NC_P2,
-                    W_BEGIN, W_END, FENCE)
+                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT, LS_P2,
+                    BLOCK_C, NC_P2, W_BEGIN, W_END, FENCE)
     if BUMP:
         # The last program to arrive (all have read seq by then) advances the step for the next call.
         tl.debug_barrier()
@@ -360,8 +376,10 @@ class _Layout:
         return triton.cdiv(self.max_n, _MIN_BLOCK_C)
 
     @property
-    def tf_cap(self) -> int:  # tile flags per (parity, src): tiles are >= 16 wide and, for M > 4, >= 16 tall
-        return triton.cdiv(self.max_m, 16) * triton.cdiv(self.max_n, 16) + triton.cdiv(self.max_n, 16)
+    def tf_cap(self) -> int:
+        # tile flags per (parity, src): tiles are >= 16 wide and, for M > 4, >= 16 tall; the extra rows
+        # leave room for up to 8 K-splits of one 16-row block (split-K pays at small M)
+        return (triton.cdiv(self.max_m, 16) + 8) * triton.cdiv(self.max_n, 16)
 
     def offsets(self) -> dict[str, int]:
         L, R, mn = self.local, max(self.rounds, 1), self.mn_cap
@@ -533,29 +551,79 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-# GEMM tiles picked by `bench/fused.py --tune` on 2x H200 (TP=2, bf16, 2026-11-22; bench/results/fused_*):
-# (N, M bucket) -> (BM, BN, BK, num_warps, num_stages). N=4096 swept on K=2048, N=8192 on K=7168.
-_TUNED_H200 = {
-    (4096, 1): (16, 32, 128, 4, 6), (4096, 8): (16, 32, 128, 4, 4), (4096, 32): (32, 64, 128, 4, 4),
-    (4096, 64): (64, 16, 64, 4, 6), (4096, 128): (64, 64, 128, 8, 3),
-    (8192, 1): (16, 64, 128, 4, 4), (8192, 8): (16, 32, 256, 4, 3), (8192, 32): (32, 32, 128, 4, 6),
-    (8192, 64): (64, 32, 128, 4, 3), (8192, 128): (64, 64, 128, 8, 3),
-}
+_GEMM_KEYS = ("USE_DOT", "BM", "BN", "BK", "SPLIT_K", "num_warps", "num_stages")
+_FROM_LINEAR = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK"}
 
 
 def _m_bucket(M: int) -> int:
     return 1 if M <= 4 else 8 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
 
-def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
-                            one_shot: bool | None = None) -> dict:
-    """Default launch config (block sizes, one-shot vs two-shot) for one rank's GEMM shape.
+def _from_linear(c: dict) -> dict:
+    out = {_FROM_LINEAR.get(k, k): v for k, v in c.items() if k in _FROM_LINEAR or k in _GEMM_KEYS}
+    out.setdefault("SPLIT_K", 1)
+    out.setdefault("USE_DOT", out["BM"] >= 16)
+    return out
 
-    `tl.dot` even for M = 1 (rows padded to 16): Triton software-pipelines its operand loads (cp.async,
-    `num_stages` deep), which keeps enough weight bytes in flight; the FMA (GEMV) variant is not pipelined.
+
+def _gemm_default(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device | None) -> dict:
+    # The GEMM half is the plain decode GEMM: start from `linear`'s config for this shape (the one measured
+    # fastest on this GPU model where `linear_measured.json` has one and it is a Triton config, else its
+    # heuristic), split-K included.
+    from fusedlis.triton_kernels.linear import linear_default_config, linear_key, measured_config
+
+    lc = measured_config(M, N, K, dtype, None, device) if device is not None else None
+    if lc is None or lc.get("backend") == "torch":
+        key = linear_key(M, N, K, dtype, None, False)
+        key["sms"] = 132
+        if device is not None and device.type == "cuda":
+            key["sms"] = torch.cuda.get_device_properties(device).multi_processor_count
+        lc = linear_default_config(key)
+    return _from_linear(lc)
+
+
+_MEASURED: dict | None = None
+
+
+def measured_fused_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
+                          device: torch.device | None) -> dict | None:
+    """Config `bench/fused.py --tune` measured fastest for (N, K, GPUs per node) at the smallest measured
+    M >= `M` on this GPU model (`linear_allreduce_measured.json`); bf16 on CUDA only, else None."""
+    global _MEASURED
+    if device is None or device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    if _MEASURED is None:
+        import json
+        from pathlib import Path
+
+        try:
+            raw = json.loads((Path(__file__).parent / "linear_allreduce_measured.json").read_text())
+        except (OSError, ValueError):
+            raw = {}
+        _MEASURED = {}
+        for dev, table in raw.items():
+            if dev.startswith("_"):
+                continue
+            for kstr, cfg in table.items():
+                f = {k: int(v) for k, v in (kv.split("=") for kv in kstr.split(","))}
+                _MEASURED.setdefault((dev, f["N"], f["K"], f["local"]), []).append((f["M"], cfg))
+        for v in _MEASURED.values():
+            v.sort(key=lambda mc: mc[0])
+    for m, cfg in _MEASURED.get((torch.cuda.get_device_name(device), N, K, local), ()):
+        if m >= M:
+            return dict(cfg)
+    return None
+
+
+def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
+                            one_shot: bool | None = None, device: torch.device | None = None) -> dict:
+    """Default launch config (GEMM tile and split-K, one-shot vs two-shot) for one rank's GEMM shape.
+
+    Order: the tuning cache (`fusedlis tune --op linear_allreduce`), the table `bench/fused.py --tune`
+    measured on this GPU model, else the plain `linear` config of the same GEMM (its measured table on
+    `device`, else its heuristic). Split-K partials are pushed unsummed.
     """
-    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-    cfg = {"USE_DOT": True, "BM": bm, "BN": 32, "BK": 128 if bm <= 32 else 64, "num_warps": 4, "num_stages": 4}
+    cfg = _gemm_default(M, N, K, dtype, device)
     tuned = None
     try:
         from fusedlis import tuning
@@ -563,22 +631,75 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
         tuned = tuning.lookup("linear_allreduce", {"M": M, "N": N, "K": K, "dtype": dtype, "local": local})
     except Exception:  # the tuning cache must never break a launch
         tuned = None
+    if not tuned:
+        tuned = measured_fused_config(M, N, K, local, dtype, device)
     if tuned:
-        cfg.update({k: v for k, v in tuned.items() if k in ("USE_DOT", "BM", "BN", "BK", "num_warps", "num_stages")})
-    elif dtype != torch.float32 and (N, _m_bucket(M)) in _TUNED_H200:
-        bm_, bn, bk, nw, st = _TUNED_H200[(N, _m_bucket(M))]
-        cfg.update(BM=bm_, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+        cfg.update({k: v for k, v in tuned.items() if k in _GEMM_KEYS})
     if dtype == torch.float32 and cfg["USE_DOT"]:
         cfg["BK"] = 32
     if one_shot is None:
-        # With 2 GPUs per node both schemes move the same bytes over NVLink and one-shot saves a round
-        # trip; two-shot pays off when the node is larger and M is large (see docs/fused.md).
-        one_shot = local <= 2 or M <= 16
+        if tuned and "ONE_SHOT" in tuned:
+            one_shot = bool(tuned["ONE_SHOT"])
+        else:
+            # With 2 GPUs per node both schemes move the same bytes over NVLink and one-shot saves a round
+            # trip; two-shot pays off when the node is larger and M is large (see docs/fused.md).
+            one_shot = local <= 2 or M <= 16
     if not one_shot and N % (local * cfg["BN"]) != 0:
         one_shot = True  # chunks must be whole tiles
     cfg["ONE_SHOT"] = bool(one_shot)
     cfg["BLOCK_C"] = _block_c(M, N, local, cfg)
+    if tuned and "BLOCK_C" in tuned and tuned["BLOCK_C"] % cfg["BN"] == 0 and tuned["BLOCK_C"] >= _MIN_BLOCK_C:
+        cfg["BLOCK_C"] = int(tuned["BLOCK_C"])
     return cfg
+
+
+def linear_allreduce_default_config(key: dict) -> dict:
+    """`linear_allreduce_config` for a tuner key {M, N, K, dtype, local} without the tuning cache."""
+    from fusedlis.tuning.fused import _lookup_answer
+
+    with _lookup_answer(None):
+        return linear_allreduce_config(int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"]),
+                                       _key_dtype(key), device=_key_device(key))
+
+
+def linear_allreduce_configs(key: dict) -> list[dict]:
+    """Search space of the tuner for `key`: every GEMM config `linear_configs` sweeps for the same shape
+    (tiles x split-K), x one-/two-shot where the node has more than 2 GPUs, x a few finish chunk widths
+    at M = 1. The default comes first."""
+    from fusedlis.triton_kernels.linear import linear_configs, linear_key
+
+    M, N, K, local = int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"])
+    dt = _key_dtype(key)
+    default = linear_allreduce_default_config(key)
+    out = [default]
+    lk = linear_key(M, N, K, dt, None, False)
+    for lc in linear_configs(lk):
+        c = _from_linear(lc)
+        if dt == torch.float32 and c["USE_DOT"]:
+            c["BK"] = 32
+        shots = (default["ONE_SHOT"],) if local <= 2 else (True, False)
+        for one in shots:
+            if not one and N % (local * c["BN"]):
+                continue
+            cc = dict(c, ONE_SHOT=one)
+            cc["BLOCK_C"] = _block_c(M, N, local, cc)
+            if cc not in out:
+                out.append(cc)
+    if M == 1:
+        for bc in (256, 512, 1024):
+            cc = dict(default, BLOCK_C=bc)
+            if bc % default["BN"] == 0 and cc not in out:
+                out.append(cc)
+    return out
+
+
+def _key_dtype(key: dict) -> torch.dtype:
+    d = key.get("dtype", torch.bfloat16)
+    return d if isinstance(d, torch.dtype) else getattr(torch, str(d).replace("torch.", ""))
+
+
+def _key_device(key: dict) -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 def _block_c(M: int, N: int, local: int, cfg: dict) -> int:
@@ -630,16 +751,18 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     L = ws.local_size
     sw = N if cfg["ONE_SHOT"] else N // L
     nc = triton.cdiv(sw, cfg["BLOCK_C"])
-    n_gemm = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    split = int(cfg.get("SPLIT_K", 1))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
+    n_gemm = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]) * split
     n_total = (n_gemm if gemm else 0) + (M * nc if finish else 0)
     _linear_allreduce_kernel[(n_total,)](
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
-        M, N, K, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap, ws.layout.tf_cap,
+        M, N, K, k_per_split, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap, ws.layout.tf_cap,
         ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.max_spins, n_gemm, n_total,
         MAXP=ws.maxp, LOCAL=L, LOCAL_P2=_pow2(L), ROUNDS=ws.rounds, ONE_SHOT=cfg["ONE_SHOT"],
-        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], USE_DOT=cfg["USE_DOT"],
-        EVEN_K=K % cfg["BK"] == 0, IEEE=x.dtype == torch.float32,
+        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT=split, LS_P2=_pow2(L * split),
+        USE_DOT=cfg["USE_DOT"], EVEN_K=K % k_per_split == 0, IEEE=x.dtype == torch.float32,
         HAS_RES=residual is not None, HAS_NORM=norm_weight is not None, BLOCK_C=cfg["BLOCK_C"],
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
         FENCE=x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1", BUMP=bump,
@@ -648,7 +771,7 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
 
 
 def _pick_config(M, N, K, ws, dtype, one_shot, config):
-    cfg = linear_allreduce_config(M, N, K, ws.local_size, dtype, one_shot)
+    cfg = linear_allreduce_config(M, N, K, ws.local_size, dtype, one_shot, device=ws.device)
     if not config and ws.device.type != "cuda" and dtype == torch.bfloat16 and M <= 4:
         # the interpreter cannot do a bf16 tl.dot (triton#11584): GEMV variant
         cfg.update(USE_DOT=False, BM=_pow2(M), BK=max(32, 256 // _pow2(M)))
@@ -656,6 +779,7 @@ def _pick_config(M, N, K, ws, dtype, one_shot, config):
         cfg.update(config)
         if "BLOCK_C" not in config:
             cfg["BLOCK_C"] = _block_c(M, N, ws.local_size, cfg)
+    cfg["SPLIT_K"] = _fit_split(M, N, K, cfg, ws.layout)
     if one_shot is False and cfg["ONE_SHOT"]:
         raise ValueError(f"two-shot needs N % (gpus_per_node * BN) == 0, got N={N}, BN={cfg['BN']}")
     if not cfg["ONE_SHOT"] and N % (ws.local_size * cfg["BN"]) != 0:
@@ -663,6 +787,27 @@ def _pick_config(M, N, K, ws, dtype, one_shot, config):
     if cfg["BLOCK_C"] % cfg["BN"] or cfg["BLOCK_C"] < _MIN_BLOCK_C:
         raise ValueError(f"BLOCK_C={cfg['BLOCK_C']} must be a multiple of BN={cfg['BN']} and >= {_MIN_BLOCK_C}")
     return cfg
+
+
+def _fit_split(M: int, N: int, K: int, cfg: dict, layout: _Layout) -> int:
+    """Largest split <= the config's whose unsummed partials fit the workspace (S*M*N values per source,
+    S * tiles flags), with whole BK steps per split and no empty split."""
+    split = max(1, int(cfg.get("SPLIT_K", 1)))
+    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    while split > 1 and (split * M * N > layout.mn_cap or split * tiles > layout.tf_cap):
+        split //= 2
+    if tiles > layout.tf_cap:
+        raise ValueError(f"{tiles} GEMM tiles of {cfg['BM']}x{cfg['BN']} exceed the workspace's {layout.tf_cap} "
+                         "tile flags: use tiles of at least 16 columns (and 16 rows for M > 4)")
+    if split > 1:
+        kps = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
+        split = triton.cdiv(K, kps)
+    return split
+
+
+def _part_dtype(M: int, cfg: dict, dtype: torch.dtype, partial_dtype: torch.dtype | None) -> torch.dtype:
+    # fp32 partials where they are few (small M) or are split-K pieces (rounding each piece would add error).
+    return partial_dtype or (torch.float32 if M <= 8 or cfg.get("SPLIT_K", 1) > 1 else dtype)
 
 
 def _n_waits(ws: FusedAllReduceWorkspace, one_shot: bool, has_norm: bool) -> int:
@@ -714,7 +859,7 @@ def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: tor
     M, K = x.shape
     N = w_shard.shape[0]
     cfg = _pick_config(M, N, K, ws, x.dtype, one_shot, config)
-    part = partial_dtype or (torch.float32 if M <= 8 else x.dtype)
+    part = _part_dtype(M, cfg, x.dtype, partial_dtype)
     if part not in _DTYPES:
         raise TypeError(f"partial_dtype {part} not supported")
     out, res_out = _alloc_out(x, N, norm_weight, out)
@@ -742,7 +887,7 @@ def simulate_linear_allreduce(xs: list[torch.Tensor], ws_shards: list[torch.Tens
     N = ws_shards[0].shape[0]
     ws0 = workspaces[0]
     cfg = _pick_config(M, N, K, ws0, xs[0].dtype, one_shot, config)
-    part = partial_dtype or (torch.float32 if M <= 8 else xs[0].dtype)
+    part = _part_dtype(M, cfg, xs[0].dtype, partial_dtype)
     outs = [_alloc_out(x, N, norm_weight, poison=True) for x in xs]
     for x, w, ws, (out, res_out) in zip(xs, ws_shards, workspaces, outs):
         _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part, eps, finish=False, bump=False)

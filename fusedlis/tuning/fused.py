@@ -1,12 +1,11 @@
 """Tuning the fused row-parallel GEMM + all-reduce (`fusedlis.triton_kernels.linear_allreduce`).
 
 The launcher asks ``lookup("linear_allreduce", {"M", "N", "K", "dtype", "local"})`` inside
-`linear_allreduce_config` and applies only some keys of the answer (today the GEMM tile: ``USE_DOT``,
-``BM``, ``BN``, ``BK``, ``num_warps``, ``num_stages``; ``ONE_SHOT`` and ``BLOCK_C`` are re-derived). The
-tuner must not store choices the launcher would silently drop, so `honoured_keys` finds the applied keys
-by probing the launcher with a fake lookup answer, and the search space only varies those. When the
-launcher starts honouring more keys (or ships its own ``linear_allreduce_configs``), the tuner follows
-without a change here.
+`linear_allreduce_config` and applies the keys of the answer it knows (the GEMM tile and split-K,
+``ONE_SHOT``, ``BLOCK_C``). The search space and the default are the kernel module's own
+(``linear_allreduce_configs``, ``linear_allreduce_default_config``). The tuner must not store choices the
+launcher would silently drop, so `honoured_keys` finds the applied keys by probing the launcher with a fake
+lookup answer, and candidates keep only those.
 
 `FusedBench` times candidates collectively under torchrun (>= 2 CUDA ranks), each captured in a CUDA
 graph, after checking the result against torch (``x @ w.T`` then ``dist.all_reduce``), with cuBLAS +
@@ -26,11 +25,7 @@ from fusedlis.tuning import search as _search
 
 OP = "linear_allreduce"
 # Keys a tuned entry may set, in launcher spelling. Which of them the launcher applies is probed.
-TUNABLE = ("USE_DOT", "BM", "BN", "BK", "num_warps", "num_stages", "ONE_SHOT", "BLOCK_C")
-# Extra GEMM tiles (BN, BK, num_warps, num_stages) besides the launcher's measured table: the shapes
-# `linear_configs` sweeps for the plain decode GEMM.
-_EXTRA_TILES = ((64, 128, 4, 4), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3))
-
+TUNABLE = ("USE_DOT", "BM", "BN", "BK", "SPLIT_K", "num_warps", "num_stages", "ONE_SHOT", "BLOCK_C")
 
 def _module():
     import importlib
@@ -87,57 +82,22 @@ def honoured_keys(key: dict[str, Any]) -> tuple[str, ...]:
 
 
 def linear_allreduce_default_config(key: dict[str, Any]) -> dict[str, Any]:
-    """What the launcher runs for `key` with no tuning cache, restricted to the keys it honours.
-
-    Use as the tuner's "before"; the launcher's own table (`_TUNED_H200`) is part of this default.
-    """
-    mod = _module()
-    own = getattr(mod, "linear_allreduce_default_config", None)
-    if own is not None:
-        return dict(own(key))
-    cfg = _launcher_config(key, None)
-    return {k: cfg[k] for k in honoured_keys(key) if k in cfg}
+    """What the launcher runs for `key` with no tuning cache (the tuner's "before"): the kernel module's
+    own `linear_allreduce_default_config`, restricted to the keys the launcher honours for `key`."""
+    keys = set(honoured_keys(key))
+    return {k: v for k, v in _module().linear_allreduce_default_config(key).items() if k in keys}
 
 
 def linear_allreduce_configs(key: dict[str, Any]) -> list[dict[str, Any]]:
-    """Candidate configs for `key`: the default first, then the tiles of the launcher's measured table
-    (`_TUNED_H200`) and a few plain-GEMM tiles at the default's BM, and the GEMV variant for M <= 2.
-
-    Only honoured keys vary. Configs the launcher would reject (two-shot chunks that are not whole
-    tiles, tiles smaller than the workspace's 16 x 16 flag grid for M > 4) are left out.
-    """
-    mod = _module()
-    own = getattr(mod, "linear_allreduce_configs", None)
-    if own is not None:
-        return [dict(c) for c in own(key)]
-    M, N, local = int(key["M"]), int(key["N"]), int(key["local"])
-    full = _launcher_config(key, None)
-    default = linear_allreduce_default_config(key)
-    keys = set(default)
-    tiles = list(dict.fromkeys([(bn, bk, nw, ns) for (_bm, bn, bk, nw, ns) in
-                                getattr(mod, "_TUNED_H200", {}).values()] + list(_EXTRA_TILES)))
-    fp32 = _dtype(key) == torch.float32
-    raw: list[dict[str, Any]] = [dict(default)]
-    for bn, bk, nw, ns in tiles:
-        raw.append({"USE_DOT": True, "BM": full["BM"], "BN": bn, "BK": 32 if fp32 else bk, "num_warps": nw,
-                    "num_stages": ns})
-    if M <= 2:
-        raw.append({"USE_DOT": False, "BM": 1 if M == 1 else 2, "BN": 32, "BK": 256, "num_warps": 4,
-                    "num_stages": 1})
-    if "ONE_SHOT" in keys and local > 2:
-        raw += [dict(c, ONE_SHOT=not full["ONE_SHOT"]) for c in list(raw)]
+    """Candidate configs for `key`, default first: the kernel module's own `linear_allreduce_configs`,
+    restricted to the keys the launcher honours (probed, so a stale cache entry can never carry a key the
+    launcher would drop)."""
+    keys = set(honoured_keys(key))
     out: list[dict[str, Any]] = []
-    for c in raw:
-        c = {k: v for k, v in {**full, **c}.items() if k in keys}
-        one_shot = c.get("ONE_SHOT", full["ONE_SHOT"])
-        if not one_shot and N % (local * c.get("BN", full["BN"])):
-            continue
-        if M > 4 and (c.get("BM", full["BM"]) < 16 or c.get("BN", full["BN"]) < 16):
-            continue
+    for c in _module().linear_allreduce_configs(key):
+        c = {k: v for k, v in c.items() if k in keys}
         if c not in out:
             out.append(c)
-    if default not in out:
-        out.insert(0, dict(default))
     return out
 
 
