@@ -19,6 +19,10 @@
 # P: bench/gpu_perfmodel.sh (calibrate incl. LL + norm, validate against bench/results + this run's decode CSVs),
 #    its files packed into perfmodel_results.tgz
 # E: tests/test_engine_multigpu.py (every allreduce mode against the fp32 reference, greedy tokens)
+# X: tests/test_fused_multigpu.py, 1 node x 2 (10,000 graph replays) and 2 logical nodes x 1 (2,000)
+# S: bench/fused.py --tune (the fused kernel's search space, split-K included, per shape and M in 1,8,32,64), then
+#    the side-by-side variants with the picks; the picks become this copy's linear_allreduce_measured.json, so the
+#    parts after S (D, L, B) run with them
 # FUSEDLIS_SOURCE_COMMIT=<hash> (written literally in the device command: the device's .git is stale) goes into
 #    the decode CSV headers instead of the copy's commit
 # DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
@@ -48,6 +52,16 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   want K && TAIL=20 step kernels_swiglu 200 env CUDA_VISIBLE_DEVICES=0 python3 bench/kernels.py --out "$R" \
     --parts swiglu --models 8b,70b --ms 1,8,32,64 --reps 10
+  want X && TAIL=12 step fused_2gpu 150 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 2 \
+    --replays 10000
+  want X && TAIL=12 step fused_2gpu_logical 100 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py \
+    --gpus-per-node 1 --replays 2000
+  if want S; then
+    TAIL=60 step fused_tune ${S_CAP:-330} torchrun --nproc-per-node 2 bench/fused.py --out "$R" --tune --ms "${S_MS:-1,8,32,64}" \
+      --iters 8 --variants 'cublas_gemm_only,cublas+nccl,cublas+symm_*,fusedlis_linear+*,fusedlis_linear_same_config,fused_auto*,fused_gemm_push_only'
+    for f in "$R"/fused_*_picks.json; do [ -f "$f" ] && cp "$f" triton_kernels/linear_allreduce_measured.json \
+      && cp "$f" "$OUTD/" && echo "installed $f"; done
+  fi
   want T && step comm_norm 150 torchrun --nproc-per-node 2 tests/test_comm_gpu.py --only norm --replays 10000
   want F && TAIL=30 step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \
     --variants 'fusedlis_ar_only,fusedlis_ar+res+norm_only*,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm(torch)'
