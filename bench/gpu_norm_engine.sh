@@ -66,8 +66,9 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   want F && TAIL=30 step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \
     --variants 'fusedlis_ar_only,fusedlis_ar+res+norm_only*,fusedlis_ar+triton_res+norm_only,cublas+nccl,cublas+nccl+res+norm(torch)'
   want F && grep -h -E "M=   1 |M=   8 |M=  64 " "$R/fused_norm.log" | grep -E "tile|only" | cut -c1-80
-  want D && TAIL=90 step decode_8b 230 torchrun --nproc-per-node 2 bench/decode.py --out "$R" --models llama-3.1-8b \
-    --modes auto,auto-unfusednorm,nccl,fused --batch 1,8,32,64 --context 512,4096 --steps 100 --tag "$DTAG"
+  want D && TAIL=90 step decode_8b ${D_CAP:-230} torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
+    --models llama-3.1-8b --modes "${D_MODES:-auto,auto-unfusednorm,nccl,fused}" --batch "${D_BATCH:-1,8,32,64}" \
+    --context "${D_CTX:-512,4096}" --steps 100 --tag "$DTAG"
   want L && TAIL=40 step decode_70b 240 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
     --models llama-3.1-70b --modes auto,auto-unfusednorm,nccl --batch 1,8,32,64 --context 512,4096 --steps 30 \
     --tag "${DTAG/8b/70b}"
