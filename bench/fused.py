@@ -320,7 +320,7 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
              "norm_extra_us ll_ar_norm_extra_us ar_then_triton_norm_extra_us"]
     for (s, M), d in table.items():
         fused = min(d.get(k, float("inf")) for k in ("fused_one_shot", "fused_two_shot", "fused_auto"))
-        unf = {k: v for k, v in d.items() if not k.startswith("fused") and "norm" not in k and "only" not in k
+        unf = {k: v for k, v in d.items() if not k.startswith("fused_") and "norm" not in k and "only" not in k
                and "same_config" not in k and v == v}
         best = min(unf, key=unf.get) if unf else None
         nccl = d.get("cublas+nccl", float("nan"))

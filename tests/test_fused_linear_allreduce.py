@@ -118,6 +118,7 @@ def test_split_fits_workspace():
     lay = la._Layout(8, 256, 2, 0)
     cfg = {"BM": 16, "BN": 32, "BK": 32, "SPLIT_K": 8}
     assert la._fit_split(1, 256, 1024, cfg, lay) == 8
+    assert la._fit_split(2, 256, 1024, cfg, lay) == 4
     assert la._fit_split(8, 256, 1024, cfg, lay) == 1  # 8 partial copies of 8 x 256 exceed max_m * max_n
     assert la._fit_split(1, 256, 96, cfg, lay) == 3  # whole BK steps: 3 splits of 32
 
@@ -236,19 +237,23 @@ from triton.compiler import ASTSource
 la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
 sig = {n: "*bf16" for n in ("x_ptr", "w_ptr", "out_ptr", "res_out_ptr", "res_ptr", "nw_ptr")}
 sig.update({"table_ptr": "*i64", "seq_ptr": "*i32", "err_ptr": "*i32"})
-for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "TF_CAP", "M_CAP", "NC_CAP", "NC"):
+for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "M_CAP", "NC_CAP", "NC"):
     sig[n] = "i32"
 sig.update({"eps": "fp32", "max_spins": "i32", "n_gemm": "i32", "n_total": "i32"})
 for one_shot, rounds, use_dot, split in ((True, 0, False, 1), (False, 1, True, 4)):
     c = dict(MAXP=8, LOCAL=2, LOCAL_P2=2, ROUNDS=rounds, ONE_SHOT=one_shot, PART=tl.bfloat16,
-             BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split, LS_P2=2 * split,
+             BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split,
              USE_DOT=use_dot, EVEN_K=True, IEEE=False,
              HAS_RES=True, HAS_NORM=True, BLOCK_C=128, NC_P2=16, DO_GEMM=True, DO_FINISH=True,
              W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True)
     src = ASTSource(fn=la._linear_allreduce_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
-    assert "fence.acq_rel.sys" in ptx and "atom" in ptx and "nanosleep" in ptx, "missing sync instructions"
+    assert "ld.volatile" in ptx, "LL partials must be polled with volatile loads"
+    if rounds:  # inter-node rounds and two-shot all-gather: flags with system-scope acquire / release
+        assert "fence.acq_rel.sys" in ptx and "atom" in ptx and "nanosleep" in ptx, "missing sync instructions"
+    else:  # one-shot: LL words only, no system-scope fence anywhere
+        assert "fence.acq_rel.sys" not in ptx and ".sys" not in ptx, "one-shot must not fence at system scope"
 print("COMPILED_OK")
 """
 

@@ -40,11 +40,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # Table rows of peer / local addresses (int64), see FusedAllReduceWorkspace._build_table.
-(_ROW_RS, _ROW_RS_FLAG, _ROW_AG, _ROW_SQ, _ROW_AG_FLAG, _ROW_X, _ROW_X_FLAG,
+(_ROW_RS, _ROW_SQW, _ROW_AG, _ROW_SQ, _ROW_AG_FLAG, _ROW_X, _ROW_X_FLAG,
  _ROW_LOCAL) = (tl.constexpr(i) for i in range(8))
 _N_ROWS = 8
 # Columns of the local row.
-_L_RS, _L_RS_FLAG, _L_AG, _L_SQ, _L_AG_FLAG, _L_X, _L_X_FLAG, _L_ACC = (tl.constexpr(i) for i in range(8))
+_L_RS, _L_SQW, _L_AG, _L_SQ, _L_AG_FLAG, _L_X, _L_X_FLAG, _L_ACC = (tl.constexpr(i) for i in range(8))
 _MIN_BLOCK_C = 128
 
 
@@ -61,12 +61,12 @@ except ImportError:  # pragma: no cover - comm without the symmetric workspace
 
 @triton.jit
 def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK,
-               shard_n, MN_CAP, TF_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
+               shard_n, MN_CAP, MAXP: tl.constexpr, LOCAL: tl.constexpr, ONE_SHOT: tl.constexpr,
                PART: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
-    """One [BM, BN] tile of x @ w.T over one K-split; its partial goes to the owner(s)' receive slot of
-    that split, then a flag per (tile, split). Splits are never summed here: the owner sums them with the
-    other ranks' partials, so split-K costs no extra launch, counter or round trip."""
+    """One [BM, BN] tile of x @ w.T over one K-split; its partial goes, LL-encoded, to the owner(s)' receive
+    slot of that split. No flag and no fence: the owner polls the words themselves. Splits are never summed
+    here: the owner sums them with the other ranks' partials, so split-K costs no extra launch or counter."""
     MB = tl.cdiv(M, BM)
     NT = tl.cdiv(N, BN)
     tiles = MB * NT
@@ -107,27 +107,53 @@ def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, 
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
 
-    part = acc.to(PART)
+    UT: tl.constexpr = tl.uint16 if PART.primitive_bitwidth == 16 else tl.uint32
+    SIGN: tl.constexpr = (1 << 15) if PART.primitive_bitwidth == 16 else (1 << 31)
+    e = _ll_encode(acc.to(PART), UT, SIGN)
     mask = mask_m[:, None] & mask_n[None, :]
     offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     slot = (parity * LOCAL + LOCAL_RANK).to(tl.int64) * MN_CAP + ks.to(tl.int64) * M * N
-    fslot = (parity * LOCAL + LOCAL_RANK) * TF_CAP + ks * tiles + mb * NT + nt
     if ONE_SHOT:
         for d in tl.static_range(LOCAL):
-            dst = tl.load(table_ptr + _ROW_RS * MAXP + d).to(tl.pointer_type(PART))
-            tl.store(dst + slot + offs, part, mask=mask)
-        # Every thread's peer stores are issued before the single-thread system-scope release.
-        tl.debug_barrier()
-        for d in tl.static_range(LOCAL):
-            flag = tl.load(table_ptr + _ROW_RS_FLAG * MAXP + d).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(flag + fslot, seq, sem="release", scope="sys")
+            dst = tl.load(table_ptr + _ROW_RS * MAXP + d).to(tl.pointer_type(UT))
+            tl.store(dst + slot + offs, e, mask=mask)
     else:
         d = (nt * BN) // shard_n
-        dst = tl.load(table_ptr + _ROW_RS * MAXP + d).to(tl.pointer_type(PART))
-        tl.store(dst + slot + offs, part, mask=mask)
-        tl.debug_barrier()
-        flag = tl.load(table_ptr + _ROW_RS_FLAG * MAXP + d).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(flag + fslot, seq, sem="release", scope="sys")
+        dst = tl.load(table_ptr + _ROW_RS * MAXP + d).to(tl.pointer_type(UT))
+        tl.store(dst + slot + offs, e, mask=mask)
+
+
+# LL ("Lamport") words, as in fusedlis.comm's LL all-reduce: the all-zero word means "empty". A value is
+# encoded by turning -0.0 into +0.0 and flipping its sign bit, so no encoded word is zero; the receiver polls
+# until no word of its chunk is zero, decodes, and zeroes the words again. Slots start zeroed and alternate by
+# call parity (a sender is at most one call ahead). -0.0 -> +0.0 changes no sum.
+
+
+@triton.jit
+def _ll_encode(v, UT: tl.constexpr, SIGN: tl.constexpr):
+    b = v.to(UT, bitcast=True)
+    b = tl.where(b == SIGN, 0, b)
+    return b ^ SIGN
+
+
+@triton.jit
+def _ll_take(p, mask, seq, max_spins, err_ptr, stage, PART: tl.constexpr):
+    """Wait (bounded) until every word under `mask` at `p` is non-zero; return the decoded fp32 values and
+    zero the words for the next call of this parity."""
+    UT: tl.constexpr = tl.uint16 if PART.primitive_bitwidth == 16 else tl.uint32
+    SIGN: tl.constexpr = (1 << 15) if PART.primitive_bitwidth == 16 else (1 << 31)
+    pu = p.to(tl.pointer_type(UT))
+    e = tl.load(pu, mask=mask, other=1, volatile=True)
+    spins = 0
+    while (tl.min(e, axis=0) == 0) & (spins < max_spins):
+        e = tl.load(pu, mask=mask, other=1, volatile=True)
+        spins += 1
+    if tl.min(e, axis=0) == 0:
+        tl.store(err_ptr + 1, stage)
+        tl.store(err_ptr + 2, seq)
+        tl.atomic_xchg(err_ptr, 1)
+    tl.store(pu, tl.zeros_like(e), mask=mask)
+    return (e ^ SIGN).to(PART, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -172,12 +198,12 @@ def _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_p
             tl.store(res_out_ptr + row, h, mask=cm)
             hf = h.to(tl.float32)
             sq = tl.sum(tl.where(cm, hf * hf, 0.0), axis=0)
-            slot = (parity * (LOCAL * NC_CAP) + LOCAL_RANK * NC_CAP + c) * M_CAP + m
-            sqp = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQ).to(tl.pointer_type(tl.float32))
-            tl.store(sqp + slot, sq)
-            tl.debug_barrier()
-            fl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_FLAG).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(fl + slot, seq, sem="release", scope="gpu")
+            # the chunk's sum of squares for the row's other chunk programs: one word tagged with the call's
+            # step (seq << 32 | fp32 bits), so no flag, fence or clearing is needed
+            sqw = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQW).to(tl.pointer_type(tl.int64))
+            word = (seq.to(tl.int64) << 32) | (sq.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+            tl.store(sqw + c * M_CAP + m, word)
+            tl.debug_barrier()  # h is re-read by this program's other threads after the wait
         else:
             tl.store(out_ptr + row, h, mask=cm)
     else:
@@ -199,10 +225,10 @@ def _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_p
 
 @triton.jit
 def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
-            M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
+            M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
             MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
             ONE_SHOT: tl.constexpr, PART: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-            TILE_M: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
+            TILE_M: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
             BLOCK_C: tl.constexpr, NC_P2: tl.constexpr, W_BEGIN: tl.constexpr, W_END: tl.constexpr,
             FENCE: tl.constexpr):
     """Finish program (row m, column chunk c of this rank's shard): wait, reduce, rounds, residual, norm."""
@@ -226,25 +252,13 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
 
     if W_BEGIN <= 0 and W_END > 0:
         rs = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS).to(tl.pointer_type(PART))
-        rs_flag = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS_FLAG).to(tl.pointer_type(tl.int32))
-        NT = tl.cdiv(N, TILE_N)
-        tiles = tl.cdiv(M, TILE_M) * NT
-        TPC: tl.constexpr = BLOCK_C // TILE_N
-        t = tl.arange(0, TPC)
-        j = tl.arange(0, LS_P2)  # (source rank, K-split) pairs
-        src = j // SPLIT
-        ks = j % SPLIT
-        fptrs = (rs_flag + (parity * LOCAL + src[:, None]) * TF_CAP + ks[:, None] * tiles + (m // TILE_M) * NT
-                 + (s0 + lo) // TILE_N + t[None, :])
-        fmask = ((lo + t[None, :] * TILE_N) < sw) & (j[:, None] < LOCAL * SPLIT)
-        _wait_flags(fptrs, fmask, seq, max_spins, err_ptr, 0, FENCE)
         s = tl.zeros((BLOCK_C,), dtype=tl.float32)
         MN = M.to(tl.int64) * N
         # Fixed order (rank, then split): every rank sums the same numbers the same way (bitwise-equal results).
         for r in tl.static_range(LOCAL):
             for k_ in tl.static_range(SPLIT):
                 p = rs + (parity * LOCAL + r).to(tl.int64) * MN_CAP + k_ * MN + row0 + cols
-                s += tl.load(p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+                s += _ll_take(p, cm, seq, max_spins, err_ptr, 0, PART)
         if ROUNDS > 0:
             tl.store(acc + row0 + cols, s, mask=cm)
             xp = tl.load(table_ptr + _ROW_X * MAXP + 0).to(tl.pointer_type(tl.float32))
@@ -280,21 +294,36 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
 
     if (not ONE_SHOT) or HAS_NORM:
         if W_BEGIN <= ROUNDS + 1 and W_END > ROUNDS + 1:
-            flg = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_FLAG).to(tl.pointer_type(tl.int32))
-            sqp = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQ).to(tl.pointer_type(tl.float32))
-            src = tl.arange(0, LOCAL_P2)[:, None]
-            cc = tl.arange(0, NC_P2)[None, :]
-            slots = (parity * (LOCAL * NC_CAP) + src * NC_CAP + cc) * M_CAP + m
-            if ONE_SHOT:
-                smask = (src == LOCAL_RANK) & (cc < NC)  # row norm: every chunk of this rank's row
-            elif HAS_NORM:
-                smask = (src < LOCAL) & (cc < NC)  # every chunk of every owner
-            else:
-                smask = (src < LOCAL) & (cc == c)  # chunk c of every owner
-            _wait_flags(flg + slots, smask, seq, max_spins, err_ptr, ROUNDS + 1, FENCE)
-            if HAS_NORM:
-                total = tl.sum(tl.load(sqp + slots, mask=smask, other=0.0, cache_modifier=".cg"))
+            if ONE_SHOT:  # row norm: the tagged sum-of-squares words of every chunk of this row
+                sqw = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQW).to(tl.pointer_type(tl.int64))
+                cc1 = tl.arange(0, NC_P2)
+                wm = cc1 < NC
+                tag = seq.to(tl.int64) << 32
+                wv = tl.load(sqw + cc1 * M_CAP + m, mask=wm, other=tag, volatile=True)
+                spins = 0
+                while (tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0) & (spins < max_spins):
+                    wv = tl.load(sqw + cc1 * M_CAP + m, mask=wm, other=tag, volatile=True)
+                    spins += 1
+                if tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0:
+                    tl.store(err_ptr + 1, ROUNDS + 1)
+                    tl.store(err_ptr + 2, seq)
+                    tl.atomic_xchg(err_ptr, 1)
+                total = tl.sum(tl.where(wm, (wv & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0))
                 rstd = 1.0 / tl.sqrt(total / N + eps)
+            else:
+                flg = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_AG_FLAG).to(tl.pointer_type(tl.int32))
+                sqp = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_SQ).to(tl.pointer_type(tl.float32))
+                src = tl.arange(0, LOCAL_P2)[:, None]
+                cc = tl.arange(0, NC_P2)[None, :]
+                slots = (parity * (LOCAL * NC_CAP) + src * NC_CAP + cc) * M_CAP + m
+                if HAS_NORM:
+                    smask = (src < LOCAL) & (cc < NC)  # every chunk of every owner
+                else:
+                    smask = (src < LOCAL) & (cc == c)  # chunk c of every owner
+                _wait_flags(flg + slots, smask, seq, max_spins, err_ptr, ROUNDS + 1, FENCE)
+                if HAS_NORM:
+                    total = tl.sum(tl.load(sqp + slots, mask=smask, other=0.0, cache_modifier=".cg"))
+                    rstd = 1.0 / tl.sqrt(total / N + eps)
             if ONE_SHOT:
                 h = tl.load(res_out_ptr + row0 + cols, mask=cm, other=0.0).to(tl.float32)
                 wn = tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -314,14 +343,15 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
                         tl.store(out_ptr + row0 + dcols, h, mask=cm)
 
 
-@triton.jit
+# M = 1 must not become a constant (M is converted with .to()); LOCAL_RANK likewise
+@triton.jit(do_not_specialize=["M", "LOCAL_RANK"])
 def _linear_allreduce_kernel(
     x_ptr, w_ptr, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, seq_ptr, err_ptr,
-    M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps,
+    M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps,
     max_spins, n_gemm, n_total,
     MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
     ONE_SHOT: tl.constexpr, PART: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
     NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
@@ -334,14 +364,14 @@ def _linear_allreduce_kernel(
     parity = seq & 1
     if DO_GEMM and pid < n_gemm:
         _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
-                   LOCAL_RANK, shard_n, MN_CAP, TF_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, SPLIT, USE_DOT,
+                   LOCAL_RANK, shard_n, MN_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, SPLIT, USE_DOT,
                    EVEN_K, IEEE)
     if DO_FINISH:
         fid = pid - n_gemm if DO_GEMM else pid
         if fid >= 0:
             _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
-                    M, N, LOCAL_RANK, shard_n, MN_CAP, TF_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
-                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT, LS_P2,
+                    M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
+                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT,
                     BLOCK_C, NC_P2, W_BEGIN, W_END, FENCE)
     if BUMP:
         # The last program to arrive (all have read seq by then) advances the step for the next call.
@@ -375,12 +405,6 @@ class _Layout:
     def nc_cap(self) -> int:  # column chunks per (parity, src, row)
         return triton.cdiv(self.max_n, _MIN_BLOCK_C)
 
-    @property
-    def tf_cap(self) -> int:
-        # tile flags per (parity, src): tiles are >= 16 wide and, for M > 4, >= 16 tall; the extra rows
-        # leave room for up to 8 K-splits of one 16-row block (split-K pays at small M)
-        return (triton.cdiv(self.max_m, 16) + 8) * triton.cdiv(self.max_n, 16)
-
     def offsets(self) -> dict[str, int]:
         L, R, mn = self.local, max(self.rounds, 1), self.mn_cap
         sizes = {
@@ -388,7 +412,7 @@ class _Layout:
             "ag": 2 * mn * 4,
             "x": 2 * R * mn * 4,
             "acc": mn * 4,
-            "rs_flag": 2 * L * self.tf_cap * 4,
+            "sqw": self.nc_cap * self.max_m * 8,
             "sq": 2 * L * self.nc_cap * self.max_m * 4,
             "ag_flag": 2 * L * self.nc_cap * self.max_m * 4,
             "x_flag": 2 * R * self.nc_cap * self.max_m * 4,
@@ -442,7 +466,7 @@ class FusedAllReduceWorkspace:
         t = torch.zeros(_N_ROWS, self.maxp, dtype=torch.int64)
         for d in range(L):
             base = self.base_ptrs[self.node * L + d]
-            for row, key in ((_ROW_RS, "rs"), (_ROW_RS_FLAG, "rs_flag"), (_ROW_AG, "ag"), (_ROW_SQ, "sq"),
+            for row, key in ((_ROW_RS, "rs"), (_ROW_SQW, "sqw"), (_ROW_AG, "ag"), (_ROW_SQ, "sq"),
                              (_ROW_AG_FLAG, "ag_flag")):
                 t[row.value, d] = base + off[key]
         for k in range(self.rounds):
@@ -450,7 +474,7 @@ class FusedAllReduceWorkspace:
             t[_ROW_X.value, k] = self.base_ptrs[partner] + off["x"]
             t[_ROW_X_FLAG.value, k] = self.base_ptrs[partner] + off["x_flag"]
         me = self.base_ptrs[self.rank]
-        for col, key in ((_L_RS, "rs"), (_L_RS_FLAG, "rs_flag"), (_L_AG, "ag"), (_L_SQ, "sq"),
+        for col, key in ((_L_RS, "rs"), (_L_SQW, "sqw"), (_L_AG, "ag"), (_L_SQ, "sq"),
                          (_L_AG_FLAG, "ag_flag"), (_L_X, "x"), (_L_X_FLAG, "x_flag"), (_L_ACC, "acc")):
             t[_ROW_LOCAL.value, col.value] = me + off[key]
         return t
@@ -758,10 +782,10 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     _linear_allreduce_kernel[(n_total,)](
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
-        M, N, K, k_per_split, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap, ws.layout.tf_cap,
+        M, N, K, k_per_split, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap,
         ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.max_spins, n_gemm, n_total,
         MAXP=ws.maxp, LOCAL=L, LOCAL_P2=_pow2(L), ROUNDS=ws.rounds, ONE_SHOT=cfg["ONE_SHOT"],
-        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT=split, LS_P2=_pow2(L * split),
+        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT=split,
         USE_DOT=cfg["USE_DOT"], EVEN_K=K % k_per_split == 0, IEEE=x.dtype == torch.float32,
         HAS_RES=residual is not None, HAS_NORM=norm_weight is not None, BLOCK_C=cfg["BLOCK_C"],
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
@@ -790,15 +814,11 @@ def _pick_config(M, N, K, ws, dtype, one_shot, config):
 
 
 def _fit_split(M: int, N: int, K: int, cfg: dict, layout: _Layout) -> int:
-    """Largest split <= the config's whose unsummed partials fit the workspace (S*M*N values per source,
-    S * tiles flags), with whole BK steps per split and no empty split."""
+    """Largest split <= the config's whose unsummed partials fit the workspace (S*M*N values per source),
+    with whole BK steps per split and no empty split."""
     split = max(1, int(cfg.get("SPLIT_K", 1)))
-    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
-    while split > 1 and (split * M * N > layout.mn_cap or split * tiles > layout.tf_cap):
+    while split > 1 and split * M * N > layout.mn_cap:
         split //= 2
-    if tiles > layout.tf_cap:
-        raise ValueError(f"{tiles} GEMM tiles of {cfg['BM']}x{cfg['BN']} exceed the workspace's {layout.tf_cap} "
-                         "tile flags: use tiles of at least 16 columns (and 16 rows for M > 4)")
     if split > 1:
         kps = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
         split = triton.cdiv(K, kps)
