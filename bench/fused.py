@@ -34,7 +34,7 @@ def _rmsnorm_torch(h, w, eps):
     return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(h.dtype)
 
 
-def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
+def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scratch=None):
     """name -> (setup() -> state, step(state, i)) ; every step is one layer call on copy i."""
     import triton
 
@@ -147,9 +147,11 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None):
                                                           config=cfg)
     gcfg = la._pick_config(M, N, K, ws, dt, None, cfg)
     part = la._part_dtype(M, gcfg, dt, None)
-    # GEMM + tile pushes only (no reduction, no step bump): what the epilogue costs over a plain GEMM.
-    v["fused_gemm_push_only"] = lambda i: la._launch(xs[i], ws_[i], outs[1], None, None, None, ws, gcfg, part, eps,
-                                                     finish=False, bump=False)
+    # GEMM + tile pushes only (no reduction, no step bump): what the epilogue costs over a plain GEMM. On a
+    # scratch workspace: pushed LL words that nobody consumes would corrupt the real workspace's next calls.
+    if ws_scratch is not None:
+        v["fused_gemm_push_only"] = lambda i: la._launch(xs[i], ws_[i], outs[1], None, None, None, ws_scratch, gcfg,
+                                                         part, eps, finish=False, bump=False)
     # the plain GEMM of the same config through `linear` (split-K partials summed locally): what the push costs
     lcfg = {"USE_DOT": gcfg["USE_DOT"], "BLOCK_M": gcfg["BM"], "BLOCK_N": gcfg["BN"], "BLOCK_K": gcfg["BK"],
             "SPLIT_K": gcfg["SPLIT_K"], "num_warps": gcfg["num_warps"], "num_stages": gcfg["num_stages"]}
@@ -228,6 +230,7 @@ def main() -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     dt = torch.bfloat16
     ws = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
+    ws_scratch = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
     symm_buf, group_name = None, dist.group.WORLD.group_name
     try:
         import torch.distributed._symmetric_memory as symm_mem
@@ -270,7 +273,7 @@ def main() -> None:
                           f"best={float(t[i_best]):.2f} {best}", flush=True)
                 tune_rows.append((sname, K, N, M, json.dumps(best, sort_keys=True), float(t[i_best]), float(t[0])))
                 tuned[(N, K, M)] = best
-            variants, ncopy, _ = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best)
+            variants, ncopy, _ = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best, ws_scratch)
             if args.variants:
                 import fnmatch
 

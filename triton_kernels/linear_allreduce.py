@@ -348,7 +348,7 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
 def _linear_allreduce_kernel(
     x_ptr, w_ptr, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, seq_ptr, err_ptr,
     M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps,
-    max_spins, n_gemm, n_total,
+    max_spins, n_gemm, n_fin,
     MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
     ONE_SHOT: tl.constexpr, PART: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
@@ -373,13 +373,18 @@ def _linear_allreduce_kernel(
                     M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
                     MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT,
                     BLOCK_C, NC_P2, W_BEGIN, W_END, FENCE)
-    if BUMP:
-        # The last program to arrive (all have read seq by then) advances the step for the next call.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(seq_ptr + 1, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_total - 1:
-            tl.store(seq_ptr + 1, 0)
-            tl.store(seq_ptr, seq + 1)
+    if BUMP and DO_FINISH:
+        # The last finish program to arrive advances the step for the next call. Only finish programs count:
+        # each ends after consuming partials that GEMM programs stored at seq's parity, and together they
+        # consume every GEMM program's tile, so all programs have read seq by then (and GEMM programs skip
+        # the contended atomic).
+        fid2 = pid - n_gemm if DO_GEMM else pid
+        if fid2 >= 0:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(seq_ptr + 1, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_fin - 1:
+                tl.store(seq_ptr + 1, 0)
+                tl.store(seq_ptr, seq + 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -778,12 +783,15 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     split = int(cfg.get("SPLIT_K", 1))
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
     n_gemm = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]) * split
-    n_total = (n_gemm if gemm else 0) + (M * nc if finish else 0)
+    n_fin = M * nc if finish else 0
+    n_total = (n_gemm if gemm else 0) + n_fin
+    if bump and not finish:
+        raise ValueError("the step counter is advanced by finish programs: bump needs finish")
     _linear_allreduce_kernel[(n_total,)](
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
         M, N, K, k_per_split, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap,
-        ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.max_spins, n_gemm, n_total,
+        ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.max_spins, n_gemm, n_fin,
         MAXP=ws.maxp, LOCAL=L, LOCAL_P2=_pow2(L), ROUNDS=ws.rounds, ONE_SHOT=cfg["ONE_SHOT"],
         PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT=split,
         USE_DOT=cfg["USE_DOT"], EVEN_K=K % k_per_split == 0, IEEE=x.dtype == torch.float32,
