@@ -239,10 +239,10 @@ sig = {n: "*bf16" for n in ("x_ptr", "w_ptr", "out_ptr", "res_out_ptr", "res_ptr
 sig.update({"table_ptr": "*i64", "seq_ptr": "*i32", "err_ptr": "*i32"})
 for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "M_CAP", "NC_CAP", "NC"):
     sig[n] = "i32"
-sig.update({"eps": "fp32", "max_spins": "i32", "n_gemm": "i32", "n_fin": "i32"})
+sig.update({"eps": "fp32", "budget": "i64", "n_gemm": "i32", "n_fin": "i32"})
 for one_shot, rounds, use_dot, split in ((True, 0, False, 1), (False, 1, True, 4)):
     c = dict(MAXP=8, LOCAL=2, LOCAL_P2=2, ROUNDS=rounds, ONE_SHOT=one_shot, PART=tl.bfloat16,
-             BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split,
+             BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split, LS_P2=2 * split,
              USE_DOT=use_dot, EVEN_K=True, IEEE=False,
              HAS_RES=True, HAS_NORM=True, BLOCK_C=128, NC_P2=16, DO_GEMM=True, DO_FINISH=True,
              W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True)

@@ -136,33 +136,62 @@ def _ll_encode(v, UT: tl.constexpr, SIGN: tl.constexpr):
     return b ^ SIGN
 
 
+# Waits are bounded by `budget`: nanoseconds of %globaltimer on the GPU (a peer still compiling a kernel can be
+# seconds late, so a spin count is no measure there), spins in the interpreter (no inline asm).
+
+
 @triton.jit
-def _ll_take(p, mask, seq, max_spins, err_ptr, stage, PART: tl.constexpr):
-    """Wait (bounded) until every word under `mask` at `p` is non-zero; return the decoded fp32 values and
-    zero the words for the next call of this parity."""
+def _clock(seq, GPU: tl.constexpr):
+    if GPU:
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [seq], dtype=tl.int64,
+                                         is_pure=False, pack=1)
+    else:
+        return (seq * 0).to(tl.int64)
+
+
+@triton.jit
+def _spent(t0, spins, seq, GPU: tl.constexpr):
+    if GPU:
+        return _clock(seq, GPU) - t0
+    else:
+        return (spins + seq * 0).to(tl.int64)
+
+
+@triton.jit
+def _timed_out(err_ptr, stage, seq):
+    tl.store(err_ptr + 1, stage)
+    tl.store(err_ptr + 2, seq)
+    tl.atomic_xchg(err_ptr, 1)
+
+
+@triton.jit
+def _ll_take2(p, mask, seq, budget, err_ptr, stage, PART: tl.constexpr, GPU: tl.constexpr):
+    """Wait (bounded) until every word under the 2-D `mask` at `p` is non-zero; return the decoded fp32
+    values (0 outside the mask) and zero the words for the next call of this parity. All words are polled
+    at once, so the sources' latencies overlap."""
     UT: tl.constexpr = tl.uint16 if PART.primitive_bitwidth == 16 else tl.uint32
     SIGN: tl.constexpr = (1 << 15) if PART.primitive_bitwidth == 16 else (1 << 31)
     pu = p.to(tl.pointer_type(UT))
     e = tl.load(pu, mask=mask, other=1, volatile=True)
+    t0 = _clock(seq, GPU)
     spins = 0
-    while (tl.min(e, axis=0) == 0) & (spins < max_spins):
+    while (tl.min(tl.min(e, axis=1), axis=0) == 0) & (_spent(t0, spins, seq, GPU) < budget):
         e = tl.load(pu, mask=mask, other=1, volatile=True)
         spins += 1
-    if tl.min(e, axis=0) == 0:
-        tl.store(err_ptr + 1, stage)
-        tl.store(err_ptr + 2, seq)
-        tl.atomic_xchg(err_ptr, 1)
+    if tl.min(tl.min(e, axis=1), axis=0) == 0:
+        _timed_out(err_ptr, stage, seq)
     tl.store(pu, tl.zeros_like(e), mask=mask)
-    return (e ^ SIGN).to(PART, bitcast=True).to(tl.float32)
+    return tl.where(mask, (e ^ SIGN).to(PART, bitcast=True).to(tl.float32), 0.0)
 
 
 @triton.jit
-def _wait_flags(flag_ptrs, mask, seq, max_spins, err_ptr, stage, FENCE: tl.constexpr):
+def _wait_flags(flag_ptrs, mask, seq, budget, err_ptr, stage, FENCE: tl.constexpr):
     """Spin (bounded) until every flag under `mask` equals `seq`, then acquire at system scope."""
     f = tl.load(flag_ptrs, mask=mask, other=0, volatile=True)
     pending = tl.sum(tl.where(mask & (f != seq), 1, 0))
+    t0 = _clock(seq, FENCE)
     spins = 0
-    while (pending > 0) & (spins < max_spins):
+    while (pending > 0) & (_spent(t0, spins, seq, FENCE) < budget):
         if FENCE:
             tl.inline_asm_elementwise("nanosleep.u32 64;\n mov.u32 $0, $1;", "=r,r", [seq], dtype=tl.int32,
                                       is_pure=False, pack=1)
@@ -170,9 +199,7 @@ def _wait_flags(flag_ptrs, mask, seq, max_spins, err_ptr, stage, FENCE: tl.const
         pending = tl.sum(tl.where(mask & (f != seq), 1, 0))
         spins += 1
     if pending > 0:
-        tl.store(err_ptr + 1, stage)
-        tl.store(err_ptr + 2, seq)
-        tl.atomic_xchg(err_ptr, 1)
+        _timed_out(err_ptr, stage, seq)
     if FENCE:
         # Relaxed (volatile) reads that saw the releases, then an acquire fence in every thread.
         tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, $1;", "=r,r", [seq], dtype=tl.int32,
@@ -225,10 +252,10 @@ def _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_p
 
 @triton.jit
 def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
-            M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
+            M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, budget,
             MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
             ONE_SHOT: tl.constexpr, PART: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-            TILE_M: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
+            TILE_M: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
             BLOCK_C: tl.constexpr, NC_P2: tl.constexpr, W_BEGIN: tl.constexpr, W_END: tl.constexpr,
             FENCE: tl.constexpr):
     """Finish program (row m, column chunk c of this rank's shard): wait, reduce, rounds, residual, norm."""
@@ -252,13 +279,15 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
 
     if W_BEGIN <= 0 and W_END > 0:
         rs = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_RS).to(tl.pointer_type(PART))
-        s = tl.zeros((BLOCK_C,), dtype=tl.float32)
         MN = M.to(tl.int64) * N
-        # Fixed order (rank, then split): every rank sums the same numbers the same way (bitwise-equal results).
-        for r in tl.static_range(LOCAL):
-            for k_ in tl.static_range(SPLIT):
-                p = rs + (parity * LOCAL + r).to(tl.int64) * MN_CAP + k_ * MN + row0 + cols
-                s += _ll_take(p, cm, seq, max_spins, err_ptr, 0, PART)
+        j = tl.arange(0, LS_P2)  # (source rank, K-split) pairs
+        src = j // SPLIT
+        ks = j % SPLIT
+        p = (rs + ((parity * LOCAL + src) * MN_CAP).to(tl.int64)[:, None] + (ks.to(tl.int64) * MN)[:, None]
+             + row0 + cols[None, :])
+        v = _ll_take2(p, (j[:, None] < LOCAL * SPLIT) & cm[None, :], seq, budget, err_ptr, 0, PART, FENCE)
+        # Same numbers, same reduction tree on every rank: bitwise-equal results.
+        s = tl.sum(v, axis=0)
         if ROUNDS > 0:
             tl.store(acc + row0 + cols, s, mask=cm)
             xp = tl.load(table_ptr + _ROW_X * MAXP + 0).to(tl.pointer_type(tl.float32))
@@ -276,7 +305,7 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
             xfl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X_FLAG).to(tl.pointer_type(tl.int32))
             one = tl.arange(0, 2)
             _wait_flags(xfl + (parity * ROUNDS + (k - 1)) * (NC_CAP * M_CAP) + xflag_slot + one * 0, one < 1,
-                        seq, max_spins, err_ptr, k, FENCE)
+                        seq, budget, err_ptr, k, FENCE)
             s = tl.load(acc + row0 + cols, mask=cm, other=0.0)
             s += tl.load(xloc + (parity * ROUNDS + (k - 1)).to(tl.int64) * MN_CAP + row0 + cols,
                          mask=cm, other=0.0, cache_modifier=".cg")
@@ -301,13 +330,13 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
                 tag = seq.to(tl.int64) << 32
                 wv = tl.load(sqw + cc1 * M_CAP + m, mask=wm, other=tag, volatile=True)
                 spins = 0
-                while (tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0) & (spins < max_spins):
+                t0 = _clock(seq, FENCE)
+                while ((tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0)
+                       & (_spent(t0, spins, seq, FENCE) < budget)):
                     wv = tl.load(sqw + cc1 * M_CAP + m, mask=wm, other=tag, volatile=True)
                     spins += 1
                 if tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0:
-                    tl.store(err_ptr + 1, ROUNDS + 1)
-                    tl.store(err_ptr + 2, seq)
-                    tl.atomic_xchg(err_ptr, 1)
+                    _timed_out(err_ptr, ROUNDS + 1, seq)
                 total = tl.sum(tl.where(wm, (wv & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0))
                 rstd = 1.0 / tl.sqrt(total / N + eps)
             else:
@@ -320,7 +349,7 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
                     smask = (src < LOCAL) & (cc < NC)  # every chunk of every owner
                 else:
                     smask = (src < LOCAL) & (cc == c)  # chunk c of every owner
-                _wait_flags(flg + slots, smask, seq, max_spins, err_ptr, ROUNDS + 1, FENCE)
+                _wait_flags(flg + slots, smask, seq, budget, err_ptr, ROUNDS + 1, FENCE)
                 if HAS_NORM:
                     total = tl.sum(tl.load(sqp + slots, mask=smask, other=0.0, cache_modifier=".cg"))
                     rstd = 1.0 / tl.sqrt(total / N + eps)
@@ -348,10 +377,10 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
 def _linear_allreduce_kernel(
     x_ptr, w_ptr, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, seq_ptr, err_ptr,
     M, N, K, K_PER_SPLIT, stride_xm, stride_wn, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps,
-    max_spins, n_gemm, n_fin,
+    budget, n_gemm, n_fin,
     MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
     ONE_SHOT: tl.constexpr, PART: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
     NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
@@ -370,8 +399,8 @@ def _linear_allreduce_kernel(
         fid = pid - n_gemm if DO_GEMM else pid
         if fid >= 0:
             _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
-                    M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, max_spins,
-                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT,
+                    M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, budget,
+                    MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT, LS_P2,
                     BLOCK_C, NC_P2, W_BEGIN, W_END, FENCE)
     if BUMP and DO_FINISH:
         # The last finish program to arrive advances the step for the next call. Only finish programs count:
@@ -457,8 +486,11 @@ class FusedAllReduceWorkspace:
             raise ValueError(f"buffer holds {buffer.numel()} bytes, layout needs {off['total']}")
         self.buffer, self.base_ptrs, self.device = buffer, list(base_ptrs), buffer.device
         if max_spins is None:
-            max_spins = 1 << 22 if buffer.is_cuda else 2000
+            max_spins = 2000
         self.max_spins = int(max_spins)
+        # what a wait may take before it gives up: nanoseconds on the GPU, spins in the interpreter
+        timeout_s = float(os.environ.get("FUSEDLIS_COMM_TIMEOUT_S", "20"))
+        self.wait_budget = int(timeout_s * 1e9) if buffer.is_cuda else self.max_spins
         self.maxp = max(8, gpus_per_node, self.rounds)
         self.table = self._build_table().to(self.device)
         # [0]: step of the next call (starts at 1: flags start at 0); [1]: programs of this call arrived.
@@ -791,9 +823,9 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
         M, N, K, k_per_split, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap,
-        ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.max_spins, n_gemm, n_fin,
+        ws.layout.max_m, ws.layout.nc_cap, nc, float(eps), ws.wait_budget, n_gemm, n_fin,
         MAXP=ws.maxp, LOCAL=L, LOCAL_P2=_pow2(L), ROUNDS=ws.rounds, ONE_SHOT=cfg["ONE_SHOT"],
-        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT=split,
+        PART=_TL[part_dtype], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT=split, LS_P2=_pow2(L * split),
         USE_DOT=cfg["USE_DOT"], EVEN_K=K % k_per_split == 0, IEEE=x.dtype == torch.float32,
         HAS_RES=residual is not None, HAS_NORM=norm_weight is not None, BLOCK_C=cfg["BLOCK_C"],
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
