@@ -70,7 +70,7 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
     --models llama-3.1-8b --modes "${D_MODES:-auto,auto-unfusednorm,nccl,fused}" --batch "${D_BATCH:-1,8,32,64}" \
     --context "${D_CTX:-512,4096}" --steps 100 --tag "$DTAG"
   want L && TAIL=40 step decode_70b 240 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
-    --models llama-3.1-70b --modes auto,auto-unfusednorm,nccl --batch 1,8,32,64 --context 512,4096 --steps 30 \
+    --models llama-3.1-70b --modes "${L_MODES:-auto,auto-unfusednorm,nccl}" --batch 1,8,32,64 --context 512,4096 --steps 30 \
     --tag "${DTAG/8b/70b}"
   if want A; then
     python3 - "$R/attn_fused_reduce.json" <<'PY'

@@ -310,6 +310,12 @@ def _allreduce_schedule(sizes: list[int], impls: list[tuple[str, str, int, int]]
     return [(m, impl, algo, nodes) for m in sizes for impl, algo, max_m, nodes in impls if m <= max_m]
 
 
+# Full passes over (size, implementation), the median per point kept: single points of one pass moved by 10-16%
+# between two runs minutes apart on one machine (NCCL 8 KB: 15.4 vs 14.0 us, 2xH200 07:50), more than the model
+# errs. Interleaved passes spread a slow spell of the machine over all points instead of a few.
+ALLREDUCE_PASSES = 3
+
+
 def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
                         replays: int = timing.REPLAYS) -> list[dict[str, Any]]:
     """Every all-reduce and GEMM + all-reduce row, on an initialised NCCL process group (all ranks call it).
@@ -329,23 +335,30 @@ def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
     label, fns, ar = _custom_allreduces(max(sizes))
     rows.append({"kind": "note", "impl": label})
     rows.append({"kind": "note", "impl": f"timing: {iters} calls per CUDA graph, median of {replays} replays "
-                                         "(barrier before each), max over ranks (bench/allreduce.py's method)"})
+                                         "(barrier before each), max over ranks (bench/allreduce.py's method); "
+                                         f"median of {ALLREDUCE_PASSES} interleaved passes"})
     impl = label.split(" ", 1)[0]
     timing.warm_clocks()
     impls = [("nccl", "ring", max(sizes), 1)] + [(impl, algo, max_m, nodes) for algo, (_, max_m, nodes) in fns.items()]
-    for m, im, algo, nodes in _allreduce_schedule(sizes, impls):
-        x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
-        if im == "nccl":
-            t = _time_collective(lambda: nccl_fn(x), iters, replays)
-            rows.append({"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": world, "bytes": m,
-                         "us": t * 1e6})
-        else:
-            out = torch.empty_like(x)
-            fn = fns[algo][0]
-            t = _time_collective(lambda: fn(x, out), iters, replays)  # noqa: B023 - used before the next loop
-            rows.append({"kind": "allreduce", "impl": im, "algo": algo, "gpus": world, "nodes": nodes, "bytes": m,
-                         "us": t * 1e6})
-        dist.barrier()
+    schedule = _allreduce_schedule(sizes, impls)
+    times: dict[tuple[int, str, str, int], list[float]] = {}
+    for _ in range(ALLREDUCE_PASSES):
+        for m, im, algo, nodes in schedule:
+            x = torch.randn(m // 2, dtype=torch.bfloat16, device="cuda")
+            if im == "nccl":
+                t = _time_collective(lambda: nccl_fn(x), iters, replays)
+            else:
+                out = torch.empty_like(x)
+                fn = fns[algo][0]
+                t = _time_collective(lambda: fn(x, out), iters, replays)  # noqa: B023 - used before the next loop
+            times.setdefault((m, im, algo, nodes), []).append(t)
+            dist.barrier()
+    for (m, im, algo, nodes), ts in times.items():
+        row = {"kind": "allreduce", "impl": im, "algo": algo, "gpus": world, "bytes": m,
+               "us": statistics.median(ts) * 1e6}
+        if im != "nccl":
+            row["nodes"] = nodes
+        rows.append(row)
     one_node = {algo: fn for algo, (fn, _, nodes) in fns.items() if nodes == 1}
     rows += _measure_layers(world, iters, one_node, impl, nccl_fn, replays)
     if ar is not None:
