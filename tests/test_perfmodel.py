@@ -368,3 +368,14 @@ def test_calibrate_fits_ll_variants_and_fused_norm():
         got = prof.intra.params(algo, 1 << 20)
         assert got[0] == pytest.approx(a, rel=1e-6) and got[1] == pytest.approx(b, rel=1e-6), algo
     assert prof.ar_norm_row_latency == pytest.approx(0.03e-6)
+
+
+def test_regimes_are_chosen_by_size_bound_not_by_alpha():
+    """The small-message regime applies below its bound even when the unbounded regime has the smaller alpha."""
+    from fusedlis.perfmodel.hardware import Link
+
+    link = Link.make(5.0, 300.0, algorithms={"oneshot_ll": [(1 << 20, 3.5, 250.0), (float("inf"), 2.8, 270.0)]})
+    a_small, _ = link.params("oneshot_ll", 8192)
+    a_big, _ = link.params("oneshot_ll", 4 << 20)
+    assert a_small == pytest.approx(3.5e-6) and a_big == pytest.approx(2.8e-6)
+    assert [r[0] for r in link.regimes("oneshot_ll")] == [1 << 20, float("inf")]

@@ -65,8 +65,11 @@ class Link:
     per_algo: tuple[tuple[str, float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        # accept the older 3-tuples (name, alpha, beta): no size bound
-        norm = tuple(sorted((x[0], x[1], x[2], x[3] if len(x) > 3 else INF) for x in self.per_algo))
+        # accept the older 3-tuples (name, alpha, beta): no size bound. Sorted by (name, bound): `params` takes the
+        # first regime whose bound holds, so the bound, not alpha, must order them (an unbounded regime with the
+        # smaller alpha sorted first and shadowed the small-message regime: calibrate 2xH200 07:54).
+        norm = tuple(sorted(((x[0], x[1], x[2], x[3] if len(x) > 3 else INF) for x in self.per_algo),
+                            key=lambda e: (e[0], e[3])))
         object.__setattr__(self, "per_algo", norm)
 
     @classmethod
