@@ -56,7 +56,9 @@ def main() -> None:
         if rank == 0:
             print(msg, flush=True)
 
-    ws = SymmetricWorkspace(2 << 30, flag_words=1 << 15, provider=args.provider)
+    # The 16 communicators below need about 1.2 GiB per 2 ranks of the node (2.36 GiB at 4 ranks: a 2 GiB
+    # workspace ran out on 4xH200, 07:59); NVSHMEM_SYMMETRIC_SIZE must cover this.
+    ws = SymmetricWorkspace(max(2 << 30, (5 << 30) * world // 8), flag_words=1 << 15, provider=args.provider)
     log(f"workspace provider={ws.provider} reachable={ws.reachable}")
     variants = {}
     for dtype in (torch.bfloat16, torch.float32):
