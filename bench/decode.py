@@ -149,20 +149,38 @@ def breakdown(eng, batch: int, context: int, steps: int = 20, top: list | None =
     tokens = torch.randint(0, eng.config.vocab_size, (batch,), device=dev)
     lens = torch.full((batch,), context, dtype=torch.long, device=dev)
     eng._decode(tokens, lens)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     # The first collective of the first profiled steps waits for the other rank's profiler start-up (up to
-    # ~0.5 s in the 06:12 run, all booked on the embedding all-reduce): ranks meet at a barrier and two warm-up
-    # steps run under the profiler's schedule before the `steps` that are counted.
-    if dist.is_initialized():
-        dist.barrier()
-    with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=0, warmup=2, active=steps)) as prof:
+    # ~0.5 s in the 06:12 run, all booked on the embedding all-reduce): the ranks meet at a barrier once their
+    # profilers run, and two warm-up steps under the profiler's schedule come before the `steps` that count.
+    # The schedule's cycle ends at the last step and the profiler then drops its events, so they are read in
+    # on_trace_ready (reading prof.key_averages() afterwards gave all zeros: 2xH200 07:47).
+    got: dict = {}
+
+    def ready(p) -> None:
+        got["avg"] = p.key_averages()
+
+    acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=acts, schedule=schedule(wait=0, warmup=2, active=steps, repeat=1),
+                 on_trace_ready=ready) as prof:
+        if dist.is_initialized():
+            dist.barrier()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         for i in range(steps + 2):
             eng._decode(tokens, lens + i)
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             prof.step()
+    avgs = got.get("avg")
+    if avgs is None:
+        raise RuntimeError("profiler delivered no trace: the breakdown would be all zeros")
     out = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
-    for ev in prof.key_averages():
+    for ev in avgs:
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if not torch.cuda.is_available():
+            t = getattr(ev, "cpu_time_total", 0)
         if t and ev.key and not ev.key.startswith("ProfilerStep"):
             out[categorize(ev.key)] += t / 1e3 / steps
             if top is not None:

@@ -146,3 +146,27 @@ def test_end_to_end_tp2_gloo(tmp_path):
     systems = {x["system"] for x in rows}
     assert "torch-eager-nccl" in systems and ("hf-tp2-eager" in systems) == bool(hf)
     assert len(rows) == 4 * len(systems) and "gpus=2" in meta[0]
+
+
+def test_breakdown_counts_only_the_profiled_steps():
+    """The profiler's events reach the breakdown (they once came back all zeros) and the two warm-up steps
+    under the schedule are not counted: one matmul per step shows up as 1 call per step."""
+    from types import SimpleNamespace
+
+    class FakeEngine:
+        device = torch.device("cpu")
+        config = SimpleNamespace(vocab_size=100)
+
+        def __init__(self):
+            self.a, self.b, self.calls = torch.randn(64, 64), torch.randn(64, 64), 0
+
+        def _decode(self, tokens, lens):
+            self.calls += 1
+            return torch.mm(self.a, self.b)
+
+    eng, top = FakeEngine(), []
+    out = decode.breakdown(eng, batch=2, context=8, steps=5, top=top)
+    assert eng.calls == 1 + 2 + 5  # one before profiling, two warm-up steps, five counted
+    assert sum(out.values()) > 0
+    mm = [r for r in top if r[0] == "aten::mm"]
+    assert mm and mm[0][2] == pytest.approx(1.0)
