@@ -270,3 +270,28 @@ def test_gpu_kernel_compiles_for_hopper():
     if r.returncode != 0 and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
         pytest.skip("no ptxas in this triton install")
     assert r.returncode == 0 and "COMPILED_OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_measured_table_lookup(monkeypatch):
+    """The shipped table of tuned picks: smallest measured M >= M for (N, K, GPUs per node), on its GPU model."""
+    import json
+    from pathlib import Path
+
+    from fusedlis.triton_kernels._measured import read_measured
+
+    raw = json.loads((Path(la.__file__).parent / "linear_allreduce_measured.json").read_text())
+    dev_name = next(k for k in raw if not k.startswith("_"))
+    entries = read_measured("linear_allreduce_measured.json")
+    assert entries and all(set(f) == {"N", "K", "M", "local"} for _, f, _ in entries)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: dev_name)
+    monkeypatch.setattr(la, "_MEASURED", None)
+    cuda = torch.device("cuda")
+    table = raw[dev_name]
+    assert la.measured_fused_config(1, 4096, 7168, 2, torch.bfloat16, cuda) == table["N=4096,K=7168,M=1,local=2"]
+    assert la.measured_fused_config(3, 4096, 7168, 2, torch.bfloat16, cuda) == table["N=4096,K=7168,M=8,local=2"]
+    assert la.measured_fused_config(1, 4096, 7168, 4, torch.bfloat16, cuda) is None  # other node size
+    assert la.measured_fused_config(1, 4096, 7168, 2, torch.float16, cuda) is None
+    assert la.measured_fused_config(1, 4096, 7168, 2, torch.bfloat16, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Other GPU")
+    assert la.measured_fused_config(1, 4096, 7168, 2, torch.bfloat16, cuda) is None
+    assert read_measured("no_such_table.json") == []

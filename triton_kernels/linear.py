@@ -226,21 +226,13 @@ def measured_config(M: int, N: int, K: int, dtype: torch.dtype, activation: str 
     if device.type != "cuda" or dtype != torch.bfloat16 or activation not in (None, "swiglu"):
         return None
     if _MEASURED is None:
-        import json
-        from pathlib import Path
-        try:
-            raw = json.loads((Path(__file__).parent / "linear_measured.json").read_text())
-        except (OSError, ValueError):
-            raw = {}
+        from fusedlis.triton_kernels._measured import read_measured
+
         _MEASURED = {}
-        for dev, table in raw.items():
-            if dev.startswith("_"):
-                continue
-            for kstr, cfg in table.items():
-                f = dict(kv.split("=") for kv in kstr.split(","))
-                if f.get("activation") in ("none", "swiglu") and f.get("dtype") == "bfloat16":
-                    _MEASURED.setdefault((dev, int(f["N"]), int(f["K"]), f["activation"]), []).append(
-                        (int(f["M"]), cfg))
+        for dev, f, cfg in read_measured("linear_measured.json"):
+            if f.get("activation") in ("none", "swiglu") and f.get("dtype") == "bfloat16":
+                _MEASURED.setdefault((dev, int(f["N"]), int(f["K"]), f["activation"]), []).append(
+                    (int(f["M"]), cfg))
         for v in _MEASURED.values():
             v.sort(key=lambda mc: mc[0])
     name = torch.cuda.get_device_name(device)

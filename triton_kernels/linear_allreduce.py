@@ -48,6 +48,8 @@ _L_RS, _L_SQW, _L_AG, _L_SQ, _L_AG_FLAG, _L_X, _L_X_FLAG, _L_ACC = (tl.constexpr
 _MIN_BLOCK_C = 128
 
 
+from fusedlis.comm.kernels import _ll_encode
+
 try:  # one exception type for every communication timeout of the package
     from fusedlis.comm.symmetric import CommTimeoutError
 except ImportError:  # pragma: no cover - comm without the symmetric workspace
@@ -123,17 +125,10 @@ def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, 
         tl.store(dst + slot + offs, e, mask=mask)
 
 
-# LL ("Lamport") words, as in fusedlis.comm's LL all-reduce: the all-zero word means "empty". A value is
+# LL ("Lamport") words, as in fusedlis.comm's LL all-reduce (its `_ll_encode`): the all-zero word means "empty". A value is
 # encoded by turning -0.0 into +0.0 and flipping its sign bit, so no encoded word is zero; the receiver polls
 # until no word of its chunk is zero, decodes, and zeroes the words again. Slots start zeroed and alternate by
 # call parity (a sender is at most one call ahead). -0.0 -> +0.0 changes no sum.
-
-
-@triton.jit
-def _ll_encode(v, UT: tl.constexpr, SIGN: tl.constexpr):
-    b = v.to(UT, bitcast=True)
-    b = tl.where(b == SIGN, 0, b)
-    return b ^ SIGN
 
 
 # Waits are bounded by `budget`: nanoseconds of %globaltimer on the GPU (a peer still compiling a kernel can be
@@ -654,20 +649,12 @@ def measured_fused_config(M: int, N: int, K: int, local: int, dtype: torch.dtype
     if device is None or device.type != "cuda" or dtype != torch.bfloat16:
         return None
     if _MEASURED is None:
-        import json
-        from pathlib import Path
+        from fusedlis.triton_kernels._measured import read_measured
 
-        try:
-            raw = json.loads((Path(__file__).parent / "linear_allreduce_measured.json").read_text())
-        except (OSError, ValueError):
-            raw = {}
         _MEASURED = {}
-        for dev, table in raw.items():
-            if dev.startswith("_"):
-                continue
-            for kstr, cfg in table.items():
-                f = {k: int(v) for k, v in (kv.split("=") for kv in kstr.split(","))}
-                _MEASURED.setdefault((dev, f["N"], f["K"], f["local"]), []).append((f["M"], cfg))
+        for dev, f, cfg in read_measured("linear_allreduce_measured.json"):
+            f = {k: int(v) for k, v in f.items()}
+            _MEASURED.setdefault((dev, f["N"], f["K"], f["local"]), []).append((f["M"], cfg))
         for v in _MEASURED.values():
             v.sort(key=lambda mc: mc[0])
     for m, cfg in _MEASURED.get((torch.cuda.get_device_name(device), N, K, local), ()):
