@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 
 import torch
@@ -178,31 +177,16 @@ def _make_fusedlis_allreduce(N, M, dt, dev):
 
 
 def time_variant(fn, ncopy, reps, iters):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            fn(i % ncopy)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(reps):
-            fn(i % ncopy)
-    g.replay()
-    torch.cuda.synchronize()
+    """Median µs per call of `fn(i)` (i cycling over the `ncopy` weight copies), `reps` calls in one CUDA graph,
+    `iters` replays each after a barrier: `fusedlis.perfmodel.timing.time_graph`, the package's one method."""
+    import itertools
+
+    from fusedlis.perfmodel.timing import time_graph
+
+    i = itertools.count()
+    us = time_graph(lambda: fn(next(i) % ncopy), reps, iters, barrier=dist.barrier) * 1e6
     dist.barrier()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    dist.barrier()
-    del g
-    return statistics.median(times)
+    return us
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 
@@ -71,35 +70,19 @@ def linear_shapes(models, tps):
 # ---------------------------------------------------------------------------------------------- timing
 
 def time_graph(launches, reps: int) -> float:
-    """Median µs per launch of `launches` (zero-arg callables), captured into one CUDA graph."""
+    """Median µs per launch of `launches` (zero-arg callables), each captured once into one CUDA graph
+    (`fusedlis.perfmodel.timing.time_graph`, the package's one timing method)."""
     if DEV != "cuda":  # --dry: wall clock, no graphs
         t0 = time.perf_counter()
         for f in launches[:2]:
             f()
         return (time.perf_counter() - t0) * 1e6 / 2
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in launches[:2]:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in launches:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    del g
-    return statistics.median(times) * 1000.0 / len(launches)
+    import itertools
+
+    from fusedlis.perfmodel.timing import time_graph as shared_time_graph
+
+    cycle = itertools.cycle(launches)
+    return shared_time_graph(lambda: next(cycle)(), len(launches), reps) * 1e6
 
 
 def copy_bandwidth(reps: int) -> dict:

@@ -1,4 +1,5 @@
-"""One CUDA-graph timing method for every all-reduce measurement (`fusedlis calibrate` and bench/allreduce.py).
+"""One CUDA-graph timing method for every GPU measurement: `fusedlis calibrate`, bench/allreduce.py, bench/fused.py,
+bench/kernels.py and the tuner (`fusedlis.tuning.bench.graph_time_us`).
 
 `time_graph` is what `bench/allreduce.py` times with too (100 calls captured in one graph,
 3 eager warm-up calls on a side stream, 3 untimed replays, then 30 replays each preceded by a barrier and a

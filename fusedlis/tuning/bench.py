@@ -48,48 +48,23 @@ def graph_time_us(fn: Callable[[int], Any], nbuf: int, calls: int = 16, replays:
                   collective: bool = False) -> float:
     """Median µs per call of `fn(j)` (j cycles over `nbuf` input copies) captured in one CUDA graph.
 
-    `max(calls, nbuf)` (at most 64) calls are captured after 3 eager warm-up calls on a side stream; each
-    of `replays` replays is timed with CUDA events. `collective=True` (every rank calls this in lockstep):
-    a barrier before each replay, so one rank's launch skew is not timed, and the MAX of the ranks' medians
-    is returned, so every rank takes the same decision.
+    `max(calls, nbuf)` (at most 64) calls are captured, timed by `fusedlis.perfmodel.timing.time_graph` (the
+    package's one CUDA-graph timing method). `collective=True` (every rank calls this in lockstep): a barrier
+    before each replay, so one rank's launch skew is not timed, and the MAX of the ranks' medians is returned,
+    so every rank takes the same decision.
     """
-    import statistics
+    import itertools
 
     import torch.distributed as dist
 
+    from fusedlis.perfmodel import timing
+
     calls = max(calls, min(nbuf, 64))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            fn(i % nbuf)
-        s.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            for i in range(calls):
-                fn(i % nbuf)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(max(1, replays)):
-        if collective:
-            dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / calls)
-    del g
-    med = statistics.median(times)
-    if collective:
-        t = torch.tensor([med], dtype=torch.float64, device="cuda")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        med = float(t.item())
-    return med
+    j = itertools.count()
+    t = timing.time_graph(lambda: fn(next(j) % nbuf), calls, max(1, replays),
+                          barrier=dist.barrier if collective else None,
+                          reduce_max=timing.max_over_ranks if collective else None)
+    return t * 1e6
 
 
 def _space(mod: Any, op: str) -> tuple[Callable | None, Callable | None]:
