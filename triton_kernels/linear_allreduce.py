@@ -713,7 +713,7 @@ def linear_allreduce_default_config(key: dict) -> dict:
 def linear_allreduce_configs(key: dict) -> list[dict]:
     """Search space of the tuner for `key`: every GEMM config `linear_configs` sweeps for the same shape
     (tiles x split-K), x one-/two-shot where the node has more than 2 GPUs, x a few finish chunk widths
-    at M = 1. The default comes first."""
+    (half, double and a whole row's share around the default's; 256-1024 at M = 1). The default comes first."""
     from fusedlis.triton_kernels.linear import linear_configs, linear_key
 
     M, N, K, local = int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"])
@@ -733,11 +733,17 @@ def linear_allreduce_configs(key: dict) -> list[dict]:
             cc["BLOCK_C"] = _block_c(M, N, local, cc)
             if cc not in out:
                 out.append(cc)
-    if M == 1:
-        for bc in (256, 512, 1024):
-            cc = dict(default, BLOCK_C=bc)
-            if bc % default["BN"] == 0 and cc not in out:
-                out.append(cc)
+    # finish chunk widths around the default's (fewer, wider chunks per row cost fewer programs and, with the
+    # norm, fewer sums of squares to exchange; narrower ones start reducing sooner)
+    share = N if default["ONE_SHOT"] else N // local
+    bc0 = default["BLOCK_C"]
+    bcs = (256, 512, 1024) if M == 1 else (bc0 // 2, bc0 * 2, _pow2(share))
+    for bc in bcs:
+        cc = dict(default, BLOCK_C=int(bc))
+        # at most 4096 columns a program, as `_block_c` (the (rank, split) x chunk words are polled in registers)
+        if _MIN_BLOCK_C <= bc <= min(4096, max(_pow2(share), _MIN_BLOCK_C)) and bc % default["BN"] == 0 \
+                and cc not in out:
+            out.append(cc)
     return out
 
 
