@@ -611,10 +611,6 @@ _GEMM_KEYS = ("USE_DOT", "BM", "BN", "BK", "SPLIT_K", "num_warps", "num_stages")
 _FROM_LINEAR = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK"}
 
 
-def _m_bucket(M: int) -> int:
-    return 1 if M <= 4 else 8 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-
-
 def _from_linear(c: dict) -> dict:
     out = {_FROM_LINEAR.get(k, k): v for k, v in c.items() if k in _FROM_LINEAR or k in _GEMM_KEYS}
     out.setdefault("SPLIT_K", 1)
@@ -626,14 +622,12 @@ def _gemm_default(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devi
     # The GEMM half is the plain decode GEMM: start from `linear`'s config for this shape (the one measured
     # fastest on this GPU model where `linear_measured.json` has one and it is a Triton config, else its
     # heuristic), split-K included.
-    from fusedlis.triton_kernels.linear import linear_default_config, linear_key, measured_config
+    from fusedlis.triton_kernels.linear import _num_sms, linear_default_config, linear_key, measured_config
 
     lc = measured_config(M, N, K, dtype, None, device) if device is not None else None
     if lc is None or lc.get("backend") == "torch":
         key = linear_key(M, N, K, dtype, None, False)
-        key["sms"] = 132
-        if device is not None and device.type == "cuda":
-            key["sms"] = torch.cuda.get_device_properties(device).multi_processor_count
+        key["sms"] = _num_sms(device)
         lc = linear_default_config(key)
     return _from_linear(lc)
 
@@ -671,7 +665,6 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
     measured on this GPU model, else the plain `linear` config of the same GEMM (its measured table on
     `device`, else its heuristic). Split-K partials are pushed unsummed.
     """
-    cfg = _gemm_default(M, N, K, dtype, device)
     tuned = None
     try:
         from fusedlis import tuning
@@ -679,8 +672,14 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
         tuned = tuning.lookup("linear_allreduce", {"M": M, "N": N, "K": K, "dtype": dtype, "local": local})
     except Exception:  # the tuning cache must never break a launch
         tuned = None
-    if not tuned:
-        tuned = measured_fused_config(M, N, K, local, dtype, device)
+    return _resolve_config(M, N, K, local, dtype, one_shot, device,
+                           tuned or measured_fused_config(M, N, K, local, dtype, device))
+
+
+def _resolve_config(M: int, N: int, K: int, local: int, dtype: torch.dtype, one_shot: bool | None,
+                    device: torch.device | None, tuned: dict | None) -> dict:
+    # `linear`'s GEMM config, overridden by the keys of `tuned` (a cache entry or a measured pick) it knows
+    cfg = _gemm_default(M, N, K, dtype, device)
     if tuned:
         cfg.update({k: v for k, v in tuned.items() if k in _GEMM_KEYS})
     if dtype == torch.float32 and cfg["USE_DOT"]:
@@ -703,11 +702,9 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
 
 def linear_allreduce_default_config(key: dict) -> dict:
     """`linear_allreduce_config` for a tuner key {M, N, K, dtype, local} without the tuning cache."""
-    from fusedlis.tuning.fused import _lookup_answer
-
-    with _lookup_answer(None):
-        return linear_allreduce_config(int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"]),
-                                       _key_dtype(key), device=_key_device(key))
+    M, N, K, local = int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"])
+    dt, dev = _key_dtype(key), _key_device()
+    return _resolve_config(M, N, K, local, dt, None, dev, measured_fused_config(M, N, K, local, dt, dev))
 
 
 def linear_allreduce_configs(key: dict) -> list[dict]:
@@ -748,11 +745,12 @@ def linear_allreduce_configs(key: dict) -> list[dict]:
 
 
 def _key_dtype(key: dict) -> torch.dtype:
-    d = key.get("dtype", torch.bfloat16)
-    return d if isinstance(d, torch.dtype) else getattr(torch, str(d).replace("torch.", ""))
+    from fusedlis.tuning.bench import torch_dtype
+
+    return torch_dtype(key["dtype"])
 
 
-def _key_device(key: dict) -> torch.device | None:
+def _key_device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
