@@ -107,36 +107,47 @@ def main() -> None:
                                         f"same_bits={torch.equal(bits, other)} nccl_err={_rel_err(nccl, ref):.2e}")
     log(f"size sweep done: {len(failures)} failures")
     # CUDA graph replays, fresh random inputs generated inside the graph on each replay
-    for name, ar, alg in [variants[torch.bfloat16][i] for i in ((0, 1, 2, 3, 4, 5, 7) if sweep else ())]:
-        n = (1 << 20) // 2 + 3
-        x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    def graph_worst(warm, body) -> float:
+        """Capture `body()` (fresh inputs, the op, its rel. error against torch) in one CUDA graph after two
+        eager `warm()` calls (compilation stays outside), replay it args.replays times; the worst error."""
         worst = torch.zeros((), dtype=torch.float64, device="cuda")
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):  # warm up (compile) outside the graph
-                x.normal_()
-                ar(x, algorithm=alg)
+            for _ in range(2):
+                warm()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=s):
-                x.normal_()
-                x.mul_(rank + 1)
-                ref = x.float()
-                dist.all_reduce(ref)
-                y = ar(x, algorithm=alg)
-                err = (y.float() - ref).norm() / ref.norm()
-                worst.copy_(torch.maximum(worst, err.double()))
+                worst.copy_(torch.maximum(worst, body().double()))
         torch.cuda.synchronize()
         for _ in range(args.replays):
             graph.replay()
         torch.cuda.synchronize()
         ws.check()
-        w = worst.item()
+        del graph
+        return worst.item()
+
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in ((0, 1, 2, 3, 4, 5, 7) if sweep else ())]:
+        n = (1 << 20) // 2 + 3
+        x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+
+        def warm(ar=ar, alg=alg, x=x):
+            x.normal_()
+            ar(x, algorithm=alg)
+
+        def body(ar=ar, alg=alg, x=x):
+            x.normal_()
+            x.mul_(rank + 1)
+            ref = x.float()
+            dist.all_reduce(ref)
+            y = ar(x, algorithm=alg)
+            return (y.float() - ref).norm() / ref.norm()
+
+        w = graph_worst(warm, body)
         log(f"graph {name}: {args.replays} replays, worst rel err {w:.2e}")
         if not (w <= TOL[torch.bfloat16]) or w == 0.0:
             failures.append(f"graph {name}: worst err {w}")
-        del graph
     # fused all-reduce + residual + RMSNorm (LL one-shot), rows [M, H]; residual and weight shared by all ranks
     nar = variants[torch.bfloat16][3][1]
     gs = torch.Generator(device="cuda").manual_seed(4321)
@@ -165,39 +176,29 @@ def main() -> None:
     x = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
     res = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
     w = (torch.rand(H, generator=gs, device="cuda") + 0.5).to(torch.bfloat16)
-    worst = torch.zeros((), dtype=torch.float64, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            x.normal_()
-            res.normal_()
-            dist.broadcast(res, src=0)
-            nar.all_reduce_norm(x, res, w, 1e-5)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
-            x.normal_()
-            x.mul_(rank + 1)
-            res.normal_()
-            dist.broadcast(res, src=0)  # the residual stream is replicated on every rank
-            hr = x.float()
-            dist.all_reduce(hr)
-            hr = hr + res.float()
-            yr = hr * torch.rsqrt(hr.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
-            y, h = nar.all_reduce_norm(x, res, w, 1e-5)
-            err = torch.maximum((y.float() - yr).norm() / yr.norm(), (h.float() - hr).norm() / hr.norm())
-            worst.copy_(torch.maximum(worst, err.double()))
-    torch.cuda.synchronize()
-    for _ in range(args.replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    ws.check()
-    wv = worst.item()
+
+    def warm_norm():
+        x.normal_()
+        res.normal_()
+        dist.broadcast(res, src=0)
+        nar.all_reduce_norm(x, res, w, 1e-5)
+
+    def body_norm():
+        x.normal_()
+        x.mul_(rank + 1)
+        res.normal_()
+        dist.broadcast(res, src=0)  # the residual stream is replicated on every rank
+        hr = x.float()
+        dist.all_reduce(hr)
+        hr = hr + res.float()
+        yr = hr * torch.rsqrt(hr.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+        y, h = nar.all_reduce_norm(x, res, w, 1e-5)
+        return torch.maximum((y.float() - yr).norm() / yr.norm(), (h.float() - hr).norm() / hr.norm())
+
+    wv = graph_worst(warm_norm, body_norm)
     log(f"graph all_reduce_norm [{M}, {H}]: {args.replays} replays, worst rel err {wv:.2e}")
     if not (wv <= TOL[torch.bfloat16]) or wv == 0.0:
         failures.append(f"graph all_reduce_norm: worst err {wv}")
-    del graph
     # AllReduce front end, in place, auto
     ar = AllReduce(dtype=torch.bfloat16, max_bytes=4 << 20, workspace=ws, topology=Topology(world, world))
     for nbytes in (8192, 1 << 20, 8 << 20):
