@@ -590,6 +590,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")
     ap.add_argument("--steps", type=int, default=100, help="timed decode steps per configuration")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="> 1: keep every mode's engine built and alternate the modes this many times per batch and "
+                         "context; the CSV gets the median and each round's time (round_ms)")
     ap.add_argument("--ref-steps", type=int, default=None,
                     help="timed steps for the eager paths (torch reference, transformers eager); default --steps")
     ap.add_argument("--hf", action="store_true",
@@ -617,6 +620,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                   "one_shot", "two_shot")]
     if bad:
         ap.error(f"unknown modes {bad}")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.breakdown and args.device == "cpu":
         ap.error("--breakdown profiles CUDA kernels")
     if args.tag is None:
@@ -664,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"{model_name} TP={tp}: weights read per step + KV cache {need / 1e9:.1f} GB per GPU of "
                   f"{total_mem / 1e9:.1f} GB; floor {floor_ms:.3f} ms", flush=True)
-        for mode, label, gpn in fusedlis_variants(args.mode_list, tp, args.nvrar_node_list):
+        def build(mode: str, label: str, gpn: str | None):
             if gpn:
                 os.environ["FUSEDLIS_GPUS_PER_NODE"] = gpn
             else:
@@ -697,15 +702,44 @@ def main(argv: list[str] | None = None) -> int:
                     write_breakdown(bdrows, os.path.join(args.out, f"decode_breakdown_tp{tp}_{args.tag}_{gpu}_{date}"),
                                     f"per-token time breakdown, TP={tp}, batch {args.batches[0]}, "
                                     f"context {args.contexts[0]} ({device_name(dev)})")
-            steps = args.ref_steps if mode == "torch" else args.steps
-            for B in args.batches:
-                for ctx in args.contexts:
-                    emit(make_row(model_name, tp, label, B, ctx, steps, time_engine(eng, B, ctx, steps), floor_ms,
-                                  0 if mode == "torch" else engine_fuses_norm(eng, B)))
-            del eng
+            return eng
+
+        def released() -> None:  # after the caller dropped its engine references
             free_memory()
             if dist.is_initialized():
                 dist.barrier()
+
+        variants = fusedlis_variants(args.mode_list, tp, args.nvrar_node_list)
+        if args.rounds > 1:
+            # Every engine stays built and the rounds alternate between them, so a slow spell of the machine
+            # (clocks, a noisy neighbour) hits every mode alike: the ratios between modes are the robust numbers.
+            engines = [(mode, label, build(mode, label, gpn)) for mode, label, gpn in variants]
+            for B in args.batches:
+                for ctx in args.contexts:
+                    per: dict[str, list[float]] = {label: [] for _, label, _ in engines}
+                    for _ in range(args.rounds):
+                        for mode, label, eng in engines:
+                            steps = args.ref_steps if mode == "torch" else args.steps
+                            per[label].append(time_engine(eng, B, ctx, steps))
+                    for mode, label, eng in engines:
+                        steps = args.ref_steps if mode == "torch" else args.steps
+                        row = make_row(model_name, tp, label, B, ctx, steps, statistics.median(per[label]), floor_ms,
+                                       0 if mode == "torch" else engine_fuses_norm(eng, B))
+                        row["round_ms"] = ";".join(f"{t:.4f}" for t in per[label])
+                        emit(row)
+            eng = None
+            engines.clear()
+            released()
+        else:
+            for mode, label, gpn in variants:
+                eng = build(mode, label, gpn)
+                steps = args.ref_steps if mode == "torch" else args.steps
+                for B in args.batches:
+                    for ctx in args.contexts:
+                        emit(make_row(model_name, tp, label, B, ctx, steps, time_engine(eng, B, ctx, steps), floor_ms,
+                                      0 if mode == "torch" else engine_fuses_norm(eng, B)))
+                del eng
+                released()
         os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
         if args.hf:
             ckpt = Path(args.hf_ckpt_dir) / f"{model_name}-zeros"

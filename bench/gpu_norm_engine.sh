@@ -11,6 +11,8 @@
 # K: bench/kernels.py --parts swiglu on GPU 0 (gate_up + SwiGLU: as dispatched, cuBLAS + silu*mul, swept configs)
 # A: decode 8B TP=2 auto, then auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
 #    instead of two; NUM_SPLITS capped at 32) through a tuning cache written here, for an A/B against D
+# N: bench/allreduce_stability.py (NCCL latency measured repeatedly and in several ways: the spread of the method)
+# D_ROUNDS=n: part D keeps every mode's engine built and alternates the modes n times (median + each round)
 # R: bench/allreduce.py on this machine (copied into bench/results so part P validates against it)
 # B: per-kernel breakdown (torch profiler) of 8B TP=2 batch 1 context 512 in its own process, so that D and L are
 #    timed with no profiler attached (a profiled and an unprofiled run on one machine, 06:12 vs 06:16, differed by
@@ -68,7 +70,7 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   want F && grep -h -E "M=   1 |M=   8 |M=  64 " "$R/fused_norm.log" | grep -E "tile|only" | cut -c1-80
   want D && TAIL=90 step decode_8b ${D_CAP:-230} torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
     --models llama-3.1-8b --modes "${D_MODES:-auto,auto-unfusednorm,nccl,fused}" --batch "${D_BATCH:-1,8,32,64}" \
-    --context "${D_CTX:-512,4096}" --steps 100 --tag "$DTAG"
+    --context "${D_CTX:-512,4096}" --steps 100 --rounds "${D_ROUNDS:-1}" --tag "$DTAG"
   want L && TAIL=40 step decode_70b 240 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
     --models llama-3.1-70b --modes "${L_MODES:-auto,auto-unfusednorm,nccl}" --batch 1,8,32,64 --context 512,4096 --steps 30 \
     --tag "${DTAG/8b/70b}"
@@ -115,6 +117,7 @@ PY
       bench/decode.py --out "$R" --models llama-3.1-8b --modes auto --batch 1,8,32,64 --context 512,4096 --steps 100 \
       --tag "$DTAG-tuned"
   fi
+  want N && TAIL=60 step allreduce_stability 150 torchrun --nproc-per-node 2 bench/allreduce_stability.py --out "$R"
   if want R; then
     TAIL=25 step allreduce_bench 150 torchrun --nproc-per-node 2 bench/allreduce.py --out "$R"
     cp "$R"/allreduce_*.csv bench/results/ 2>/dev/null

@@ -170,3 +170,23 @@ def test_breakdown_counts_only_the_profiled_steps():
     assert sum(out.values()) > 0
     mm = [r for r in top if r[0] == "aten::mm"]
     assert mm and mm[0][2] == pytest.approx(1.0)
+
+
+def test_rounds_alternate_modes(tmp_path):
+    """--rounds 3: every mode's engine stays built, each (batch, context) is timed 3 times per mode, and the row
+    holds the median of its round times."""
+    import statistics
+
+    cmd = [sys.executable, str(ROOT / "bench" / "decode.py"), "--device", "cpu", "--models", "tiny", "--modes",
+           "torch,nccl", "--batch", "1,2", "--context", "8", "--steps", "2", "--rounds", "3", "--out",
+           str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows, _ = decode.read_csv(next(tmp_path.glob("decode_tp1_tiny_*.csv")))
+    assert sorted((x["system"], x["batch"]) for x in rows) == [
+        ("fusedlis-nccl", 1), ("fusedlis-nccl", 2), ("torch-eager-nccl", 1), ("torch-eager-nccl", 2)]
+    for x in rows:
+        rounds = [float(t) for t in x["round_ms"].split(";")]
+        assert len(rounds) == 3 and x["ms_per_token"] == pytest.approx(statistics.median(rounds), abs=1e-4)
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--rounds", "0"])
