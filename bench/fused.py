@@ -33,7 +33,7 @@ def _rmsnorm_torch(h, w, eps):
     return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(h.dtype)
 
 
-def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scratch=None):
+def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scratch=None, norm_cfg=None):
     """name -> (setup() -> state, step(state, i)) ; every step is one layer call on copy i."""
     import triton
 
@@ -143,7 +143,7 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scra
         v[name] = (lambda c_: lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1], config=c_))(c)
     v["fused_auto"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1], config=cfg)
     v["fused_auto+res+norm"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, res, nw, eps, out=(outs[1], outs[0]),
-                                                          config=cfg)
+                                                          config=norm_cfg or cfg)
     gcfg = la._pick_config(M, N, K, ws, dt, None, cfg)
     part = la._part_dtype(M, gcfg, dt, None)
     # GEMM + tile pushes only (no reduction, no step bump): what the epilogue costs over a plain GEMM. On a
@@ -156,7 +156,9 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scra
             "SPLIT_K": gcfg["SPLIT_K"], "num_warps": gcfg["num_warps"], "num_stages": gcfg["num_stages"]}
     v["fusedlis_linear_same_config"] = lambda i: fl_linear(xs[i], ws_[i], config=lcfg, out=outs[0])
 
-    def fused_with(c):
+    def fused_with(c, norm=False):
+        if norm:
+            return lambda i: linear_allreduce(xs[i], ws_[i], ws, res, nw, eps, out=(outs[1], outs[0]), config=c)
         return lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1], config=c)
 
     return v, ncopy, fused_with
@@ -189,6 +191,37 @@ def time_variant(fn, ncopy, reps, iters):
     return us
 
 
+def tune_one(sname, K, N, M, norm, ws, dev, dt, group_name, symm_buf, args, rank, tune_rows):
+    """Sweep the kernel module's search space for one shape and M (with residual + RMSNorm if `norm`); the
+    pick both ranks agree on (max over ranks of each time; the default unless a candidate is > 2% faster)."""
+    import importlib
+
+    la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
+    key = {"M": M, "N": N, "K": K, "dtype": dt, "local": ws.local_size, "norm": norm}
+    cands = la.linear_allreduce_configs(key)  # the default first
+    _, nc_, fused_with = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf)
+    tried = []
+    for cand in cands:
+        try:
+            us = time_variant(fused_with(cand, norm=bool(norm)), nc_, args.reps, args.iters)
+        except Exception as e:  # noqa: BLE001
+            print(f"tune {sname} M={M} norm={norm} {cand} failed: {e}", file=sys.stderr)
+            us = float("inf")
+        tried.append((us, cand))
+    del fused_with
+    t = torch.tensor([u for u, _ in tried], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # both ranks must pick the same config
+    i_best = int(torch.argmin(t))
+    if float(t[i_best]) > 0.98 * float(t[0]):  # timing noise
+        i_best = 0
+    best = tried[i_best][1]
+    if rank == 0:
+        print(f"{sname:9s} M={M:4d} {'+norm ' if norm else ''}tuned ({len(tried)} configs): default={float(t[0]):.2f} "
+              f"best={float(t[i_best]):.2f} {best}", flush=True)
+    tune_rows.append((sname, K, N, M, json.dumps(best, sort_keys=True), float(t[i_best]), float(t[0]), norm))
+    return best
+
+
 def main() -> None:
     import triton
 
@@ -205,6 +238,9 @@ def main() -> None:
                     help="comma-separated variant names or shell patterns to time (default: all); e.g. "
                          "'fusedlis_ar_only,fusedlis_ar+res+norm_only*' for the all-reduce + norm comparison alone")
     ap.add_argument("--tune", action="store_true", help="sweep GEMM tile configs of the fused kernel first")
+    ap.add_argument("--tune-norm", action="store_true",
+                    help="also sweep the configs with residual + RMSNorm fused (how the engine calls the kernel); "
+                         "the picks get norm=1 keys")
     ap.add_argument("--tune-shapes", default=",".join(SHAPES),
                     help="shapes swept by --tune; the others reuse the pick of a swept shape with the same N")
     args = ap.parse_args()
@@ -228,36 +264,18 @@ def main() -> None:
     for sname in args.shapes.split(","):
         K, N = SHAPES[sname]
         for M in Ms:
-            best = tuned.get((N, K, M))
-            if args.tune and sname in args.tune_shapes.split(","):
-                import importlib
-
-                la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
-                key = {"M": M, "N": N, "K": K, "dtype": dt, "local": ws.local_size}
-                cands = la.linear_allreduce_configs(key)  # the default first
-                _, nc_, fused_with = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf)
-                tried = []
-                for cand in cands:
-                    try:
-                        us = time_variant(fused_with(cand), nc_, args.reps, args.iters)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"tune {sname} M={M} {cand} failed: {e}", file=sys.stderr)
-                        us = float("inf")
-                    tried.append((us, cand))
-                del fused_with
-                t = torch.tensor([u for u, _ in tried], device=dev)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)  # both ranks must pick the same config
-                i_best = int(torch.argmin(t))
-                # keep the default unless a candidate is > 2% faster (timing noise)
-                if float(t[i_best]) > 0.98 * float(t[0]):
-                    i_best = 0
-                best = tried[i_best][1]
-                if rank == 0:
-                    print(f"{sname:9s} M={M:4d} tuned ({len(tried)} configs): default={float(t[0]):.2f} "
-                          f"best={float(t[i_best]):.2f} {best}", flush=True)
-                tune_rows.append((sname, K, N, M, json.dumps(best, sort_keys=True), float(t[i_best]), float(t[0])))
-                tuned[(N, K, M)] = best
-            variants, ncopy, _ = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best, ws_scratch)
+            best = tuned.get((N, K, M, 0))
+            best_norm = tuned.get((N, K, M, 1))
+            if sname in args.tune_shapes.split(","):
+                for norm in [nm for nm, on in ((0, args.tune), (1, args.tune_norm)) if on]:
+                    best_ = tune_one(sname, K, N, M, norm, ws, dev, dt, group_name, symm_buf, args, rank, tune_rows)
+                    tuned[(N, K, M, norm)] = best_
+                    if norm:
+                        best_norm = best_
+                    else:
+                        best = best_
+            variants, ncopy, _ = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best, ws_scratch,
+                                                norm_cfg=best_norm)
             if args.variants:
                 import fnmatch
 
@@ -318,10 +336,12 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
                      f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f} {ll_extra:+.2f} "
                      f"{sep_extra:+.2f}")
     if tune_rows:
-        lines.append("tuned config of the fused kernel (shape M config tuned_us default_us):")
-        lines += [f"{s} {M} {c} {us:.2f} {d:.2f}" for s, _, _, M, c, us, d in tune_rows]
+        lines.append("tuned config of the fused kernel (shape M config tuned_us default_us; '+norm': tuned with "
+                     "residual + RMSNorm):")
+        lines += [f"{s}{'+norm' if nm else ''} {M} {c} {us:.2f} {d:.2f}" for s, _, _, M, c, us, d, nm in tune_rows]
         # the picks, in the form `linear_allreduce_measured.json` takes (per device model; keys as the launcher's)
-        picks = {f"N={N},K={K},M={M},local={ws.local_size}": json.loads(c) for _, K, N, M, c, _, _ in tune_rows}
+        picks = {f"N={N},K={K},M={M},local={ws.local_size}" + (",norm=1" if nm else ""): json.loads(c)
+                 for _, K, N, M, c, _, _, nm in tune_rows}
         with open(stem + "_picks.json", "w") as f:
             json.dump({torch.cuda.get_device_name(): picks}, f, indent=1, sort_keys=True)
     with open(stem + "_summary.txt", "w") as f:

@@ -24,7 +24,8 @@
 # X: tests/test_fused_multigpu.py, 1 node x 2 (10,000 graph replays) and 2 logical nodes x 1 (2,000)
 # S: bench/fused.py --tune (the fused kernel's search space, split-K included, per shape and M in 1,8,32,64), then
 #    the side-by-side variants with the picks; the picks become this copy's linear_allreduce_measured.json, so the
-#    parts after S (D, L, B) run with them
+#    parts after S (D, L, B) run with them. S_TUNE="--tune --tune-norm" also tunes with residual + RMSNorm (the
+#    engine's calls; picks keyed norm=1); S_SHAPES, S_MS, S_VARIANTS narrow the run
 # FUSEDLIS_SOURCE_COMMIT=<hash> (written literally in the device command: the device's .git is stale) goes into
 #    the decode CSV headers instead of the copy's commit
 # DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
@@ -59,10 +60,20 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   want X && TAIL=12 step fused_2gpu_logical 100 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py \
     --gpus-per-node 1 --replays 2000
   if want S; then
-    TAIL=60 step fused_tune ${S_CAP:-330} torchrun --nproc-per-node 2 bench/fused.py --out "$R" --tune --ms "${S_MS:-1,8,32,64}" \
-      --iters 8 --variants 'cublas_gemm_only,cublas+nccl,cublas+symm_*,fusedlis_linear+*,fusedlis_linear_same_config,fused_auto*,fused_gemm_push_only'
-    for f in "$R"/fused_*_picks.json; do [ -f "$f" ] && cp "$f" triton_kernels/linear_allreduce_measured.json \
-      && cp "$f" "$OUTD/" && echo "installed $f"; done
+    TAIL=60 step fused_tune ${S_CAP:-330} torchrun --nproc-per-node 2 bench/fused.py --out "$R" ${S_TUNE:---tune} \
+      --ms "${S_MS:-1,8,32,64}" --shapes "${S_SHAPES:-8B_o,8B_down,70B_o,70B_down}" --iters 8 \
+      --variants "${S_VARIANTS:-cublas_gemm_only,cublas+nccl,cublas+symm_*,fusedlis_linear+*,fusedlis_linear_same_config,fused_auto*,fused_gemm_push_only}"
+    # the picks are merged into this copy's table (a norm-only run must not drop the plain picks)
+    for f in "$R"/fused_*_picks.json; do [ -f "$f" ] && python3 - "$f" triton_kernels/linear_allreduce_measured.json <<'PY' \
+      && cp triton_kernels/linear_allreduce_measured.json "$OUTD/linear_allreduce_measured_merged.json" && cp "$f" "$OUTD/"
+import json, sys
+new, old = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+for dev, picks in new.items():
+    old.setdefault(dev, {}).update(picks)
+json.dump(old, open(sys.argv[2], "w"), indent=1, sort_keys=True)
+print("merged", sys.argv[1], {d: len(p) for d, p in new.items()})
+PY
+    done
   fi
   want T && step comm_norm 150 torchrun --nproc-per-node 2 tests/test_comm_gpu.py --only norm --replays 10000
   want F && TAIL=30 step fused_norm 150 torchrun --nproc-per-node 2 bench/fused.py --out "$R" \

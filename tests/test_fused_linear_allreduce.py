@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -282,12 +284,16 @@ def test_measured_table_lookup(monkeypatch):
     raw = json.loads((Path(la.__file__).parent / "linear_allreduce_measured.json").read_text())
     dev_name = next(k for k in raw if not k.startswith("_"))
     entries = read_measured("linear_allreduce_measured.json")
-    assert entries and all(set(f) == {"N", "K", "M", "local"} for _, f, _ in entries)
+    assert entries and all({"N", "K", "M", "local"} <= set(f) <= {"N", "K", "M", "local", "norm"}
+                           for _, f, _ in entries)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: dev_name)
     monkeypatch.setattr(la, "_MEASURED", None)
     cuda = torch.device("cuda")
     table = raw[dev_name]
     assert la.measured_fused_config(1, 4096, 7168, 2, torch.bfloat16, cuda) == table["N=4096,K=7168,M=1,local=2"]
+    # with the norm: its own pick where the table has one, else the plain one
+    assert la.measured_fused_config(1, 4096, 7168, 2, torch.bfloat16, cuda, norm=True) == table.get(
+        "N=4096,K=7168,M=1,local=2,norm=1", table["N=4096,K=7168,M=1,local=2"])
     assert la.measured_fused_config(3, 4096, 7168, 2, torch.bfloat16, cuda) == table["N=4096,K=7168,M=8,local=2"]
     assert la.measured_fused_config(1, 4096, 7168, 4, torch.bfloat16, cuda) is None  # other node size
     assert la.measured_fused_config(1, 4096, 7168, 2, torch.float16, cuda) is None
@@ -295,3 +301,33 @@ def test_measured_table_lookup(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Other GPU")
     assert la.measured_fused_config(1, 4096, 7168, 2, torch.bfloat16, cuda) is None
     assert read_measured("no_such_table.json") == []
+
+
+def test_norm_picks_and_search_space(monkeypatch):
+    """norm=1 picks answer norm calls only (plain calls keep the plain pick); the norm search space varies the
+    finish chunk width and split-K around the default and keeps its GEMM tile."""
+    import fusedlis.triton_kernels._measured as measured
+
+    plain = {"USE_DOT": True, "BM": 16, "BN": 64, "BK": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 4,
+             "ONE_SHOT": True, "BLOCK_C": 128}
+    normed = dict(plain, BLOCK_C=1024)
+    monkeypatch.setattr(measured, "read_measured", lambda name: [
+        ("GPU X", {"N": "4096", "K": "2048", "M": "1", "local": "2"}, plain),
+        ("GPU X", {"N": "4096", "K": "2048", "M": "8", "local": "2"}, dict(plain, SPLIT_K=4)),
+        ("GPU X", {"N": "4096", "K": "2048", "M": "1", "local": "2", "norm": "1"}, normed)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU X")
+    monkeypatch.setattr(la, "_MEASURED", None)
+    cuda = torch.device("cuda")
+    assert la.measured_fused_config(1, 4096, 2048, 2, torch.bfloat16, cuda) == plain
+    assert la.measured_fused_config(1, 4096, 2048, 2, torch.bfloat16, cuda, norm=True) == normed
+    # no norm pick at M = 8: the plain one
+    assert la.measured_fused_config(8, 4096, 2048, 2, torch.bfloat16, cuda, norm=True) == dict(plain, SPLIT_K=4)
+    monkeypatch.setattr(la, "_key_device", lambda: cuda)
+    monkeypatch.setattr(la, "_gemm_default", lambda M, N, K, dt, dev: dict(plain))
+    key = {"M": 8, "N": 4096, "K": 2048, "dtype": "bfloat16", "local": 2, "norm": 1}
+    space = la.linear_allreduce_configs(key)
+    assert space[0]["SPLIT_K"] == 4 and len({json.dumps(c, sort_keys=True) for c in space}) == len(space)
+    assert {c["BLOCK_C"] for c in space} == {128, 256, 512, 1024, 2048, 4096}
+    assert {c["SPLIT_K"] for c in space} == {2, 4, 8}
+    assert all({k: v for k, v in c.items() if k not in ("BLOCK_C", "SPLIT_K")}
+               == {k: v for k, v in space[0].items() if k not in ("BLOCK_C", "SPLIT_K")} for c in space)

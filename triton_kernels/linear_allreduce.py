@@ -644,9 +644,12 @@ _MEASURED: dict | None = None
 
 
 def measured_fused_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
-                          device: torch.device | None) -> dict | None:
+                          device: torch.device | None, norm: bool = False) -> dict | None:
     """Config `bench/fused.py --tune` measured fastest for (N, K, GPUs per node) at the smallest measured
-    M >= `M` on this GPU model (`linear_allreduce_measured.json`); bf16 on CUDA only, else None."""
+    M >= `M` on this GPU model (`linear_allreduce_measured.json`); bf16 on CUDA only, else None.
+
+    `norm`: the call ends with residual + RMSNorm; entries measured that way (key `norm=1`) are preferred,
+    since the row norm's chunk programs wait for each other and favour other chunk widths."""
     global _MEASURED
     if device is None or device.type != "cuda" or dtype != torch.bfloat16:
         return None
@@ -656,22 +659,26 @@ def measured_fused_config(M: int, N: int, K: int, local: int, dtype: torch.dtype
         _MEASURED = {}
         for dev, f, cfg in read_measured("linear_allreduce_measured.json"):
             f = {k: int(v) for k, v in f.items()}
-            _MEASURED.setdefault((dev, f["N"], f["K"], f["local"]), []).append((f["M"], cfg))
+            _MEASURED.setdefault((dev, f["N"], f["K"], f["local"], f.get("norm", 0)), []).append((f["M"], cfg))
         for v in _MEASURED.values():
             v.sort(key=lambda mc: mc[0])
-    for m, cfg in _MEASURED.get((torch.cuda.get_device_name(device), N, K, local), ()):
-        if m >= M:
-            return dict(cfg)
+    name = torch.cuda.get_device_name(device)
+    for nm in ((1, 0) if norm else (0,)):
+        for m, cfg in _MEASURED.get((name, N, K, local, nm), ()):
+            if m >= M:
+                return dict(cfg)
     return None
 
 
 def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
-                            one_shot: bool | None = None, device: torch.device | None = None) -> dict:
+                            one_shot: bool | None = None, device: torch.device | None = None,
+                            norm: bool = False) -> dict:
     """Default launch config (GEMM tile and split-K, one-shot vs two-shot) for one rank's GEMM shape.
 
     Order: the tuning cache (`fusedlis tune --op linear_allreduce`), the table `bench/fused.py --tune`
     measured on this GPU model, else the plain `linear` config of the same GEMM (its measured table on
-    `device`, else its heuristic). Split-K partials are pushed unsummed.
+    `device`, else its heuristic). Split-K partials are pushed unsummed. `norm`: the call adds the residual
+    and applies RMSNorm (the table's `norm=1` picks first).
     """
     tuned = None
     try:
@@ -681,7 +688,7 @@ def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dty
     except Exception:  # the tuning cache must never break a launch
         tuned = None
     return _resolve_config(M, N, K, local, dtype, one_shot, device,
-                           tuned or measured_fused_config(M, N, K, local, dtype, device))
+                           tuned or measured_fused_config(M, N, K, local, dtype, device, norm))
 
 
 def _resolve_config(M: int, N: int, K: int, local: int, dtype: torch.dtype, one_shot: bool | None,
@@ -712,19 +719,38 @@ def linear_allreduce_default_config(key: dict) -> dict:
     """`linear_allreduce_config` for a tuner key {M, N, K, dtype, local} without the tuning cache."""
     M, N, K, local = int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"])
     dt, dev = _key_dtype(key), _key_device()
-    return _resolve_config(M, N, K, local, dt, None, dev, measured_fused_config(M, N, K, local, dt, dev))
+    return _resolve_config(M, N, K, local, dt, None, dev,
+                           measured_fused_config(M, N, K, local, dt, dev, bool(key.get("norm", 0))))
 
 
 def linear_allreduce_configs(key: dict) -> list[dict]:
     """Search space of the tuner for `key`: every GEMM config `linear_configs` sweeps for the same shape
     (tiles x split-K), x one-/two-shot where the node has more than 2 GPUs, x a few finish chunk widths
-    (half, double and a whole row's share around the default's; 256-1024 at M = 1). The default comes first."""
+    (half, double and a whole row's share around the default's; 256-1024 at M = 1). The default comes first.
+
+    With `key["norm"]` (residual + RMSNorm fused) the GEMM part is taken as tuned (the default: the norm=0
+    pick) and the space is the finish chunk width, every power of two from 128 to 4096 columns (a row norm's
+    chunk programs wait for each other, so fewer, wider chunks can win), plus half and double the split-K."""
     from fusedlis.triton_kernels.linear import linear_configs, linear_key
 
     M, N, K, local = int(key["M"]), int(key["N"]), int(key["K"]), int(key["local"])
     dt = _key_dtype(key)
     default = linear_allreduce_default_config(key)
     out = [default]
+    if key.get("norm"):
+        share = N if default["ONE_SHOT"] else N // local
+        bc = _MIN_BLOCK_C
+        while bc <= min(4096, max(_pow2(share), _MIN_BLOCK_C)):
+            cc = dict(default, BLOCK_C=bc)
+            if bc % default["BN"] == 0 and cc not in out:
+                out.append(cc)
+            bc *= 2
+        sk = int(default.get("SPLIT_K", 1))
+        for s2 in (sk // 2, sk * 2):
+            cc = dict(default, SPLIT_K=s2)
+            if 1 <= s2 <= 8 and cc not in out:
+                out.append(cc)
+        return out
     lk = linear_key(M, N, K, dt, None, False)
     for lc in linear_configs(lk):
         c = _from_linear(lc)
@@ -833,8 +859,8 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     )
 
 
-def _pick_config(M, N, K, ws, dtype, one_shot, config):
-    cfg = linear_allreduce_config(M, N, K, ws.local_size, dtype, one_shot, device=ws.device)
+def _pick_config(M, N, K, ws, dtype, one_shot, config, norm=False):
+    cfg = linear_allreduce_config(M, N, K, ws.local_size, dtype, one_shot, device=ws.device, norm=norm)
     if not config and ws.device.type != "cuda" and dtype == torch.bfloat16 and M <= 4:
         # the interpreter cannot do a bf16 tl.dot (triton#11584): GEMV variant
         cfg.update(USE_DOT=False, BM=_pow2(M), BK=max(32, 256 // _pow2(M)))
@@ -917,7 +943,7 @@ def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: tor
     _check(x, w_shard, ws, residual, norm_weight)
     M, K = x.shape
     N = w_shard.shape[0]
-    cfg = _pick_config(M, N, K, ws, x.dtype, one_shot, config)
+    cfg = _pick_config(M, N, K, ws, x.dtype, one_shot, config, norm_weight is not None)
     part = _part_dtype(M, cfg, x.dtype, partial_dtype)
     if part not in _DTYPES:
         raise TypeError(f"partial_dtype {part} not supported")
@@ -945,7 +971,7 @@ def simulate_linear_allreduce(xs: list[torch.Tensor], ws_shards: list[torch.Tens
     M, K = xs[0].shape
     N = ws_shards[0].shape[0]
     ws0 = workspaces[0]
-    cfg = _pick_config(M, N, K, ws0, xs[0].dtype, one_shot, config)
+    cfg = _pick_config(M, N, K, ws0, xs[0].dtype, one_shot, config, norm_weight is not None)
     part = _part_dtype(M, cfg, xs[0].dtype, partial_dtype)
     outs = [_alloc_out(x, N, norm_weight, poison=True) for x in xs]
     for x, w, ws, (out, res_out) in zip(xs, ws_shards, workspaces, outs):
