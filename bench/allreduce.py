@@ -1,5 +1,9 @@
 """All-reduce latency, bf16, 8 KB - 4 MB, CUDA-graph captured, median over replays; baselines in the same run.
 
+Each point is timed in --passes separate captures (interleaved over sizes and variants) and reported as their
+trimmed mean (`us`; every capture's median in `us_captures`): one capture of a small NCCL all-reduce is a
+sample of one of its latency modes (bench/allreduce_stability.py).
+
 Variants: NCCL, torch symmetric memory one_shot / two_shot, fusedlis one_shot / two_shot (1 node x 2),
 fusedlis nvrar as 2 logical nodes x 1 (NVSHMEM put-with-signal rail; peer-store rail; LL peer-store rail),
 fusedlis auto (1x2 and 2x1). "_ll": the flag-in-data protocol; "_t1k": 1024-element tiles.
@@ -95,6 +99,7 @@ def main() -> None:
     del a, t_end
     rows = []
     g = torch.Generator(device="cuda").manual_seed(7 + rank)
+    points = []  # (nbytes, name, fn, err): every variant checked once, then timed in args.passes captures
     for nbytes in sizes:
         n = nbytes // 2
         x = torch.randn(n, generator=g, device="cuda").to(dtype)
@@ -104,14 +109,14 @@ def main() -> None:
         nbuf = x.clone()
         sv = sbuf[:n]
         variants = {
-            "nccl": lambda: dist.all_reduce(nbuf),
-            "torch_symm_one_shot": lambda: torch.ops.symm_mem.one_shot_all_reduce(sv, "sum", gname),
-            "torch_symm_two_shot": lambda: torch.ops.symm_mem.two_shot_all_reduce_(sv, "sum", gname),
-            "fusedlis_auto": lambda: auto(x, out=out),
-            "fusedlis_auto_2x1": lambda: auto21(x, out=out),
+            "nccl": lambda nbuf=nbuf: dist.all_reduce(nbuf),
+            "torch_symm_one_shot": lambda sv=sv: torch.ops.symm_mem.one_shot_all_reduce(sv, "sum", gname),
+            "torch_symm_two_shot": lambda sv=sv: torch.ops.symm_mem.two_shot_all_reduce_(sv, "sum", gname),
+            "fusedlis_auto": lambda x=x, out=out: auto(x, out=out),
+            "fusedlis_auto_2x1": lambda x=x, out=out: auto21(x, out=out),
         }
         for name, (ar, alg) in ours.items():
-            variants[name] = (lambda ar=ar, alg=alg: ar(x, out=out, algorithm=alg))
+            variants[name] = (lambda ar=ar, alg=alg, x=x, out=out: ar(x, out=out, algorithm=alg))
         for name, fn in variants.items():
             # correctness of this variant at this size (fresh input, poisoned output)
             if name.startswith("fusedlis"):
@@ -127,14 +132,25 @@ def main() -> None:
                 sv.copy_(x)
                 r = fn()
                 err = (((r if r is not None else sv).double() - ref).norm() / ref.norm()).item()
-            us = time_graph(fn, args.calls, args.replays)
-            t = torch.tensor([us], device="cuda")
+            points.append((nbytes, name, fn, err))
+    samples: dict[tuple[int, str], list[float]] = {}
+    for p in range(args.passes):
+        for nbytes, name, fn, err in points:
+            t = torch.tensor([time_graph(fn, args.calls, args.replays)], device="cuda")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            rows.append({"bytes": nbytes, "variant": name, "us_median": round(t.item(), 3), "rel_err": f"{err:.2e}",
-                         "algorithm": auto.algorithm_for(nbytes) if name == "fusedlis_auto" else
-                         auto21.algorithm_for(nbytes) if name == "fusedlis_auto_2x1" else ""})
-            if rank == 0:
-                print(f"{nbytes:>8} {name:<28} {t.item():8.2f} us  err {err:.1e}", flush=True)
+            samples.setdefault((nbytes, name), []).append(t.item())
+        if rank == 0:
+            print(f"pass {p + 1}/{args.passes} done", flush=True)
+    for nbytes, name, fn, err in points:
+        ts = samples[(nbytes, name)]
+        us = capture_center(ts)
+        rows.append({"bytes": nbytes, "variant": name, "us": round(us, 3),
+                     "us_captures": ";".join(f"{t:.3f}" for t in ts), "rel_err": f"{err:.2e}",
+                     "algorithm": auto.algorithm_for(nbytes) if name == "fusedlis_auto" else
+                     auto21.algorithm_for(nbytes) if name == "fusedlis_auto_2x1" else ""})
+        if rank == 0:
+            print(f"{nbytes:>8} {name:<28} {us:8.2f} us  err {err:.1e}  captures {rows[-1]['us_captures']}",
+                  flush=True)
     ws.check()
     if rank == 0:
         write(rows, args.out)
@@ -157,7 +173,7 @@ def write(rows: list[dict], out_dir: str) -> None:
         for r in rows:
             w.writerow({**meta, **r})
     # summary of the issue's targets
-    by = {(r["variant"], r["bytes"]): r["us_median"] for r in rows}
+    by = {(r["variant"], r["bytes"]): r["us"] for r in rows}
     lines = []
     for b in sorted({r["bytes"] for r in rows}):
         a = by.get(("fusedlis_auto", b))
@@ -181,13 +197,13 @@ def write(rows: list[dict], out_dir: str) -> None:
         names = list(dict.fromkeys(r["variant"] for r in rows))
         cmap = plt.get_cmap("tab20")
         for i, v in enumerate(names):
-            pts = sorted((r["bytes"], r["us_median"]) for r in rows if r["variant"] == v)
+            pts = sorted((r["bytes"], r["us"]) for r in rows if r["variant"] == v)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^vD"[i % 5], label=v, color=cmap(i % 20),
                     linestyle="-" if v.startswith("fusedlis") else "--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("message bytes (bf16)")
-        ax.set_ylabel("µs per all-reduce (median, CUDA graph)")
+        ax.set_ylabel("µs per all-reduce (CUDA graph; trimmed mean of captures)")
         ax.set_title(f"all-reduce {meta['device']} torch {meta['torch']} triton {meta['triton']} "
                      f"nccl {nccl} {date}", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)

@@ -130,7 +130,7 @@ PY
   fi
   want N && TAIL=60 step allreduce_stability 150 torchrun --nproc-per-node 2 bench/allreduce_stability.py --out "$R"
   if want R; then
-    TAIL=25 step allreduce_bench 150 torchrun --nproc-per-node 2 bench/allreduce.py --out "$R"
+    TAIL=25 step allreduce_bench ${R_CAP:-240} torchrun --nproc-per-node 2 bench/allreduce.py --out "$R"
     cp "$R"/allreduce_*.csv bench/results/ 2>/dev/null
   fi
   if want P; then

@@ -203,3 +203,16 @@ def test_timing_note_reaches_profile_sources():
             {"kind": "allreduce", "impl": "nccl", "algo": "ring", "gpus": 2, "bytes": 1 << 20, "us": 20.0}]
     hw = cal.profile_from_measurements(rows, get_hardware("h200-ndr"))
     assert any(s.startswith("timing: 100 calls") for s in hw.sources)
+
+
+def test_capture_center():
+    """A point's value from its per-capture times: trimmed mean from 4 samples on (a lone outlier and the
+    extremes of a bimodal mix drop out), median below that."""
+    from fusedlis.perfmodel.timing import capture_center
+
+    assert capture_center([13.5, 17.3, 17.1, 13.4, 17.5]) == pytest.approx((13.5 + 17.1 + 17.3) / 3)
+    assert capture_center([10.0, 10.0, 10.0, 40.0]) == pytest.approx(10.0)
+    assert capture_center([3.0, 1.0, 2.0]) == 2.0
+    assert capture_center([5.0]) == 5.0
+    with pytest.raises(ValueError):
+        capture_center([])

@@ -313,7 +313,7 @@ def _allreduce_schedule(sizes: list[int], impls: list[tuple[str, str, int, int]]
 # Full passes over (size, implementation), the median per point kept: single points of one pass moved by 10-16%
 # between two runs minutes apart on one machine (NCCL 8 KB: 15.4 vs 14.0 us, 2xH200 07:50), more than the model
 # errs. Interleaved passes spread a slow spell of the machine over all points instead of a few.
-ALLREDUCE_PASSES = 3
+ALLREDUCE_PASSES = timing.PASSES
 
 
 def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
@@ -336,7 +336,7 @@ def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
     rows.append({"kind": "note", "impl": label})
     rows.append({"kind": "note", "impl": f"timing: {iters} calls per CUDA graph, median of {replays} replays "
                                          "(barrier before each), max over ranks (bench/allreduce.py's method); "
-                                         f"median of {ALLREDUCE_PASSES} interleaved passes"})
+                                         f"{ALLREDUCE_PASSES} interleaved passes (separate captures), trimmed mean (timing.capture_center)"})
     impl = label.split(" ", 1)[0]
     timing.warm_clocks()
     impls = [("nccl", "ring", max(sizes), 1)] + [(impl, algo, max_m, nodes) for algo, (_, max_m, nodes) in fns.items()]
@@ -355,7 +355,7 @@ def _measure_allreduces(world: int, sizes: list[int], iters: int = timing.CALLS,
             dist.barrier()
     for (m, im, algo, nodes), ts in times.items():
         row = {"kind": "allreduce", "impl": im, "algo": algo, "gpus": world, "bytes": m,
-               "us": statistics.median(ts) * 1e6}
+               "us": timing.capture_center(ts) * 1e6}
         if im != "nccl":
             row["nodes"] = nodes
         rows.append(row)

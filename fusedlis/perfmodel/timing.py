@@ -15,9 +15,13 @@ from __future__ import annotations
 import statistics
 from typing import Any, Callable
 
-# bench/allreduce.py's defaults (--calls, --replays) and its 3 untimed replays
+# bench/allreduce.py's defaults (--calls, --replays, --passes) and its 3 untimed replays
 CALLS = 100
 REPLAYS = 30
+# Separate graph captures per point. One capture of a small NCCL all-reduce lands at 13-14 or at 17-18 µs
+# (8-32 KB, 2xH200) and keeps that latency for all its replays, so one capture is a sample of one:
+# bench/results/allreduce_stability_2xH200_2026-11-22_run0838.csv (spread up to 45% between captures of one call).
+PASSES = 5
 WARMUP_CALLS = 3
 WARMUP_REPLAYS = 3
 
@@ -85,3 +89,18 @@ def warm_clocks(torch: Any = None, n: int = 200, size: int = 4096) -> None:
     for _ in range(n):
         a @ a
     torch.cuda.synchronize()
+
+
+def capture_center(samples: list[float]) -> float:
+    """The value reported for one measured point from its per-capture times: the mean of the samples without
+    their minimum and maximum when there are >= 4, else the median.
+
+    Captures of small NCCL all-reduces are bimodal (see PASSES), so the median of a few flips between the
+    modes; a trimmed mean moves with their mix and still drops a lone outlier."""
+    if not samples:
+        raise ValueError("no samples")
+    xs = sorted(samples)
+    if len(xs) >= 4:
+        xs = xs[1:-1]
+        return sum(xs) / len(xs)
+    return statistics.median(xs)
