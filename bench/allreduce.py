@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import triton
 
+from fusedlis.perfmodel.timing import PASSES, capture_center
 from fusedlis.perfmodel.timing import time_graph as _shared_time_graph
 
 SIZES = [8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
@@ -43,6 +44,10 @@ def main() -> None:
     # many calls per graph: the ranks' start skew of each replay is spread over them
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--replays", type=int, default=30)
+    ap.add_argument("--passes", type=int, default=PASSES,
+                    help="separate graph captures per point, interleaved over sizes and variants; the point is their "
+                         "trimmed mean (fusedlis.perfmodel.timing.capture_center: one capture of a small NCCL "
+                         "all-reduce is a sample of one latency mode)")
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--provider", default="auto", help="symmetric memory: auto | nvshmem | torch")
     args = ap.parse_args()

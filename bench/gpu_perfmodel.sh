@@ -68,7 +68,7 @@ else
 fi
 
 R=bench/results
-AR=$(ls $R/allreduce_*.csv 2>/dev/null | sort -t_ -k3 | tail -1)
+AR=$(ls $R/allreduce_[0-9]*x*.csv 2>/dev/null | sort -t_ -k3 | tail -1)  # not allreduce_stability_*
 FUSED=$(grep -l cublas_gemm_only $R/fused_*.csv 2>/dev/null | tr '\n' ' ')
 DEC=$(ls $R/decode_tp*.csv 2>/dev/null | tr '\n' ' ')
 V="python3 bench/validate_perfmodel.py"

@@ -653,7 +653,7 @@ def committed_runs() -> list[list[str]]:
     runs = [["--fit-from", rel(r / "perfmodel_gpufacts_allreduce.csv"), rel(r / "perfmodel_gpufacts_gemm.csv"),
              "--reduce-GBps", "1433", "--out-prefix", rel(r / "perfmodel_validation_gpufacts")]
             + (["--layer", *map(rel, fused)] if fused else [])]
-    allreduce = sorted(r.glob("allreduce_*.csv"))
+    allreduce = sorted(r.glob("allreduce_[0-9]*x*.csv"))  # bench/allreduce.py runs, not allreduce_stability_*
     decode = sorted(r.glob("decode_tp*.csv"))
     if allreduce:  # every bench/allreduce.py run, fitted per implementation like the gpu-facts table
         newest = max(allreduce, key=lambda p: p.stem.split("_")[2])

@@ -123,6 +123,10 @@ def test_split_fits_workspace():
     assert la._fit_split(2, 256, 1024, cfg, lay) == 4
     assert la._fit_split(8, 256, 1024, cfg, lay) == 1  # 8 partial copies of 8 x 256 exceed max_m * max_n
     assert la._fit_split(1, 256, 96, cfg, lay) == 3  # whole BK steps: 3 splits of 32
+    # a workspace for batch 1 alone still holds split-K partials (the engine at max_batch_size=1)
+    one = la._Layout(1, 4096, 2, 0)
+    assert la._fit_split(1, 4096, 7168, dict(cfg, BK=128, SPLIT_K=4), one) == 4
+    assert la._fit_split(1, 4096, 7168, dict(cfg, BK=128, SPLIT_K=16), one) == 8
 
 
 def test_matches_comm_plan_executor():
