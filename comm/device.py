@@ -74,7 +74,9 @@ class DeviceAllReduce:
     `one_shot_transport`: "ptr" (peer stores) or "put" (NVSHMEM put-with-signal straight from the input);
     "auto" = put on an NVSHMEM workspace. `block` / `num_warps` None pick by message size (small tiles for
     small messages, 4096-element tiles and 8 warps above); `max_blocks` None = min(128, SM count) on GPU.
-    Calls are asynchronous; a timed-out wait surfaces through `ws.check()` / `ws.check_async()`.
+    Calls are asynchronous; a timed-out wait surfaces through `ws.check()` / `ws.check_async()`. Each wait gives
+    up after `timeout_s` seconds on the GPU (None: FUSEDLIS_COMM_TIMEOUT_S, default 20; `%globaltimer`), after
+    `max_spins` polls in the interpreter (`kernels.wait_budget`).
     `ll_max_elems` (default `max_elems`; 0 = none) sizes the LL-protocol slots (`protocol="ll"` in calls):
     messages up to that length can use it, inside a node, and across nodes where rail partners are reachable.
     """
@@ -82,7 +84,8 @@ class DeviceAllReduce:
     def __init__(self, ws: SymmetricWorkspace, max_elems: int, dtype: torch.dtype = torch.bfloat16,
                  topology: Topology | None = None, transport: str = "auto", max_blocks: int | None = None,
                  block: int | None = None, num_warps: int | None = None, max_spins: int = 1 << 24,
-                 align: int = 8, one_shot_transport: str = "auto", ll_max_elems: int | None = None) -> None:
+                 align: int = 8, one_shot_transport: str = "auto", ll_max_elems: int | None = None,
+                 timeout_s: float | None = None) -> None:
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
         if max_elems < 1:
@@ -106,6 +109,10 @@ class DeviceAllReduce:
             raise ValueError(f"one_shot_transport={one_shot_transport!r} invalid for provider {ws.provider}")
         self.one_shot_transport = one_shot_transport
         self.max_spins, self.align = max_spins, align
+        # what a wait may take before it gives up: nanoseconds of %globaltimer on the GPU, polls in the interpreter
+        self.gpu_clock = K.uses_gpu_clock(ws.device)
+        self.timeout_s = K.comm_timeout_s(timeout_s) if self.gpu_clock else None
+        self.wait_budget = K.wait_budget(self.gpu_clock, max_spins, self.timeout_s)
         isz = torch.empty((), dtype=dtype).element_size()
         self.itemsize = isz
         for r in self.topology.node_ranks(self.topology.node(self.rank)):
@@ -230,7 +237,7 @@ class DeviceAllReduce:
         K._ll_one_shot_norm_kernel[(cdiv(M, rows) * T,)](
             xf, residual, weight, y, res_out, M, H, float(eps), self.ws.buffer, self.ws.peer_ptrs, self._ctr,
             self.ws.err, self._norm_parts, self.ll_os_off, self.ll_max, self.rank, self.node_base, rows, T,
-            self.max_spins, G=self.G, TILE=tile, TP2=triton.next_power_of_2(T),
+            self.wait_budget, G=self.G, TILE=tile, TP2=triton.next_power_of_2(T), GPU=self.gpu_clock,
             num_warps=num_warps or min(16, max(4, tile // 1024)))
         return y.view(M, H), res_out
 
@@ -263,22 +270,23 @@ class DeviceAllReduce:
                 nb, per_block, block, warps = self._config(n, ll=True)
                 K._ll_one_shot_kernel[(nb,)](
                     xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.ll_os_off, self.ll_max,
-                    self.rank, self.node_base, per_block, self.max_spins, G=self.G, BLOCK=block, num_warps=warps)
+                    self.rank, self.node_base, per_block, self.wait_budget, G=self.G, BLOCK=block,
+                    GPU=self.gpu_clock, num_warps=warps)
             else:
                 cs = cdiv(cdiv(n, self.G), self.align) * self.align
                 nb, per_block, block, warps = self._config(cs, ll=True)
                 K._ll_hier_kernel[(nb,)](
                     xf, of, n, ws.buffer, ws.peer_ptrs, self._ctr, ws.err, self.steps, self.ll_rs_off,
                     self.ll_ag_off, self.ll_rail_off, self.ll_cap, cs, self.rank, self.node_base, per_block,
-                    self.max_spins, G=self.G, NSTEPS=self.nsteps if algorithm == "nvrar" else 0,
-                    NSLOT=max(self.nslot, 1), BLOCK=block, num_warps=warps)
+                    self.wait_budget, G=self.G, NSTEPS=self.nsteps if algorithm == "nvrar" else 0,
+                    NSLOT=max(self.nslot, 1), BLOCK=block, GPU=self.gpu_clock, num_warps=warps)
             return result
         if algorithm == "one_shot":
             if self.M != 1:
                 raise ValueError("one_shot is intra-node only (topology has several nodes)")
             nb, per_block, block, warps = self._config(n)
             put = self.one_shot_transport == "put"
-            kw = dict(G=self.G, BLOCK=block, USE_PUT=put, num_warps=warps)
+            kw = dict(G=self.G, BLOCK=block, USE_PUT=put, GPU=self.gpu_clock, num_warps=warps)
             if put:
                 kw["extern_libs"] = self._extern
                 _load_state.put = True
@@ -286,7 +294,7 @@ class DeviceAllReduce:
                 K._one_shot_kernel[(nb,)](
                     xf, of, n, ws.buffer, ws.flags, ws.peer_ptrs, ws.peer_flag_ptrs, self._ctr, ws.err,
                     self.os_off, self.max_elems, self.osf_off, self.rank, self.node_base, per_block,
-                    self.max_spins, **kw)
+                    self.wait_budget, **kw)
             finally:
                 _load_state.put = False
             return result
@@ -298,7 +306,7 @@ class DeviceAllReduce:
         nb, per_block, block, warps = self._config(cs)
         put = self.transport == "put" and self.nsteps > 0
         kw = dict(G=self.G, NSTEPS=self.nsteps, NSLOT=max(self.nslot, 1), BLOCK=block, USE_PUT=put,
-                  num_warps=warps)
+                  GPU=self.gpu_clock, num_warps=warps)
         if put:
             kw["extern_libs"] = self._extern
             _load_state.put = True
@@ -306,7 +314,7 @@ class DeviceAllReduce:
             K._hier_kernel[(nb,)](
                 xf, of, n, ws.buffer, ws.flags, ws.peer_ptrs, ws.peer_flag_ptrs, self._ctr, ws.err, self.steps,
                 self.rs_off, self.work_off, self.recv_off, self.ag_off, self.cap, cs,
-                self.rsf_off, self.inf_off, self.agf_off, self.rank, self.node_base, per_block, self.max_spins,
+                self.rsf_off, self.inf_off, self.agf_off, self.rank, self.node_base, per_block, self.wait_budget,
                 **kw)
         finally:
             _load_state.put = False

@@ -9,7 +9,9 @@ Protocol (same for every kernel):
   needs every rank's data), so two parities suffice and a flag that already shows seq+1 is fine.
 - Intra-node: peer stores through `nvshmem_ptr` / peer pointers. Inter-node (NVRAR rail steps): NVSHMEM
   `putmem_signal_block` (signal SET to seq) when USE_PUT, else peer stores (logical nodes on one host).
-- Every wait is bounded (`max_spins` polls); a timeout writes (1<<62 | step<<32 | peer) into `err` with
+- Every wait is bounded by `budget`: nanoseconds of `%globaltimer` on the GPU (`GPU` constexpr; a peer that is
+  still JIT-compiling a kernel can be seconds late, so a poll count is no measure there), polls in the interpreter
+  (no inline asm); `wait_budget` computes it. A timeout writes (1<<62 | step<<32 | peer) into `err` with
   compare-and-swap (first one wins) and the program carries on, so the launcher can raise a Python error naming rank and step.
   Step numbers: 0 = one-shot exchange or reduce-scatter, 1.. = NVRAR rail steps, 99 = all-gather.
 - Every floating-point sum happens in a rank-independent order (local-rank order, or a + b for a pair),
@@ -18,6 +20,9 @@ Protocol (same for every kernel):
 
 from __future__ import annotations
 
+import math
+import os
+
 import triton
 import triton.language as tl
 from triton.language import core
@@ -25,6 +30,39 @@ from triton.language import core
 STEP_AG = 99
 OP_SEND, OP_RECV_ADD, OP_EXCHANGE, OP_RECV_COPY = 1, 2, 3, 4  # = plan.INTER_OPS
 NVSHMEM_SIGNAL_SET = 9  # NVSHMEM 3.4.5 (torch's docstring saying 0 is wrong)
+TIMEOUT_ENV = "FUSEDLIS_COMM_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 20.0
+
+
+def comm_timeout_s(timeout_s: float | None = None) -> float:
+    """Seconds a device-side wait may take before it reports a timeout: `timeout_s`, else the environment
+    variable FUSEDLIS_COMM_TIMEOUT_S, else 20."""
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV, "")
+        try:
+            timeout_s = float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    timeout_s = float(timeout_s)
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"communication timeout must be a positive number of seconds, got {timeout_s}")
+    return timeout_s
+
+
+def uses_gpu_clock(device) -> bool:
+    """True where the kernels are compiled for a GPU and bound their waits by `%globaltimer` (the `GPU`
+    constexpr); False in the interpreter (TRITON_INTERPRET=1, CPU tensors), where they count polls."""
+    return getattr(device, "type", device) == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def wait_budget(gpu: bool, max_spins: int, timeout_s: float | None = None) -> int:
+    """The `budget` argument of every wait: the timeout (`comm_timeout_s`) in nanoseconds when `gpu`
+    (`uses_gpu_clock`), else `max_spins` polls."""
+    if gpu:
+        return int(comm_timeout_s(timeout_s) * 1e9)
+    if max_spins < 1:
+        raise ValueError(f"max_spins must be >= 1, got {max_spins}")
+    return int(max_spins)
 
 
 @core.extern
@@ -53,10 +91,12 @@ def _signal(flag_table, peer, word, seq):
 
 
 @triton.jit
-def _wait(flag_addr, seq, max_spins, err_ptr, step, peer):
+def _wait(flag_addr, seq, budget, err_ptr, step, peer, GPU: tl.constexpr):
+    """Poll `flag_addr` (acquire, system scope) until it is >= seq, at most `budget` (see `_spent`)."""
     v = tl.atomic_add(flag_addr, 0, sem="acquire", scope="sys")
+    t0 = _clock(seq, GPU)
     n = 0
-    while (v < seq) & (n < max_spins):
+    while (v < seq) & (_spent(t0, n, seq, GPU) < budget):
         v = tl.atomic_add(flag_addr, 0, sem="acquire", scope="sys")
         n += 1
     if v < seq:
@@ -75,8 +115,8 @@ def _finish(ctr_ptr, seq):
 @triton.jit
 def _one_shot_kernel(
     x_ptr, out_ptr, N, buf_ptr, flag_ptr, peer_ptrs, peer_flag_ptrs, ctr_ptr, err_ptr,
-    data_off, cap, flag_off, rank, node_base, per_block, max_spins,
-    G: tl.constexpr, BLOCK: tl.constexpr, USE_PUT: tl.constexpr = False,
+    data_off, cap, flag_off, rank, node_base, per_block, budget,
+    G: tl.constexpr, BLOCK: tl.constexpr, GPU: tl.constexpr, USE_PUT: tl.constexpr = False,
 ):
     """Every rank writes its slice into slot [parity][local rank] of every other node peer (peer stores, or
     NVSHMEM put-with-signal straight from x when USE_PUT), then sums the slots and its own x in local-rank order."""
@@ -110,7 +150,7 @@ def _one_shot_kernel(
                 _signal(peer_flag_ptrs, node_base + j, flag_off + pid * G + lr, seq)
     for j in tl.static_range(G):
         if j != lr:
-            _wait(flag_ptr + flag_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
+            _wait(flag_ptr + flag_off + pid * G + j, seq, budget, err_ptr, 0, node_base + j, GPU)
     tl.debug_barrier()
     buf = (buf_ptr + data_off).to(tl.pointer_type(dty), bitcast=True)
     for off in range(lo, hi, BLOCK):
@@ -131,8 +171,9 @@ def _one_shot_kernel(
 def _hier_kernel(
     x_ptr, out_ptr, N, buf_ptr, flag_ptr, peer_ptrs, peer_flag_ptrs, ctr_ptr, err_ptr, steps_ptr,
     rs_off, work_off, recv_off, ag_off, cap, cs,
-    rsf_off, inf_off, agf_off, rank, node_base, per_block, max_spins,
+    rsf_off, inf_off, agf_off, rank, node_base, per_block, budget,
     G: tl.constexpr, NSTEPS: tl.constexpr, NSLOT: tl.constexpr, BLOCK: tl.constexpr, USE_PUT: tl.constexpr,
+    GPU: tl.constexpr,
 ):
     """Two-shot (NSTEPS == 0) and NVRAR: reduce-scatter in the node, rail steps, all-gather in the node.
 
@@ -169,7 +210,7 @@ def _hier_kernel(
                 _signal(peer_flag_ptrs, node_base + j, rsf_off + pid * G + lr, seq)
         for j in tl.static_range(G):
             if j != lr:
-                _wait(flag_ptr + rsf_off + pid * G + j, seq, max_spins, err_ptr, 0, node_base + j)
+                _wait(flag_ptr + rsf_off + pid * G + j, seq, budget, err_ptr, 0, node_base + j, GPU)
         tl.debug_barrier()
     # reduce my chunk (sum in local-rank order); two-shot sends the result straight to the all-gather
     for off in range(blo, bhi, BLOCK):
@@ -225,7 +266,7 @@ def _hier_kernel(
                 m = idx < bhi
                 tl.store(nxt + idx, tl.load(src + idx, mask=m), mask=m)
         else:
-            _wait(flag_ptr + inf_off + pid * NSLOT + slot, seq, max_spins, err_ptr, 1 + k, partner)
+            _wait(flag_ptr + inf_off + pid * NSLOT + slot, seq, budget, err_ptr, 1 + k, partner, GPU)
             tl.debug_barrier()
             rcv = local + recv_off + (par * NSLOT + slot) * cap
             for off in range(blo, bhi, BLOCK):
@@ -257,7 +298,7 @@ def _hier_kernel(
                 _signal(peer_flag_ptrs, node_base + j, agf_off + pid * G + lr, seq)
         for j in tl.static_range(G):
             if j != lr:
-                _wait(flag_ptr + agf_off + pid * G + j, seq, max_spins, err_ptr, 99, node_base + j)
+                _wait(flag_ptr + agf_off + pid * G + j, seq, budget, err_ptr, 99, node_base + j, GPU)
         tl.debug_barrier()
         for j in tl.static_range(G):
             if j != lr:
@@ -291,6 +332,33 @@ def _ll_encode(v, UT: tl.constexpr, SIGN: tl.constexpr):
     return b ^ SIGN
 
 
+# Wait bounds. `budget` comes from `wait_budget`: nanoseconds of %globaltimer on the GPU (a peer that is still
+# JIT-compiling a kernel can be seconds late, so a poll count is no measure there), polls in the interpreter (no
+# inline asm). Shared with the fused GEMM + all-reduce (triton_kernels/linear_allreduce.py). A scalar inline-asm
+# call runs in every thread; each reads the timer itself, which is fine for a timeout.
+
+
+@triton.jit
+def _clock(seq, GPU: tl.constexpr):
+    """Now, in ns of %globaltimer on the GPU; 0 in the interpreter. `seq` (any scalar or tensor int) only gives
+    the inline asm the tensor operand it needs."""
+    if GPU:
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [seq.to(tl.int32)], dtype=tl.int64,
+                                         is_pure=False, pack=1)
+    else:
+        return (seq * 0).to(tl.int64)
+
+
+@triton.jit
+def _spent(t0, spins, seq, GPU: tl.constexpr):
+    """What a wait that started at `t0` (`_clock`) and polled `spins` times has used of its budget:
+    nanoseconds on the GPU, polls in the interpreter."""
+    if GPU:
+        return _clock(seq, GPU) - t0
+    else:
+        return (spins + seq * 0).to(tl.int64)
+
+
 @triton.jit
 def _ll_sanitize(v, UT: tl.constexpr, SIGN: tl.constexpr):
     b = v.to(UT, bitcast=True)
@@ -298,11 +366,13 @@ def _ll_sanitize(v, UT: tl.constexpr, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _ll_take(p, m, max_spins, err_ptr, step, peer, dty: tl.constexpr, SIGN: tl.constexpr):
-    """Wait until every masked word at `p` is non-zero, return the decoded values, zero the words."""
+def _ll_take(p, m, seq, budget, err_ptr, step, peer, dty: tl.constexpr, SIGN: tl.constexpr, GPU: tl.constexpr):
+    """Wait (at most `budget`, see `_spent`) until every masked word at `p` is non-zero, return the decoded
+    values, zero the words."""
     e = tl.load(p, mask=m, other=1, volatile=True)
+    t0 = _clock(seq, GPU)
     n = 0
-    while (tl.min(e, axis=0) == 0) & (n < max_spins):
+    while (tl.min(e, axis=0) == 0) & (_spent(t0, n, seq, GPU) < budget):
         e = tl.load(p, mask=m, other=1, volatile=True)
         n += 1
     if tl.min(e, axis=0) == 0:
@@ -322,8 +392,8 @@ def _ll_send(e, idx, m, peer_ptrs, node_base, data_off, slot_off, lr, G: tl.cons
 
 
 @triton.jit
-def _ll_sum(own, slots, cap, m, lr, node_base, max_spins, err_ptr, G: tl.constexpr, BLOCK: tl.constexpr,
-            dty: tl.constexpr, UT: tl.constexpr, SIGN: tl.constexpr):
+def _ll_sum(own, slots, cap, m, lr, node_base, seq, budget, err_ptr, G: tl.constexpr, BLOCK: tl.constexpr,
+            dty: tl.constexpr, UT: tl.constexpr, SIGN: tl.constexpr, GPU: tl.constexpr):
     """fp32 sum of one tile over the node's G local ranks, in local-rank order (so every rank rounds alike):
     this rank's own values at `own`, local rank j's taken from its LL slot `slots + j * cap`."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -331,7 +401,7 @@ def _ll_sum(own, slots, cap, m, lr, node_base, max_spins, err_ptr, G: tl.constex
         if j == lr:
             v = _ll_sanitize(tl.load(own, mask=m), UT, SIGN)
         else:
-            v = _ll_take(slots + j * cap, m, max_spins, err_ptr, 0, node_base + j, dty, SIGN)
+            v = _ll_take(slots + j * cap, m, seq, budget, err_ptr, 0, node_base + j, dty, SIGN, GPU)
         acc += v.to(tl.float32)
     return acc
 
@@ -340,8 +410,8 @@ def _ll_sum(own, slots, cap, m, lr, node_base, max_spins, err_ptr, G: tl.constex
 @triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_one_shot_kernel(
     x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr,
-    data_off, cap, rank, node_base, per_block, max_spins,
-    G: tl.constexpr, BLOCK: tl.constexpr,
+    data_off, cap, rank, node_base, per_block, budget,
+    G: tl.constexpr, BLOCK: tl.constexpr, GPU: tl.constexpr,
 ):
     """One-shot in the LL protocol: store my encoded input into slot [parity][local rank] of every node peer,
     then take the peers' slots and sum in local-rank order. Slots are `cap` words; `data_off` is in bytes."""
@@ -364,7 +434,8 @@ def _ll_one_shot_kernel(
     for off in range(lo, hi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < hi
-        acc = _ll_sum(x_ptr + idx, mine + idx, cap, m, lr, node_base, max_spins, err_ptr, G, BLOCK, dty, UT, SIGN)
+        acc = _ll_sum(x_ptr + idx, mine + idx, cap, m, lr, node_base, seq, budget, err_ptr, G, BLOCK, dty, UT, SIGN,
+                      GPU)
         tl.store(out_ptr + idx, acc.to(dty), mask=m)
     _finish(ctr_ptr, seq)
 
@@ -373,8 +444,8 @@ def _ll_one_shot_kernel(
 @triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_hier_kernel(
     x_ptr, out_ptr, N, buf_ptr, peer_ptrs, ctr_ptr, err_ptr, steps_ptr,
-    rs_off, ag_off, rail_off, cap, cs, rank, node_base, per_block, max_spins,
-    G: tl.constexpr, NSTEPS: tl.constexpr, NSLOT: tl.constexpr, BLOCK: tl.constexpr,
+    rs_off, ag_off, rail_off, cap, cs, rank, node_base, per_block, budget,
+    G: tl.constexpr, NSTEPS: tl.constexpr, NSLOT: tl.constexpr, BLOCK: tl.constexpr, GPU: tl.constexpr,
 ):
     """Two-shot (NSTEPS == 0) and NVRAR in the LL protocol, tile by tile: reduce-scatter inside the node (chunk j
     to local rank j), the rail steps of the plan on each reduced tile (recursive doubling with fold-in / fold-out
@@ -407,8 +478,8 @@ def _ll_hier_kernel(
     for off in range(blo, bhi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         m = idx < bhi
-        acc = _ll_sum(x_ptr + my_lo + idx, rs + par * G * cap + idx, cap, m, lr, node_base, max_spins, err_ptr, G,
-                      BLOCK, dty, UT, SIGN)
+        acc = _ll_sum(x_ptr + my_lo + idx, rs + par * G * cap + idx, cap, m, lr, node_base, seq, budget, err_ptr,
+                      G, BLOCK, dty, UT, SIGN, GPU)
         red = _ll_sanitize(acc.to(dty), UT, SIGN)
         for k in tl.static_range(NSTEPS):
             op = tl.load(steps_ptr + 3 * k)
@@ -418,8 +489,8 @@ def _ll_hier_kernel(
                 dst = _ptr(peer_ptrs, partner, rail_off, UT) + (par * NSLOT + slot) * cap
                 tl.store(dst + idx, _ll_encode(red, UT, SIGN), mask=m)
             if op != 1:  # RECV_ADD, EXCHANGE, RECV_COPY
-                r = _ll_take(rail + (par * NSLOT + slot) * cap + idx, m, max_spins, err_ptr, 1 + k, partner, dty,
-                             SIGN)
+                r = _ll_take(rail + (par * NSLOT + slot) * cap + idx, m, seq, budget, err_ptr, 1 + k, partner,
+                             dty, SIGN, GPU)
                 if op == 4:
                     red = r
                 else:
@@ -439,7 +510,8 @@ def _ll_hier_kernel(
             for off in range(blo, tl.minimum(blo + per_block, c_hi - c_lo), BLOCK):
                 idx = off + tl.arange(0, BLOCK)
                 m = idx < c_hi - c_lo
-                v = _ll_take(ag + (par * G + j) * cap + idx, m, max_spins, err_ptr, 99, node_base + j, dty, SIGN)
+                v = _ll_take(ag + (par * G + j) * cap + idx, m, seq, budget, err_ptr, 99, node_base + j, dty, SIGN,
+                             GPU)
                 tl.store(out_ptr + c_lo + idx, v, mask=m)
     _finish(ctr_ptr, seq)
 
@@ -447,8 +519,8 @@ def _ll_hier_kernel(
 @triton.jit(do_not_specialize=["rank", "node_base"])
 def _ll_one_shot_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, M, H, eps, buf_ptr, peer_ptrs, ctr_ptr, err_ptr, part_ptr,
-    data_off, cap, rank, node_base, rows_per_prog, T, max_spins,
-    G: tl.constexpr, TILE: tl.constexpr, TP2: tl.constexpr,
+    data_off, cap, rank, node_base, rows_per_prog, T, budget,
+    G: tl.constexpr, TILE: tl.constexpr, TP2: tl.constexpr, GPU: tl.constexpr,
 ):
     """One-shot all-reduce in the LL protocol fused with the residual add and RMSNorm that follow a row-parallel
     layer: h = allreduce(x) + residual, y = h * rsqrt(mean(h^2) + eps) * w, for rows of x [M, H].
@@ -483,7 +555,8 @@ def _ll_one_shot_norm_kernel(
     for row in range(r_lo, r_hi):
         idx = row * H + cols  # M * H <= ll_max_elems: int32 is enough
         r = tl.load(res_ptr + idx, mask=cm, other=0.0).to(tl.float32)
-        acc = _ll_sum(x_ptr + idx, mine + idx, cap, cm, lr, node_base, max_spins, err_ptr, G, TILE, dty, UT, SIGN)
+        acc = _ll_sum(x_ptr + idx, mine + idx, cap, cm, lr, node_base, seq, budget, err_ptr, G, TILE, dty, UT, SIGN,
+                      GPU)
         h = acc.to(dty).to(tl.float32) + r
         h = tl.where(cm, h, 0.0)
         tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=cm)
@@ -494,8 +567,9 @@ def _ll_one_shot_norm_kernel(
             offs = tl.arange(0, TP2)
             pm = offs < T
             wv = tl.load(part_ptr + row * T + offs, mask=pm, other=tag, volatile=True)
+            t0 = _clock(seq, GPU)
             n = 0
-            while (tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0) & (n < max_spins):
+            while (tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0) & (_spent(t0, n, seq, GPU) < budget):
                 wv = tl.load(part_ptr + row * T + offs, mask=pm, other=tag, volatile=True)
                 n += 1
             if tl.min(((wv >> 32) == seq).to(tl.int32), axis=0) == 0:

@@ -32,7 +32,8 @@ ERR_FLAG = 1 << 62
 
 
 class CommTimeoutError(RuntimeError):
-    """A device-side wait ran out of spins: a peer never arrived (crashed, hung, or mismatched calls)."""
+    """A device-side wait ran out of time (of polls in the interpreter): a peer never arrived (crashed, hung, or
+    mismatched calls)."""
 
 
 def decode_error(word: int, rank: int, what: str = "all-reduce") -> str:

@@ -222,7 +222,7 @@ def main() -> None:
             failures.append(f"AllReduce 2x1 auto {nbytes} B ({ar21.algorithm_for(nbytes)}) wrong: err {err:.2e}")
         log(f"AllReduce 2x1 auto {nbytes} B: {ar21.algorithm_for(nbytes)} err {err:.2e}")
     # a rank that never arrives: the other one gets a CommTimeoutError naming rank and step
-    lonely = DeviceAllReduce(ws, 1024, torch.float32, Topology(world, world), max_spins=20000)
+    lonely = DeviceAllReduce(ws, 1024, torch.float32, Topology(world, world), timeout_s=0.5)
     dist.barrier()
     if rank == 0:
         lonely(torch.randn(1000, device="cuda"), algorithm="two_shot")

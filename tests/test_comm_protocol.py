@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from fusedlis.comm import kernels as K
 from fusedlis.comm.device import DeviceAllReduce
 from fusedlis.comm.symmetric import CommTimeoutError, SymmetricWorkspace
 from fusedlis.comm.topology import Topology
@@ -98,28 +99,95 @@ def test_nvrar_two_nodes_of_two():
     _run(4, 2, cases)
 
 
-def _lonely_rank(shared, q):
-    ws = SymmetricWorkspace.from_shared(shared, 0, 2, 2, NBYTES, FLAGS)
-    ar = DeviceAllReduce(ws, 1024, torch.float32, block=64, max_spins=300)
-    ar(torch.randn(100), algorithm="two_shot")
+def _prefill_rs(ws, ar, proto):
+    """Play the missing peer (local rank 1) of rank 0's first call (seq 1, parity 1) up to the reduce-scatter:
+    its reduce-scatter data has arrived, its all-gather never comes."""
+    if proto == "ll":  # nonzero words = arrived (0x80000000 encodes +0.0); slot [parity 1][local rank 1]
+        words = ws.buffer[ar.ll_rs_off:].view(torch.int32)
+        words[(1 * ar.G + 1) * ar.ll_cap:(1 * ar.G + 2) * ar.ll_cap] = -2 ** 31
+    else:  # flag word of (program, sender 1) raised to seq 1
+        for pid in range(ar.max_blocks):
+            ws.flags[ar.rsf_off + pid * ar.G + 1] = 1
+
+
+def _norm_partial_wait(ws, spins):
+    """The norm kernel's wait for the partial sums of squares of its row's other tile programs, on its own: one
+    rank (G = 1, no peer data to wait for), one row in T = 2 tiles. The interpreter runs program 0 to its end
+    before program 1 starts, so program 0's wait can only time out (reported as step 1, waiting for this rank)."""
+    H, tile = 256, 128
+    x, res, w = torch.randn(1, H), torch.randn(1, H), torch.ones(H)
+    y, h = torch.empty_like(x), torch.empty_like(x)
+    parts = torch.zeros(16, dtype=torch.int64)
+    ctr = ws.counters[ws.alloc_channel():]
+    K._ll_one_shot_norm_kernel[(2,)](
+        x, res, w, y, h, 1, H, 1e-5, ws.buffer, ws.peer_ptrs, ctr, ws.err, parts, 0, H, 0, 0, 1, 2,
+        K.wait_budget(False, spins), G=1, TILE=tile, TP2=2, GPU=False)
+
+
+# Every bounded wait of comm/kernels.py, reached by a rank whose peer never arrives:
+# (id, world, gpus per node, algorithm/protocol, prefill, expected step, expected peer)
+TIMEOUT_CASES = [
+    ("one_shot:_wait", 2, 2, "one_shot/flag", None, 0, 1),
+    ("two_shot-rs:_wait", 2, 2, "two_shot/flag", None, 0, 1),
+    ("nvrar-rail:_wait", 2, 1, "nvrar/flag", None, 1, 1),
+    ("two_shot-ag:_wait", 2, 2, "two_shot/flag", "rs", 99, 1),
+    ("one_shot_ll:_ll_sum", 2, 2, "one_shot/ll", None, 0, 1),
+    ("two_shot_ll-rs:_ll_sum", 2, 2, "two_shot/ll", None, 0, 1),
+    ("nvrar_ll-rail:_ll_take", 2, 1, "nvrar/ll", None, 1, 1),
+    ("two_shot_ll-ag:_ll_take", 2, 2, "two_shot/ll", "rs", 99, 1),
+    ("all_reduce_norm:_ll_sum", 2, 2, "norm", None, 0, 1),
+    ("all_reduce_norm:partials", 1, 1, "norm-partials", None, 1, 0),
+]
+TIMEOUT_SPINS = 300
+
+
+def _lonely_rank(shared, world, gpn, alg, prefill, q):
     try:
-        ws.check()
-        q.put("no error")
-    except CommTimeoutError as e:
-        q.put(str(e))
+        ws = SymmetricWorkspace.from_shared(shared, 0, world, gpn, NBYTES, FLAGS)
+        t0 = time.time()
+        if alg == "norm-partials":
+            _norm_partial_wait(ws, TIMEOUT_SPINS)
+        else:
+            ar = DeviceAllReduce(ws, 1024, torch.float32, Topology(world, gpn), block=64, max_blocks=4,
+                                 max_spins=TIMEOUT_SPINS)
+            assert not ar.gpu_clock and ar.wait_budget == TIMEOUT_SPINS
+            if prefill:
+                _prefill_rs(ws, ar, alg.partition("/")[2])
+            x = torch.randn(100)
+            if alg == "norm":
+                ar.all_reduce_norm(x.view(4, 25), torch.randn(4, 25), torch.ones(25), 1e-5)
+            else:
+                name, _, proto = alg.partition("/")
+                ar(x, algorithm=name, protocol=proto)
+        took = time.time() - t0
+        try:
+            ws.check()
+            q.put(("no error", took))
+        except CommTimeoutError as e:
+            q.put((str(e), took))
+    except BaseException as e:  # report, never hang the parent
+        q.put((f"failed: {type(e).__name__}: {e}", 0.0))
 
 
-def test_timeout_names_rank_and_step():
+@pytest.mark.parametrize("case", TIMEOUT_CASES, ids=[c[0] for c in TIMEOUT_CASES])
+def test_timeout_names_rank_and_step(case):
+    """A rank whose peer never signals gets CommTimeoutError naming itself, the step and the peer, within the wait
+    budget (polls here; %globaltimer nanoseconds on a GPU), at every wait of the kernels. A wait that is not
+    bounded hangs the forked rank and fails the test."""
+    _, world, gpn, alg, prefill, step, peer = case
     ctx = mp.get_context("fork")
-    shared = torch.zeros(SymmetricWorkspace.shared_size(2, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
+    shared = torch.zeros(SymmetricWorkspace.shared_size(world, NBYTES, FLAGS), dtype=torch.uint8).share_memory_()
     q = ctx.Queue()
-    p = ctx.Process(target=_lonely_rank, args=(shared, q))
-    t0 = time.time()
+    p = ctx.Process(target=_lonely_rank, args=(shared, world, gpn, alg, prefill, q))
     p.start()
-    msg = q.get(timeout=120)
-    p.join(timeout=30)
-    assert "rank 0" in msg and "step 0" in msg and "rank 1" in msg, msg
-    assert time.time() - t0 < 120
+    try:
+        msg, took = q.get(timeout=120)
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    assert msg.startswith(f"rank 0: all-reduce timed out at step {step} waiting for rank {peer} "), msg
+    assert took < 60, took
 
 
 def test_ll_protocol_one_and_two_shot():
