@@ -49,7 +49,7 @@ _MIN_BLOCK_C = 128
 _MIN_SPLIT_ROOM = 8  # rows of partials a (parity, source) slot holds at least: split-K 8 at M = 1
 
 
-from fusedlis.comm.kernels import _ll_encode
+from fusedlis.comm.kernels import _clock, _ll_encode, _spent, uses_gpu_clock, wait_budget
 
 try:  # one exception type for every communication timeout of the package
     from fusedlis.comm.symmetric import CommTimeoutError
@@ -134,23 +134,6 @@ def _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, 
 
 # Waits are bounded by `budget`: nanoseconds of %globaltimer on the GPU (a peer still compiling a kernel can be
 # seconds late, so a spin count is no measure there), spins in the interpreter (no inline asm).
-
-
-@triton.jit
-def _clock(seq, GPU: tl.constexpr):
-    if GPU:
-        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [seq], dtype=tl.int64,
-                                         is_pure=False, pack=1)
-    else:
-        return (seq * 0).to(tl.int64)
-
-
-@triton.jit
-def _spent(t0, spins, seq, GPU: tl.constexpr):
-    if GPU:
-        return _clock(seq, GPU) - t0
-    else:
-        return (spins + seq * 0).to(tl.int64)
 
 
 @triton.jit
@@ -496,8 +479,7 @@ class FusedAllReduceWorkspace:
             max_spins = 2000
         self.max_spins = int(max_spins)
         # what a wait may take before it gives up: nanoseconds on the GPU, spins in the interpreter
-        timeout_s = float(os.environ.get("FUSEDLIS_COMM_TIMEOUT_S", "20"))
-        self.wait_budget = int(timeout_s * 1e9) if buffer.is_cuda else self.max_spins
+        self.wait_budget = wait_budget(uses_gpu_clock(buffer.device), self.max_spins)
         self.maxp = max(8, gpus_per_node, self.rounds)
         self.table = self._build_table().to(self.device)
         # [0]: step of the next call (starts at 1: flags start at 0); [1]: programs of this call arrived.
@@ -858,7 +840,7 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
         USE_DOT=cfg["USE_DOT"], EVEN_K=K % k_per_split == 0, IEEE=x.dtype == torch.float32,
         HAS_RES=residual is not None, HAS_NORM=norm_weight is not None, BLOCK_C=cfg["BLOCK_C"],
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
-        FENCE=x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1", BUMP=bump,
+        FENCE=uses_gpu_clock(x.device), BUMP=bump,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
