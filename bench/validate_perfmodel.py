@@ -311,6 +311,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         reader = csv.DictReader([ln for ln in text if not ln.startswith("#")])
         file_ll = _file_protocol_ll(comments, list(reader.fieldnames or []))
         seq_k, build = _file_seq_lens_kernels(comments), _file_build(comments)
+        when = _file_meta(comments, "date") or ""  # ISO date[Thh:mm]: sorts in time order
         profiled = _file_profiled(path)
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
@@ -330,7 +331,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             proto = (r.get("protocol") or "").strip().lower()
             ll = proto == "ll" if proto in ("ll", "flag") else file_ll
             r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
-            r["_seqk"], r["_build"], r["_profiled"] = str(seq_k), build, str(int(profiled))
+            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = str(seq_k), build, str(int(profiled)), when
             algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
     return cases
@@ -407,13 +408,24 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
     from fusedlis.perfmodel.step import step_time
 
     cases = _decode_cases(hw, paths)
+    fit_ids: set[int] = set()  # the cases fitted (per file, or pooled over a build)
     if fit_tp is not None:
         fit = [c for c in cases if c[5].tp == fit_tp]
         if len(fit) < 3:
             raise SystemExit(f"decode fit needs >= 3 rows with tp={fit_tp}, found {len(fit)}")
+        # The engine got faster from build to build (8B TP=1 b1: 5.60 ms in the first file, 4.84 ms at commit
+        # 33f7de1), so the terms come from the newest file with >= 3 such rows, not a blend of builds; the
+        # other files' tp rows are held out.
+        files: dict[str, list] = {}
+        for c in fit:
+            files.setdefault(c[0]["_file"], []).append(c)
+        newest = max((f for f, cs in files.items() if len(cs) >= 3), key=lambda f: (files[f][0][0]["_date"], f),
+                     default=None)
+        if newest is not None:
+            fit = files[newest]
         hw = fit_decode(hw, fit)
+        fit_ids |= {id(c) for c in fit}
     per_file: dict[str, Hardware] = {}
-    fit_ids: set[int] = set()  # the cases fitted (per file, or pooled over a build)
     if fit_system is not None:
         def sys_rows(cs: list) -> list:
             return [c for c in cs if c[0]["system"] == fit_system and c[5].tp > 1]
@@ -444,7 +456,8 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
         if r["_file"] in per_file:
             role = "fit" if any(id(c) in fit_ids for c in cases if c[0] is r) else "held-out"
         else:
-            role = "profile" if fit_tp is None else ("fit" if lay.tp == fit_tp else "held-out")
+            role = "profile" if fit_tp is None else ("fit" if any(id(c) in fit_ids for c in cases if c[0] is r)
+                                                      else "held-out")
         out.append({"what": "decode", "impl": r["system"] + (" +norm" if r["_fuse"] == "1" else ""),
                     "model": (("fused(measured)+" if "fused_linear_allreduce" in st.detail else "") + algo
                               if lay.tp > 1 else "-"), "gpus": lay.tp,
@@ -798,10 +811,11 @@ def main(argv: list[str] | None = None) -> int:
                           "terms fitted on those rows of that file (same build and day), the file's other rows held "
                           "out; all-reduce terms from the profile.")
         if args.decode_fit_tp is not None:
-            header.append(f"Decode rows: the engine's compute terms fitted on the tp={args.decode_fit_tp} rows "
+            header.append(f"Decode rows: the engine's compute terms fitted on the tp={args.decode_fit_tp} rows of the "
+                          "newest file that has >= 3 of them "
                           f"(kernel overhead {hw.kernel_overhead * 1e6:.2f} us, {hw.hbm_bw / 1e12:.2f} TB/s, "
                           f"{hw.gemm_row_latency * 1e9:.0f} ns per activation row per GEMM kernel); every other "
-                          "tp held out, its "
+                          "row held out, its "
                           "communication from the all-reduce terms of the profile.")
             save_profile(hw.with_(name=Path(args.out_prefix).name + "_profile"), args.out_prefix + "_profile.json")
     if args.layer:

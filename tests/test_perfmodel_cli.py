@@ -410,6 +410,37 @@ def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
     assert len(held) == 6 and all(abs(float(r["rel_err"])) < 1e-3 for r in held)
 
 
+def test_validate_decode_tp_fit_takes_the_newest_file(tmp_path):
+    """Two builds of the engine at tp=1: the compute terms come from the newer file alone (the older, slower
+    build is held out and mispredicted), not from a blend of both."""
+    from fusedlis.perfmodel.step import step_time
+    from fusedlis.perfmodel.volume import Layout, model_shape
+
+    spec = importlib.util.spec_from_file_location("validate_perfmodel", ROOT / "bench" / "validate_perfmodel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = get_hardware("h200-ndr").with_(peak_flops=1e30)
+    shape = model_shape("llama-3.1-8b")
+    paths = []
+    for name, date, ovh in (("old", "2026-11-22T04:00", 20e-6), ("new", "2026-11-22T09:00", 7e-6)):
+        truth = base.with_(kernel_overhead=ovh, hbm_bw=4.0e12, gemm_flop_rate=0.0, gemm_row_latency=0.2e-6)
+        lines = [f"# fake date={date}", "model,tp,system,batch,context,ms_per_token"]
+        for b in (1, 8, 64):
+            for ctx in (512, 4096):
+                t = step_time(shape, Layout(1, 1), truth.with_(gpus_per_node=1), batch=b, context=ctx,
+                              prefill=False, allreduce="nccl").total
+                lines.append(f"llama-3.1-8b,1,fusedlis-nccl,{b},{ctx},{t * 1e3}")
+        f = tmp_path / f"decode_tp1_{name}.csv"
+        f.write_text("\n".join(lines) + "\n")
+        paths.append(str(f))
+    rows, hw = mod.validate_decode(base, paths, fit_tp=1)
+    assert hw.kernel_overhead == pytest.approx(7e-6, rel=1e-3)
+    new = [r for r in rows if "new" in r["source"]]
+    old = [r for r in rows if "old" in r["source"]]
+    assert {r["role"] for r in new} == {"fit"} and {r["role"] for r in old} == {"held-out"}
+    assert all(abs(r["rel_err"]) < 1e-3 for r in new) and all(r["rel_err"] < -0.01 for r in old)
+
+
 def test_reduce_row_sets_gamma():
     rows = [{"kind": "reduce", "bytes": 1 << 30, "us": 750.0, "GBps": 0.0},
             {"kind": "copy", "bytes": 1 << 31, "us": 792.0, "GBps": 2711.0}]  # reduce wins over copy
