@@ -105,6 +105,22 @@ def _wait(flag_addr, seq, budget, err_ptr, step, peer, GPU: tl.constexpr):
 
 
 @triton.jit
+def _signal_node(peer_flag_ptrs, node_base, lr, word0, seq, G: tl.constexpr):
+    """Release word `word0 + lr` of every other GPU of this node (after the data they will read)."""
+    for j in tl.static_range(G):
+        if j != lr:
+            _signal(peer_flag_ptrs, node_base + j, word0 + lr, seq)
+
+
+@triton.jit
+def _wait_node(flag_ptr, node_base, lr, word0, seq, budget, err_ptr, step, G: tl.constexpr, GPU: tl.constexpr):
+    """Wait (bounded) until every other GPU of this node released word `word0 + its local rank` here."""
+    for j in tl.static_range(G):
+        if j != lr:
+            _wait(flag_ptr + word0 + j, seq, budget, err_ptr, step, node_base + j, GPU)
+
+
+@triton.jit
 def _finish(ctr_ptr, seq):
     t = tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel", scope="gpu")
     if t == tl.num_programs(0) - 1:
@@ -145,12 +161,8 @@ def _one_shot_kernel(
                     dst = _ptr(peer_ptrs, node_base + j, data_off, dty)
                     tl.store(dst + (par * G + lr) * cap + idx, v, mask=m)
         tl.debug_barrier()
-        for j in tl.static_range(G):
-            if j != lr:
-                _signal(peer_flag_ptrs, node_base + j, flag_off + pid * G + lr, seq)
-    for j in tl.static_range(G):
-        if j != lr:
-            _wait(flag_ptr + flag_off + pid * G + j, seq, budget, err_ptr, 0, node_base + j, GPU)
+        _signal_node(peer_flag_ptrs, node_base, lr, flag_off + pid * G, seq, G)
+    _wait_node(flag_ptr, node_base, lr, flag_off + pid * G, seq, budget, err_ptr, 0, G, GPU)
     tl.debug_barrier()
     buf = (buf_ptr + data_off).to(tl.pointer_type(dty), bitcast=True)
     for off in range(lo, hi, BLOCK):
@@ -205,12 +217,8 @@ def _hier_kernel(
                     m = idx < c_hi - c_lo
                     tl.store(dst + idx, tl.load(x_ptr + c_lo + idx, mask=m), mask=m)
         tl.debug_barrier()
-        for j in tl.static_range(G):
-            if j != lr:
-                _signal(peer_flag_ptrs, node_base + j, rsf_off + pid * G + lr, seq)
-        for j in tl.static_range(G):
-            if j != lr:
-                _wait(flag_ptr + rsf_off + pid * G + j, seq, budget, err_ptr, 0, node_base + j, GPU)
+        _signal_node(peer_flag_ptrs, node_base, lr, rsf_off + pid * G, seq, G)
+        _wait_node(flag_ptr, node_base, lr, rsf_off + pid * G, seq, budget, err_ptr, 0, G, GPU)
         tl.debug_barrier()
     # reduce my chunk (sum in local-rank order); two-shot sends the result straight to the all-gather
     for off in range(blo, bhi, BLOCK):
@@ -293,12 +301,8 @@ def _hier_kernel(
                         dst = _ptr(peer_ptrs, node_base + j, 0, dty) + ag_off + (par * G + lr) * cap
                         tl.store(dst + idx, v, mask=m)
         tl.debug_barrier()
-        for j in tl.static_range(G):
-            if j != lr:
-                _signal(peer_flag_ptrs, node_base + j, agf_off + pid * G + lr, seq)
-        for j in tl.static_range(G):
-            if j != lr:
-                _wait(flag_ptr + agf_off + pid * G + j, seq, budget, err_ptr, 99, node_base + j, GPU)
+        _signal_node(peer_flag_ptrs, node_base, lr, agf_off + pid * G, seq, G)
+        _wait_node(flag_ptr, node_base, lr, agf_off + pid * G, seq, budget, err_ptr, 99, G, GPU)
         tl.debug_barrier()
         for j in tl.static_range(G):
             if j != lr:
