@@ -206,7 +206,10 @@ def fusedlis_variants(modes: list[str], tp: int, nvrar_nodes: list[int]) -> list
     """
     out = []
     for mode in modes:
-        if mode == "torch":
+        if mode.endswith("-rope"):  # the same engine with FUSEDLIS_FUSE_ROPE=1 (rope inside decode attention)
+            out += [(m + "-rope", label + "-rope", gpn) for m, label, gpn in
+                    fusedlis_variants([mode.removesuffix("-rope")], tp, nvrar_nodes) if m != "torch"]
+        elif mode == "torch":
             out.append((mode, "torch-eager-nccl", None))
         elif mode in ("nvrar", "fused", "auto-unfusednorm") and tp == 1:
             continue
@@ -586,6 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", default="torch,nccl,nvrar,fused",
                     help="torch = eager torch reference + NCCL; nccl/nvrar/fused/auto = fusedlis engine all-reduce; "
                          "auto-unfusednorm = auto with the RMSNorm after each all-reduce unfused; "
+                         "<mode>-rope = that mode with rope fused into decode attention (FUSEDLIS_FUSE_ROPE=1); "
                          "'none' for transformers only")
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")
@@ -616,8 +620,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.nvrar_node_list = [int(n) for n in args.nvrar_nodes.split(",") if n]
     args.ref_steps = args.ref_steps or args.steps
     args.hf_compile = None if args.hf_compile in ("none", "eager", "") else args.hf_compile
-    bad = [m for m in args.mode_list if m not in ("torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm",
-                                                  "one_shot", "two_shot")]
+    bad = [m for m in args.mode_list if m.removesuffix("-rope") not in (
+        "torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm", "one_shot", "two_shot") or m == "torch-rope"]
     if bad:
         ap.error(f"unknown modes {bad}")
     if args.rounds < 1:
@@ -675,9 +679,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
             # auto-unfusednorm: auto with the RMSNorm after each all-reduce as its own kernel (A/B of the fusion)
-            os.environ["FUSEDLIS_FUSE_NORM"] = "0" if mode == "auto-unfusednorm" else "1"
+            os.environ["FUSEDLIS_FUSE_NORM"] = "0" if mode.startswith("auto-unfusednorm") else "1"
+            os.environ["FUSEDLIS_FUSE_ROPE"] = "1" if mode.endswith("-rope") else "0"
             kw = dict(kernels="torch", cuda_graphs=False, allreduce="nccl") if mode == "torch" else dict(
-                allreduce=mode.replace("-unfusednorm", ""))
+                allreduce=mode.removesuffix("-rope").replace("-unfusednorm", ""))
             eng = fusedlis.Engine.from_pretrained(
                 model_name, device=dev, random_weights=True, max_batch_size=max(args.batches), max_seq_len=max_seq,
                 progress=rank == 0, **kw)

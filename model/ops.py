@@ -6,6 +6,8 @@ chooses the implementation. Shapes: activations are [..., features]; attention t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +82,9 @@ class TritonOps(TorchOps):
         from fusedlis import triton_kernels as tk
 
         self.tk = tk
+        # FUSEDLIS_FUSE_ROPE=1: decode steps rotate q / k and write the cache inside decode_attention (one launch
+        # fewer per layer); off by default until timed on a GPU.
+        self.fuse_rope = os.environ.get("FUSEDLIS_FUSE_ROPE", "0").strip().lower() in ("1", "on", "true", "yes")
 
     def linear(self, x, w, *, activation=None):
         shape = x.shape
@@ -102,6 +107,10 @@ class TritonOps(TorchOps):
         if k_cache is None:
             return super().attention(q, k, v, positions, cos, sin, k_cache, v_cache, scale)
         B, T, Hq, D = q.shape
+        if T == 1 and self.fuse_rope and q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1:
+            # q, k, v may be strided views of the merged qkv output; the kernel reads them in place
+            return self.tk.decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], scale, lens_offset=1,
+                                            rope=(k[:, 0], v[:, 0], cos, sin)).view(B, 1, Hq, D)
         # The kernel rotates q and k and writes k, v into the cache.
         q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
                              k_cache, v_cache)

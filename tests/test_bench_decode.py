@@ -55,6 +55,12 @@ def test_variants():
     v = decode.fusedlis_variants(["nccl", "nvrar", "fused"], 2, [1, 2])
     assert v == [("nccl", "fusedlis-nccl", None), ("nvrar", "fusedlis-nvrar-1node", "2"),
                  ("nvrar", "fusedlis-nvrar-2node", "1"), ("fused", "fusedlis-fused", None)]
+    # "-rope": the same engine with rope fused into decode attention
+    assert decode.fusedlis_variants(["fused-rope", "nvrar-rope"], 2, [2]) == [
+        ("fused-rope", "fusedlis-fused-rope", None), ("nvrar-rope", "fusedlis-nvrar-2node-rope", "1")]
+    assert decode.fusedlis_variants(["fused-rope"], 1, [1]) == []
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--modes", "torch-rope"])
 
 
 def test_memory_plan_70b_fits_h200():

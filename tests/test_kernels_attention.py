@@ -109,3 +109,78 @@ def test_decode_attention_gpu_bf16_fused_reduce(B, Hkv, group, S):
     for cfg in fused:
         for seed in range(2):  # twice: the arrival counters must reset
             assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=seed) < 1e-2, cfg
+
+
+def run_rope_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, fused_reduce=False):
+    """decode_attention with rope=(k_new, v_new, cos, sin) against rope_ref then decode_attention_ref (float64).
+
+    q, k_new, v_new are strided views of one merged qkv row (the engine's layout). The cache row the kernel
+    must write (each sequence's last position) is poisoned with NaN first, positions after it too."""
+    from fusedlis.triton_kernels.rope import rope_ref
+
+    g = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    q, k_new, v_new = (t.view(B, -1, D) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=1))
+    kc = torch.randn(B + 1, Hkv, S, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    vc = torch.randn(B + 1, Hkv, S, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    pos = torch.randint(0, S, (B,), generator=g)
+    for b in range(B):
+        kc[b, :, int(pos[b]):] = float("nan")
+        vc[b, :, int(pos[b]):] = float("nan")
+    ang = torch.rand(S + 3, D // 2, generator=g, dtype=torch.float64) * 6.0
+    cos, sin = ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+    kc_ref, vc_ref = kc.double(), vc.double()
+    q_rot = rope_ref(q.double()[:, None], k_new.double()[:, None], v_new.double()[:, None], pos[:, None].to(device),
+                     cos.double(), sin.double(), kc_ref, vc_ref)[:, 0]
+    ref = decode_attention_ref(q_rot, kc_ref, vc_ref, pos.to(device), D ** -0.5, lens_offset=1)
+    if fused_reduce:
+        cfg = dict(cfg or {"NUM_SPLITS": 3, "BLOCK_N": 16}, FUSED_REDUCE=True)
+    column = torch.stack([pos, torch.full_like(pos, -7)], dim=1).to(device)  # a strided positions column
+    o = decode_attention(q, kc, vc, column[:, 0], D ** -0.5, config=cfg, lens_offset=1, rope=(k_new, v_new, cos, sin))
+    assert not torch.isnan(o).any()
+    for b in range(B):  # the new token's row was written: rotated k, raw v
+        p = int(pos[b])
+        for got, want in ((kc[b, :, p], kc_ref[b, :, p]), (vc[b, :, p], vc_ref[b, :, p])):
+            assert ((got.double() - want).norm() / want.norm()).item() < TOL[dtype]
+    return ((o.double() - ref).norm() / ref.norm()).item()
+
+
+@st.composite
+def rope_cases(draw):
+    cfg = None
+    if draw(st.booleans()):
+        cfg = {"NUM_SPLITS": draw(st.integers(1, 5)), "BLOCK_N": draw(st.sampled_from([16, 32])), "num_warps": 4}
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4])),
+            draw(st.sampled_from([16, 24, 32])), draw(st.integers(1, 90)),
+            draw(st.sampled_from([torch.float32, torch.float16])), cfg, draw(st.booleans()), draw(st.integers(0, 99)))
+
+
+@given(rope_cases())
+def test_decode_attention_with_rope_matches_reference(case):
+    """The rope kernel's work fused into attention: same result as rope, then attention; cache rows written."""
+    B, Hkv, group, D, S, dtype, cfg, fused_reduce, seed = case
+    assert run_rope_case(B, Hkv, group, D, S, dtype, cfg, seed=seed, fused_reduce=fused_reduce) < TOL[dtype]
+
+
+def test_decode_attention_rope_bad_inputs():
+    q = torch.randn(2, 4, 16)
+    kc = torch.randn(2, 2, 8, 16)
+    lens = torch.full((2,), 3, dtype=torch.int64)
+    kn, cos = torch.randn(2, 2, 16), torch.randn(8, 8)
+    with pytest.raises(TypeError, match="rope"):
+        decode_attention(q, kc, kc, lens, 0.25, rope=(kn, kn, cos))
+    with pytest.raises(ValueError, match="k_new"):
+        decode_attention(q, kc, kc, lens, 0.25, rope=(kn[:, :1], kn, cos, cos))
+    with pytest.raises(ValueError, match="cos/sin"):
+        decode_attention(q, kc, kc, lens, 0.25, rope=(kn, kn, cos[:, :4], cos[:, :4]))
+    with pytest.raises(ValueError, match="v_new"):
+        decode_attention(q, kc, kc, lens, 0.25, rope=(kn, kn.half(), cos, cos))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hkv,group,S", [(1, 4, 4, 2048), (8, 4, 4, 4096), (3, 2, 5, 333), (64, 1, 8, 600)])
+def test_decode_attention_with_rope_gpu_bf16(B, Hkv, group, S):
+    key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
+    for cfg in [None] + decode_attention_configs(key)[:3]:
+        assert run_rope_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg

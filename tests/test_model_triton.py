@@ -23,8 +23,10 @@ def _cached_logits(model, ids, prefix):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter (CPU) test; the GPU test below covers CUDA")
-def test_tiny_triton_matches_torch_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fuse_rope", ["0", "1"])
+def test_tiny_triton_matches_torch_cpu(tmp_path, monkeypatch, fuse_rope):
     monkeypatch.setenv("FUSEDLIS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSEDLIS_FUSE_ROPE", fuse_rope)  # decode steps: rope inside decode_attention, or its own kernel
     model = fusedlis.load_model("tiny")
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     ref = model(ids).double()
@@ -35,8 +37,10 @@ def test_tiny_triton_matches_torch_cpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_8b_shaped_bf16_triton_vs_fp32_reference():
+@pytest.mark.parametrize("fuse_rope", ["0", "1"])
+def test_8b_shaped_bf16_triton_vs_fp32_reference(monkeypatch, fuse_rope):
     """Llama-3.1-8B layer shapes (2 layers to bound time), random weights, bf16 Triton vs fp32 torch."""
+    monkeypatch.setenv("FUSEDLIS_FUSE_ROPE", fuse_rope)
     cfg = LlamaConfig.preset("llama-3.1-8b").replace(num_hidden_layers=2)
     model = LlamaForCausalLM(cfg, dtype=torch.bfloat16, device="cuda", kernels="triton").init_random(0).eval()
     # the reference holds the same (bf16-representable) weights in fp32 and computes in fp32

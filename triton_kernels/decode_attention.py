@@ -25,12 +25,43 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _swap_halves(x_ptr, offs_d, mask, D: tl.constexpr):
+    """x[(d + D/2) % D] as two affine masked loads (a modulo in the address defeats 16-byte vector loads)."""
+    HALF: tl.constexpr = D // 2
+    lo = offs_d < HALF
+    a = tl.load(x_ptr + offs_d + HALF, mask=mask & lo, other=0.0)
+    b = tl.load(x_ptr + offs_d - HALF, mask=mask & (offs_d >= HALF), other=0.0)
+    return tl.where(lo, a, b).to(tl.float32)
+
+
+@triton.jit
+def _spread_half(t_ptr, offs_d, mask, D: tl.constexpr):
+    """A [D/2] table row read over [D] offsets: entry d % (D/2) (two affine loads, as `_swap_halves`)."""
+    HALF: tl.constexpr = D // 2
+    lo = offs_d < HALF
+    a = tl.load(t_ptr + offs_d, mask=mask & lo, other=0.0)
+    b = tl.load(t_ptr + offs_d - HALF, mask=mask & (offs_d >= HALF), other=0.0)
+    return tl.where(lo, a, b).to(tl.float32)
+
+
+@triton.jit
+def _rotate_half_full(x_ptr, offs_d, mask, cos, sin, D: tl.constexpr):
+    """RoPE (HF rotate_half) of the rows at `x_ptr` over full-width offsets: x*cos + rotate_half(x)*sin, where
+    rotate_half(x)[d] = -x[d + D/2] (d < D/2) or x[d - D/2]; cos / sin are already spread over [D]."""
+    HALF: tl.constexpr = D // 2
+    x = tl.load(x_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    xs = _swap_halves(x_ptr, offs_d, mask, D)
+    return x * cos + tl.where(offs_d < HALF, -xs, xs) * sin
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, o_ptr, lse_ptr, scale,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                              GROUP, SPLIT_LEN, NUM_SPLITS, out_ptr, cnt_ptr, stride_ob, stride_oh,
+                             kn_ptr, vn_ptr, stride_nb, cos_ptr, sin_ptr, stride_cos,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                             BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_S: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_wait(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -45,12 +76,31 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, 
     heads = hkv * GROUP + offs_g
     mask_g = offs_g < GROUP
     mask_d = offs_d < D
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    kv_base = b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    if ROPE:
+        # The step's new token sits at position seq_len - 1: rotate q here (every split needs it) and let the
+        # split holding that position write the token's rotated k and raw v into the cache before reading it
+        # (the rope kernel's work, without its launch).
+        tok = seq_len - 1
+        cos = _spread_half(cos_ptr + tok.to(tl.int64) * stride_cos, offs_d, mask_d, D)
+        sin = _spread_half(sin_ptr + tok.to(tl.int64) * stride_cos, offs_d, mask_d, D)
+        qm = mask_g[:, None] & mask_d[None, :]
+        q = _rotate_half_full(q_rows, offs_d[None, :], qm, cos[None, :], sin[None, :], D)
+        q = q.to(q_ptr.dtype.element_ty)
+        if (tok >= start) & (tok < end):
+            new = b.to(tl.int64) * stride_nb + hkv.to(tl.int64) * D
+            k_rot = _rotate_half_full(kn_ptr + new, offs_d, mask_d, cos, sin, D)
+            row = kv_base + tok.to(tl.int64) * stride_ks + offs_d
+            tl.store(k_ptr + row, k_rot.to(k_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(v_ptr + row, tl.load(vn_ptr + new + offs_d, mask=mask_d).to(v_ptr.dtype.element_ty),
+                     mask=mask_d)
+        tl.debug_barrier()  # the row just written is read back below by other threads of this program
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     # exp2-based softmax: fold log2(e) into the scale.
     qk_scale = scale * 1.4426950408889634
 
-    kv_base = b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
@@ -199,13 +249,21 @@ def _counters(device, n: int) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, *, config: dict | None = None, lens_offset: int = 0) -> torch.Tensor:
+                     scale: float, *, config: dict | None = None, lens_offset: int = 0,
+                     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Softmax attention of q[B, Hq, D] over cache positions `[0, seq_lens[b] + lens_offset)`; returns o[B, Hq, D].
 
     GQA: q head h reads kv head h // (Hq // Hkv). seq_lens is int32 or int64 [B], any stride (the decode step
     passes its positions column with lens_offset=1, so no length tensor is built per layer). Lengths must be
     >= 1 and <= max_seq_len (not checked on the device). The fp32 partials buffer is shared per device: no
     concurrent launches on two streams.
+
+    `rope=(k_new, v_new, cos, sin)` also does `rope`'s work for one new token per sequence, at position
+    length - 1: q is taken un-rotated and rotated in the kernel, and k_new [B, Hkv, D] (rotated) and v_new
+    [B, Hkv, D] are written into the caches at that position before they are read (one launch fewer per layer).
+    cos / sin are the [P, D/2] tables of `fusedlis.model.rope.rope_tables`. Rows of q, k_new, v_new may be
+    strided views (e.g. of a merged qkv output) with unit stride along D.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
         if not isinstance(t, torch.Tensor):
@@ -227,7 +285,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          f"{seq_lens.dtype}")
     if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("decode_attention: q needs unit stride along D; caches must be contiguous")
-    out = torch.empty_like(q)
+    if rope is not None:
+        k_new, v_new, cos, sin = _check_rope_args(rope, q, k_cache)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     if config is None:
@@ -246,12 +306,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = triton.next_power_of_2(D)
     fused = bool(config.get("FUSED_REDUCE", False)) and splits > 1
     cnt = _counters(q.device, B * Hkv) if fused else lse
+    if rope is None:
+        k_new = v_new = cos = sin = q  # unused (ROPE off)
     _decode_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, seq_lens, seq_lens.stride(0) if B > 1 else 0, int(lens_offset), o_part, lse, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         group, split_len, splits, out, cnt, out.stride(0), out.stride(1),
+        k_new, v_new, k_new.stride(0), cos, sin, cos.stride(0),
         D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
         IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, BLOCK_S=triton.next_power_of_2(splits),
+        ROPE=rope is not None,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2), **pdl_launch(q.device))
     if fused:
         return out
@@ -259,6 +323,31 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         o_part, lse, out, splits, out.stride(0), out.stride(1), Hq,
         D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
     return out
+
+
+def _check_rope_args(rope, q: torch.Tensor, k_cache: torch.Tensor):
+    if not isinstance(rope, (tuple, list)) or len(rope) != 4 or not all(isinstance(t, torch.Tensor) for t in rope):
+        raise TypeError("decode_attention: rope must be a tuple (k_new, v_new, cos, sin) of tensors")
+    k_new, v_new, cos, sin = rope
+    B, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    if D % 2:
+        raise ValueError(f"decode_attention: rope needs an even head dim, got {D}")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.shape != (B, Hkv, D) or t.stride(2) != 1 or t.stride(1) != D:
+            raise ValueError(f"decode_attention: rope {name} must be [{B}, {Hkv}, {D}] with contiguous heads, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"decode_attention: rope {name} must be {q.dtype} on {q.device}")
+    if k_new.stride(0) != v_new.stride(0):
+        raise ValueError("decode_attention: rope k_new and v_new must share their row stride")
+    if cos.dim() != 2 or cos.shape[1] != D // 2 or sin.shape != cos.shape or not cos.is_contiguous() \
+            or not sin.is_contiguous():
+        raise ValueError(f"decode_attention: rope cos/sin must be contiguous [P, {D // 2}], got {tuple(cos.shape)}"
+                         f"/{tuple(sin.shape)}")
+    if cos.device != q.device or sin.device != q.device:
+        raise ValueError("decode_attention: rope cos/sin must be on q's device")
+    return k_new, v_new, cos, sin
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
