@@ -78,9 +78,32 @@ def build_comm(allreduce: str, dtype: torch.dtype, max_bytes: int):
     return _Collectives(AllReduce(backend=backend, max_bytes=max_bytes, dtype=dtype, fuse_norm=fuse_norm), base)
 
 
+def _hosts() -> list[str]:
+    """Every rank's host name (collective over the default group)."""
+    import socket
+
+    import torch.distributed as dist
+
+    names: list = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return names
+
+
 def _fused_row_linear(model: LlamaForCausalLM, max_m: int):
-    """row_linear hook running fusedlis.triton_kernels.linear_allreduce for decode-sized M (else declines)."""
+    """row_linear hook running fusedlis.triton_kernels.linear_allreduce for decode-sized M (else declines).
+
+    None (with a warning) when the ranks span several hosts: the kernel stores straight into peer GPU memory,
+    which needs every GPU in one host (logical nodes of one host are fine); the row-parallel layers then use the
+    engine's communicator (fusedlis' auto all-reduce: NVRAR with NVSHMEM puts between hosts, NCCL without)."""
+    from fusedlis.comm.symmetric import warn_once
     from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace, linear_allreduce
+
+    hosts = len(set(_hosts()))
+    if hosts > 1:
+        warn_once(f"allreduce='fused': the fused GEMM + all-reduce kernel needs every GPU in one host (it stores into "
+                  f"peer memory); this run spans {hosts} hosts, so the row-parallel layers use fusedlis' all-reduce "
+                  "(auto) instead")
+        return None
 
     ws = FusedAllReduceWorkspace.from_torch_symm(max_m, model.config.hidden_size)
 

@@ -118,3 +118,33 @@ def test_help_everywhere(cmd):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout and "unavailable" not in r.stdout
+
+
+def test_fused_mode_declines_across_hosts(monkeypatch):
+    """allreduce='fused' on ranks of several hosts: no fused hook (peer stores need one host) and a warning, so the
+    row-parallel layers keep the communicator and no workspace is allocated; on one host the hook is built."""
+    import fusedlis.engine as eng
+
+    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a", "node-a", "node-b", "node-b"])
+    with pytest.warns(RuntimeWarning, match="spans 2 hosts"):
+        assert eng._fused_row_linear(object(), 8) is None
+    built = []
+
+    class FakeWS:
+        @staticmethod
+        def from_torch_symm(max_m, hidden):
+            built.append((max_m, hidden))
+            return "ws"
+
+    import importlib
+
+    la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
+    monkeypatch.setattr(la, "FusedAllReduceWorkspace", FakeWS)
+    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a"] * 4)
+
+    class Model:
+        class config:
+            hidden_size = 64
+
+    hook = eng._fused_row_linear(Model(), 8)
+    assert callable(hook) and hook.workspace == "ws" and built == [(8, 64)]
