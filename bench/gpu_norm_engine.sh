@@ -11,6 +11,8 @@
 # K: bench/kernels.py --parts swiglu on GPU 0 (gate_up + SwiGLU: as dispatched, cuBLAS + silu*mul, swept configs)
 # A: decode 8B TP=2 auto, then auto with decode_attention merging its splits in the main kernel (FUSED_REDUCE, one launch
 #    instead of two; NUM_SPLITS capped at 32) through a tuning cache written here, for an A/B against D
+# G: single-GPU bf16 kernel tests (-m gpu) of G_TESTS (default: decode attention incl. the fused rope, the model
+#    with Triton kernels with and without it)
 # N: bench/allreduce_stability.py (NCCL latency measured repeatedly and in several ways: the spread of the method)
 # D_ROUNDS=n: part D keeps every mode's engine built and alternates the modes n times (median + each round)
 # R: bench/allreduce.py on this machine (copied into bench/results so part P validates against it)
@@ -53,6 +55,8 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
       .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
   fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  want G && TAIL=15 step gpu_kernel_tests 200 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    ${G_TESTS:-tests/test_kernels_attention.py tests/test_model_triton.py}
   want K && TAIL=20 step kernels_swiglu 200 env CUDA_VISIBLE_DEVICES=0 python3 bench/kernels.py --out "$R" \
     --parts swiglu --models 8b,70b --ms 1,8,32,64 --reps 10
   want X && TAIL=12 step fused_2gpu 150 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 2 \
