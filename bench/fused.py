@@ -321,7 +321,10 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
     table = {}
     for s, K, N, M, vname, us in rows:
         table.setdefault((s, M), {})[vname] = us
-    lines = [meta, "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
+    timed_unfused = sorted({v for (_, _, _, _, v, us) in rows if not v.startswith("fused_") and "norm" not in v
+                            and "only" not in v and "same_config" not in v})
+    lines = [meta, f"# best_unfused is the fastest of the unfused pairs timed in this run: {', '.join(timed_unfused)}",
+             "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
              "norm_extra_us ll_ar_norm_extra_us ar_then_triton_norm_extra_us"]
     for (s, M), d in table.items():
         fused = min(d.get(k, float("inf")) for k in ("fused_one_shot", "fused_two_shot", "fused_auto"))
