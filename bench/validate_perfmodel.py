@@ -315,9 +315,11 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         profiled = _file_profiled(path)
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
-            if system not in _DECODE_SYSTEMS:
+            # "<system>-rope": the same engine with rope inside decode attention, one kernel fewer per layer
+            rope = system.endswith("-rope")
+            if system.removesuffix("-rope") not in _DECODE_SYSTEMS:
                 continue
-            mode, nodes = _DECODE_SYSTEMS[system]
+            mode, nodes = _DECODE_SYSTEMS[system.removesuffix("-rope")]
             try:
                 tp = int(r["tp"])
                 r["_ctx"] = str(float(r.get("context") or r.get("seq_len") or r["prompt"]))
@@ -331,7 +333,8 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             proto = (r.get("protocol") or "").strip().lower()
             ll = proto == "ll" if proto in ("ll", "flag") else file_ll
             r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
-            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = str(seq_k), build, str(int(profiled)), when
+            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = (str(seq_k - int(rope)), build, str(int(profiled)),
+                                                                  when)
             algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
     return cases

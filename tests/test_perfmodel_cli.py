@@ -543,6 +543,22 @@ def _validate_module():
     return mod
 
 
+def test_validate_decode_rope_rows_count_one_kernel_fewer(tmp_path):
+    """bench/decode.py's '<mode>-rope' systems (rope inside decode attention) are modelled as their mode with
+    one kernel launch fewer per layer."""
+    mod = _validate_module()
+    hw = get_hardware("h200-ndr").with_(kernel_overhead=3e-6)
+    f = tmp_path / "decode_tp2.csv"
+    f.write_text("# device=fake date=2026-11-23T10:00\nmodel,tp,system,batch,context,ms_per_token,fuse_norm\n"
+                 "llama-3.1-8b,2,fusedlis-nccl,1,512,3.3,0\nllama-3.1-8b,2,fusedlis-nccl-rope,1,512,3.2,0\n")
+    cases = {c[0]["system"]: c for c in mod._decode_cases(hw, [str(f)])}
+    assert set(cases) == {"fusedlis-nccl", "fusedlis-nccl-rope"} and cases["fusedlis-nccl-rope"][1] == "nccl"
+    rows, _ = mod.validate_decode(hw, [str(f)])
+    pred = {r["impl"]: r["predicted_us"] for r in rows}
+    layers = 32
+    assert pred["fusedlis-nccl"] - pred["fusedlis-nccl-rope"] == pytest.approx(layers * 3.0, rel=1e-6)
+
+
 def test_validate_decode_uses_ll_algorithm_and_fuse_norm_column(tmp_path):
     """LL-era files (a fuse_norm column, or a dated header after LL_SINCE): auto -> oneshot_ll at decode sizes,
     nvrar-2node -> nvrar_ll; fuse_norm=1 rows are predicted with 2 RMSNorm kernels fewer per layer."""
