@@ -198,6 +198,32 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# Mode suffixes that build the same engine with an experiment switched on (environment set while it is built and
+# its CUDA graphs captured): "-rope" = RoPE inside decode attention; "-lpdl" = programmatic dependent launch for
+# every `linear` (FUSEDLIS_LINEAR_PDL, value from $FUSEDLIS_LINEAR_PDL_AB, default "0.5,evict").
+EXPERIMENTS = {"-rope": "FUSEDLIS_FUSE_ROPE", "-lpdl": "FUSEDLIS_LINEAR_PDL"}
+
+
+def split_variant(mode: str) -> tuple[str, str]:
+    """("fused", "-rope-lpdl") for "fused-rope-lpdl": the engine mode and its experiment suffixes, in order."""
+    suffix = ""
+    while True:
+        for sfx in EXPERIMENTS:
+            if mode.endswith(sfx):
+                mode, suffix = mode[: -len(sfx)], sfx + suffix
+                break
+        else:
+            return mode, suffix
+
+
+def experiment_env(mode: str) -> dict[str, str]:
+    """The environment an engine of `mode` is built with for the experiment switches (all of them, on or off)."""
+    _, suffix = split_variant(mode)
+    on = {sfx for sfx in EXPERIMENTS if sfx in suffix}
+    return {"FUSEDLIS_FUSE_ROPE": "1" if "-rope" in on else "0",
+            "FUSEDLIS_LINEAR_PDL": os.environ.get("FUSEDLIS_LINEAR_PDL_AB", "0.5,evict") if "-lpdl" in on else ""}
+
+
 def fusedlis_variants(modes: list[str], tp: int, nvrar_nodes: list[int]) -> list[tuple[str, str, str | None]]:
     """(mode, system label, FUSEDLIS_GPUS_PER_NODE or None) for each engine to build.
 
@@ -206,9 +232,10 @@ def fusedlis_variants(modes: list[str], tp: int, nvrar_nodes: list[int]) -> list
     """
     out = []
     for mode in modes:
-        if mode.endswith("-rope"):  # the same engine with FUSEDLIS_FUSE_ROPE=1 (rope inside decode attention)
-            out += [(m + "-rope", label + "-rope", gpn) for m, label, gpn in
-                    fusedlis_variants([mode.removesuffix("-rope")], tp, nvrar_nodes) if m != "torch"]
+        base, suffix = split_variant(mode)
+        if suffix:  # the same engine with experiment switches (see EXPERIMENTS)
+            out += [(m + suffix, label + suffix, gpn) for m, label, gpn in
+                    fusedlis_variants([base], tp, nvrar_nodes) if m != "torch"]
         elif mode == "torch":
             out.append((mode, "torch-eager-nccl", None))
         elif mode in ("nvrar", "fused", "auto-unfusednorm") and tp == 1:
@@ -590,6 +617,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch = eager torch reference + NCCL; nccl/nvrar/fused/auto = fusedlis engine all-reduce; "
                          "auto-unfusednorm = auto with the RMSNorm after each all-reduce unfused; "
                          "<mode>-rope = that mode with rope fused into decode attention (FUSEDLIS_FUSE_ROPE=1); "
+                         "<mode>-lpdl = with PDL for every linear (FUSEDLIS_LINEAR_PDL=$FUSEDLIS_LINEAR_PDL_AB, "
+                         "default 0.5,evict); suffixes combine (fused-rope-lpdl); "
                          "'none' for transformers only")
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")
@@ -620,8 +649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.nvrar_node_list = [int(n) for n in args.nvrar_nodes.split(",") if n]
     args.ref_steps = args.ref_steps or args.steps
     args.hf_compile = None if args.hf_compile in ("none", "eager", "") else args.hf_compile
-    bad = [m for m in args.mode_list if m.removesuffix("-rope") not in (
-        "torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm", "one_shot", "two_shot") or m == "torch-rope"]
+    bad = [m for m in args.mode_list if split_variant(m)[0] not in (
+        "torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm", "one_shot", "two_shot")
+        or (split_variant(m)[0] == "torch" and split_variant(m)[1])]
     if bad:
         ap.error(f"unknown modes {bad}")
     if args.rounds < 1:
@@ -680,9 +710,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
             # auto-unfusednorm: auto with the RMSNorm after each all-reduce as its own kernel (A/B of the fusion)
             os.environ["FUSEDLIS_FUSE_NORM"] = "0" if mode.startswith("auto-unfusednorm") else "1"
-            os.environ["FUSEDLIS_FUSE_ROPE"] = "1" if mode.endswith("-rope") else "0"
+            os.environ.update(experiment_env(mode))
             kw = dict(kernels="torch", cuda_graphs=False, allreduce="nccl") if mode == "torch" else dict(
-                allreduce=mode.removesuffix("-rope").replace("-unfusednorm", ""))
+                allreduce=split_variant(mode)[0].replace("-unfusednorm", ""))
             eng = fusedlis.Engine.from_pretrained(
                 model_name, device=dev, random_weights=True, max_batch_size=max(args.batches), max_seq_len=max_seq,
                 progress=rank == 0, **kw)

@@ -315,11 +315,15 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         profiled = _file_profiled(path)
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
-            # "<system>-rope": the same engine with rope inside decode attention, one kernel fewer per layer
-            rope = system.endswith("-rope")
-            if system.removesuffix("-rope") not in _DECODE_SYSTEMS:
+            # bench/decode.py's experiment suffixes: "-rope" (rope inside decode attention: one kernel fewer per
+            # layer), "-lpdl" (PDL for the GEMMs: no term in the model)
+            base, rope = system, False
+            while base.endswith(("-rope", "-lpdl")):
+                rope |= base.endswith("-rope")
+                base = base[: -len("-rope")]
+            if base not in _DECODE_SYSTEMS:
                 continue
-            mode, nodes = _DECODE_SYSTEMS[system.removesuffix("-rope")]
+            mode, nodes = _DECODE_SYSTEMS[base]
             try:
                 tp = int(r["tp"])
                 r["_ctx"] = str(float(r.get("context") or r.get("seq_len") or r["prompt"]))

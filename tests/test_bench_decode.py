@@ -61,6 +61,13 @@ def test_variants():
     assert decode.fusedlis_variants(["fused-rope"], 1, [1]) == []
     with pytest.raises(SystemExit):
         decode.parse_args(["--modes", "torch-rope"])
+    # suffixes combine; each engine is built with every switch set, on or off
+    assert decode.split_variant("fused-rope-lpdl") == ("fused", "-rope-lpdl")
+    assert decode.parse_args(["--modes", "nccl-lpdl,auto-unfusednorm-rope"]).mode_list == [
+        "nccl-lpdl", "auto-unfusednorm-rope"]
+    assert decode.experiment_env("nccl") == {"FUSEDLIS_FUSE_ROPE": "0", "FUSEDLIS_LINEAR_PDL": ""}
+    assert decode.experiment_env("nccl-lpdl-rope")["FUSEDLIS_FUSE_ROPE"] == "1"
+    assert decode.experiment_env("nccl-lpdl")["FUSEDLIS_LINEAR_PDL"]
 
 
 def test_memory_plan_70b_fits_h200():

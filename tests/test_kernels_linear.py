@@ -183,3 +183,24 @@ def test_linear_torch_backend_swiglu_matches_reference():
     y = linear(x, w, activation="swiglu", config={"backend": "torch"}, out=out)
     ref = linear_ref(x.double(), w.double(), activation="swiglu")
     assert y is out and ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_linear_pdl_experiment_knob(monkeypatch):
+    """FUSEDLIS_LINEAR_PDL parses into the launch config (PDL on, launch fraction, evict-first weights, prefetch
+    lines), rejects malformed values, and results stay exact with it set (on a CPU PDL itself is off)."""
+    mod = importlib.import_module("fusedlis.triton_kernels.linear")
+    monkeypatch.delenv("FUSEDLIS_LINEAR_PDL", raising=False)
+    assert mod._linear_pdl_experiment() == {}
+    monkeypatch.setenv("FUSEDLIS_LINEAR_PDL", "0.5,evict,pf=8")
+    assert mod._linear_pdl_experiment() == {"PDL": True, "PDL_LAUNCH_FRAC": 0.5, "EVICT_W": True, "PF_LINES": 8}
+    for bad in ("x", "1.5", "0.5,bogus"):
+        monkeypatch.setenv("FUSEDLIS_LINEAR_PDL", bad)
+        with pytest.raises(ValueError, match="FUSEDLIS_LINEAR_PDL"):
+            mod._linear_pdl_experiment()
+    monkeypatch.setenv("FUSEDLIS_LINEAR_PDL", "0.5,evict")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 96, generator=g), torch.randn(40, 96, generator=g)
+    cfg = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
+    y = linear(x, w, config=cfg)
+    ref = linear_ref(x.double(), w.double())
+    assert float((y.double() - ref).norm() / ref.norm()) <= 1e-5

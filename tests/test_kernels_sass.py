@@ -37,6 +37,7 @@ def stats(fn, types, consts, div, num_warps, num_stages):
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4)),
             "gdc": "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"],
             "prefetch": len(re.findall(r"prefetch\.global\.L2", k.asm["ptx"])),
+            "evict_first": len(re.findall(r"evict_first", k.asm["ptx"])),
             "ldgsts128": len(re.findall(r"LDGSTS\.E\.BYPASS\.128", sass)),
             "ldg16": len(re.findall(r"LDG\.E\.U16", sass)), "mma": ("HMMA" in sass) or ("HGMMA" in sass)}
 
@@ -47,10 +48,10 @@ for M, pdl in ((1, False), (32, False), (1, True)):
     cfg = linear_default_config({"M": M, "N": 3072, "K": 4096})
     consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
               "HAS_SPLIT": cfg["SPLIT_K"] > 1, "USE_DOT": cfg["USE_DOT"], "EVEN_K": True, "SWIGLU": False,
-              "HAS_RES": False, "IEEE": False, "PDL": pdl, "PF_LINES": 4 if pdl else 0}
+              "HAS_RES": False, "IEEE": False, "PDL": pdl, "PF_LINES": 4 if pdl else 0, "EVICT_W": pdl}
     if M == 1:
         consts["M"] = 1
-    types = ["*bf16"] * 4 + ["*fp32", "*i32"] + ["i32"] * 9 + ["constexpr"] * 11
+    types = ["*bf16"] * 4 + ["*fp32", "*i32"] + ["i32"] * 9 + ["constexpr"] * 11 + ["i32", "constexpr"]
     div = [n for n in names if n.endswith("_ptr") or n in ("N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn",
                                                           "stride_ym", "stride_rm")]
     out[f"linear_M{M}" + ("_pdl" if pdl else "")] = stats(_linear_kernel, types, consts, div, cfg["num_warps"],
@@ -104,3 +105,5 @@ def test_sm90_pdl_linear_waits_and_prefetches(sass_stats):
     on, off = sass_stats["linear_M1_pdl"], sass_stats["linear_M1"]
     assert on["gdc"] and on["prefetch"] > 0, on
     assert not off["gdc"] and off["prefetch"] == 0, off
+    # EVICT_W (on in the PDL variant here): the weight loads carry an evict-first L2 policy
+    assert on["evict_first"] > 0 and off["evict_first"] == 0, (on, off)

@@ -550,9 +550,11 @@ def test_validate_decode_rope_rows_count_one_kernel_fewer(tmp_path):
     hw = get_hardware("h200-ndr").with_(kernel_overhead=3e-6)
     f = tmp_path / "decode_tp2.csv"
     f.write_text("# device=fake date=2026-11-23T10:00\nmodel,tp,system,batch,context,ms_per_token,fuse_norm\n"
-                 "llama-3.1-8b,2,fusedlis-nccl,1,512,3.3,0\nllama-3.1-8b,2,fusedlis-nccl-rope,1,512,3.2,0\n")
+                 "llama-3.1-8b,2,fusedlis-nccl,1,512,3.3,0\nllama-3.1-8b,2,fusedlis-nccl-rope,1,512,3.2,0\n"
+                 "llama-3.1-8b,2,fusedlis-nccl-rope-lpdl,1,512,3.1,0\n")
     cases = {c[0]["system"]: c for c in mod._decode_cases(hw, [str(f)])}
-    assert set(cases) == {"fusedlis-nccl", "fusedlis-nccl-rope"} and cases["fusedlis-nccl-rope"][1] == "nccl"
+    assert set(cases) == {"fusedlis-nccl", "fusedlis-nccl-rope", "fusedlis-nccl-rope-lpdl"}
+    assert cases["fusedlis-nccl-rope"][1] == "nccl" and cases["fusedlis-nccl-rope-lpdl"][0]["_seqk"] == "-1"
     rows, _ = mod.validate_decode(hw, [str(f)])
     pred = {r["impl"]: r["predicted_us"] for r in rows}
     layers = 32

@@ -41,11 +41,22 @@ def pdl_launch(device: torch.device) -> dict:
 
 
 @triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """Wait for the previous kernel in the stream (all its memory operations visible); then let the next kernel
-    launch. Call before the first dependent read or any write."""
+def pdl_wait(PDL: tl.constexpr, LAUNCH=True):
+    """Wait for the previous kernel in the stream (all its memory operations visible); then, with `LAUNCH`, let
+    the next kernel launch. Call before the first dependent read or any write. A kernel that passes
+    LAUNCH=False calls `pdl_launch_dependents` itself later (its successor's programs then stay off the SMs
+    for longer; CUTLASS's weight-prefetch GEMM signals after about half its K tiles)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if LAUNCH:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch (it still waits for this whole kernel before its dependent
+    reads); a program that exits without calling it counts as having called it."""
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -18,12 +18,14 @@ streams of one device.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from fusedlis import tuning
-from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait, prefetch_l2
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_l2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -36,7 +38,7 @@ def _linear_kernel(
     SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
-    PF_LINES: tl.constexpr = 0,
+    PF_LINES: tl.constexpr = 0, LAUNCH_AT=-1, EVICT_W: tl.constexpr = False,
 ):
     # M-tiles vary fastest so that programs sharing a weight tile run together (weight read once via L2).
     pid_m = tl.program_id(0)
@@ -64,7 +66,9 @@ def _linear_kernel(
         prefetch_l2(w_ptr + pf_n[:, None] * stride_wn + pf_k[None, :])
         if SWIGLU:
             prefetch_l2(w_ptr + (pf_n + N)[:, None] * stride_wn + pf_k[None, :])
-    pdl_wait(PDL)
+    # LAUNCH_AT >= 0: let the next kernel launch only at that K step of this program, not right after the wait
+    pdl_wait(PDL, LAUNCH_AT < 0)
+    W_EVICT: tl.constexpr = "evict_first" if EVICT_W else ""  # weights are read once: keep L2 for activations
 
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -76,17 +80,20 @@ def _linear_kernel(
             acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
 
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        if PDL:
+            if kk == LAUNCH_AT * BLOCK_K:
+                pdl_launch_dependents(PDL)
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy=W_EVICT)
             if SWIGLU:
-                u = tl.load(u_ptrs, mask=mask_n[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy=W_EVICT)
         else:
             mask_k = (k_lo + kk + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=W_EVICT)
             if SWIGLU:
-                u = tl.load(u_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=W_EVICT)
         if USE_DOT:
             if IEEE:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -388,9 +395,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
     else:
         ws, cnt = out, out  # unused
     res = residual if residual is not None else out
-    # PDL is opt-in here (config "PDL": True): on H200 it made chains of these GEMMs 5-25% slower, prefetch or
-    # not (bench/results/kernels_linear_pdl_NVIDIA-H200_2026-11-22.csv)
+    # PDL is opt-in here (config "PDL": True, or FUSEDLIS_LINEAR_PDL for an end-to-end A/B): on H200 it made chains
+    # of these GEMMs 5-25% slower, prefetch or not, with the successor launched right after the wait
+    # (bench/results/kernels_linear_pdl_NVIDIA-H200_2026-11-22.csv). PDL_LAUNCH_FRAC delays that signal to a
+    # fraction of the K steps; EVICT_W loads weights evict-first (both untimed).
+    exp = _linear_pdl_experiment()
+    if exp:
+        config = {**config, **exp}
     pdl = pdl_launch(x.device) if config.get("PDL", False) else {"PDL": False}
+    frac = float(config.get("PDL_LAUNCH_FRAC", 0.0))
+    launch_at = int(frac * triton.cdiv(k_per_split, bk)) if frac > 0 else -1
     # two BLOCK_K steps of 128-byte lines (the pipeline's first stages); 0 = no prefetch
     pf = min(triton.cdiv(k_per_split, bk), 2) * bk * w.element_size() // 128 if pdl["PDL"] else 0
     pf = int(config.get("PF_LINES", pf))
@@ -401,9 +415,34 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
         x.stride(0), w.stride(0), out.stride(0), res.stride(0),
         split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_SPLIT=split > 1, USE_DOT=use_dot,
         EVEN_K=(K % k_per_split == 0), SWIGLU=(activation == "swiglu"), HAS_RES=residual is not None,
-        IEEE=(x.dtype == torch.float32), PF_LINES=pf,
+        IEEE=(x.dtype == torch.float32), PF_LINES=pf, LAUNCH_AT=launch_at, EVICT_W=bool(config.get("EVICT_W", False)),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl,
     )
+    return out
+
+
+def _linear_pdl_experiment() -> dict:
+    """FUSEDLIS_LINEAR_PDL="<launch fraction>[,evict][,pf=<lines>]": turn PDL on for every `linear` call with
+    the successor launched after that fraction of each program's K steps (0: right after the wait), weights
+    evict-first with "evict", and `pf` L2 prefetch lines; for decode A/B runs. Unset: {}."""
+    raw = os.environ.get("FUSEDLIS_LINEAR_PDL", "").strip()
+    if not raw:
+        return {}
+    out: dict = {"PDL": True}
+    for i, part in enumerate(p.strip() for p in raw.split(",")):
+        try:
+            if i == 0:
+                out["PDL_LAUNCH_FRAC"] = float(part)
+            elif part == "evict":
+                out["EVICT_W"] = True
+            elif part.startswith("pf="):
+                out["PF_LINES"] = int(part[3:])
+            else:
+                raise ValueError(part)
+        except ValueError:
+            raise ValueError(f"FUSEDLIS_LINEAR_PDL={raw!r}: expected '<launch fraction>[,evict][,pf=<lines>]'") from None
+    if not 0.0 <= out["PDL_LAUNCH_FRAC"] <= 1.0:
+        raise ValueError(f"FUSEDLIS_LINEAR_PDL={raw!r}: the launch fraction must be in [0, 1]")
     return out
 
 
