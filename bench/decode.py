@@ -199,9 +199,11 @@ def free_memory() -> None:
 
 
 # Mode suffixes that build the same engine with an experiment switched on (environment set while it is built and
-# its CUDA graphs captured): "-rope" = RoPE inside decode attention; "-lpdl" = programmatic dependent launch for
-# every `linear` (FUSEDLIS_LINEAR_PDL, value from $FUSEDLIS_LINEAR_PDL_AB, default "0.5,evict").
-EXPERIMENTS = {"-rope": "FUSEDLIS_FUSE_ROPE", "-lpdl": "FUSEDLIS_LINEAR_PDL"}
+# its CUDA graphs captured): suffix -> (variable, value on (overridable through <variable>_AB), value off).
+# "-rope": RoPE inside decode attention; "-lpdl": programmatic dependent launch for every `linear`; "-fpdl":
+# the same for the fused GEMM + all-reduce kernel.
+EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "0"), "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""),
+               "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:
@@ -219,9 +221,8 @@ def split_variant(mode: str) -> tuple[str, str]:
 def experiment_env(mode: str) -> dict[str, str]:
     """The environment an engine of `mode` is built with for the experiment switches (all of them, on or off)."""
     _, suffix = split_variant(mode)
-    on = {sfx for sfx in EXPERIMENTS if sfx in suffix}
-    return {"FUSEDLIS_FUSE_ROPE": "1" if "-rope" in on else "0",
-            "FUSEDLIS_LINEAR_PDL": os.environ.get("FUSEDLIS_LINEAR_PDL_AB", "0.5,evict") if "-lpdl" in on else ""}
+    return {var: (os.environ.get(var + "_AB", on) if sfx in suffix else off)
+            for sfx, (var, on, off) in EXPERIMENTS.items()}
 
 
 def fusedlis_variants(modes: list[str], tp: int, nvrar_nodes: list[int]) -> list[tuple[str, str, str | None]]:
@@ -618,7 +619,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "auto-unfusednorm = auto with the RMSNorm after each all-reduce unfused; "
                          "<mode>-rope = that mode with rope fused into decode attention (FUSEDLIS_FUSE_ROPE=1); "
                          "<mode>-lpdl = with PDL for every linear (FUSEDLIS_LINEAR_PDL=$FUSEDLIS_LINEAR_PDL_AB, "
-                         "default 0.5,evict); suffixes combine (fused-rope-lpdl); "
+                         "default 0.5,evict); <mode>-fpdl = PDL for the fused GEMM + all-reduce (FUSEDLIS_FUSED_PDL, "
+                         "default 1,pf=4); suffixes combine (fused-rope-lpdl-fpdl); "
                          "'none' for transformers only")
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")

@@ -316,9 +316,9 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
             # bench/decode.py's experiment suffixes: "-rope" (rope inside decode attention: one kernel fewer per
-            # layer), "-lpdl" (PDL for the GEMMs: no term in the model)
+            # layer), "-lpdl" / "-fpdl" (PDL for the GEMMs: no term in the model)
             base, rope = system, False
-            while base.endswith(("-rope", "-lpdl")):
+            while base.endswith(("-rope", "-lpdl", "-fpdl")):
                 rope |= base.endswith("-rope")
                 base = base[: -len("-rope")]
             if base not in _DECODE_SYSTEMS:

@@ -246,15 +246,19 @@ sig.update({"table_ptr": "*i64", "seq_ptr": "*i32", "err_ptr": "*i32"})
 for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "M_CAP", "NC_CAP", "NC"):
     sig[n] = "i32"
 sig.update({"eps": "fp32", "budget": "i64", "n_gemm": "i32", "n_fin": "i32"})
-for one_shot, rounds, use_dot, split in ((True, 0, False, 1), (False, 1, True, 4)):
+for one_shot, rounds, use_dot, split, pdl in ((True, 0, False, 1, False), (False, 1, True, 4, False),
+                                              (True, 0, True, 2, True)):
     c = dict(MAXP=8, LOCAL=2, LOCAL_P2=2, ROUNDS=rounds, ONE_SHOT=one_shot, PART=tl.bfloat16,
              BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split, LS_P2=2 * split,
              USE_DOT=use_dot, EVEN_K=True, IEEE=False,
              HAS_RES=True, HAS_NORM=True, BLOCK_C=128, NC_P2=16, DO_GEMM=True, DO_FINISH=True,
-             W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True)
+             W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True, PDL=pdl, PF_LINES=4 if pdl else 0)
     src = ASTSource(fn=la._linear_allreduce_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
+    # PDL (opt-in): wait on the previous grid, let the next one launch, L2 prefetch of weights before the wait
+    assert (("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+             and "prefetch.global.L2" in ptx) == pdl), pdl
     assert "ld.volatile" in ptx, "LL partials must be polled with volatile loads"
     if rounds:  # inter-node rounds and two-shot all-gather: flags with system-scope acquire / release
         assert "fence.acq_rel.sys" in ptx and "atom" in ptx and "nanosleep" in ptx, "missing sync instructions"
@@ -335,3 +339,24 @@ def test_norm_picks_and_search_space(monkeypatch):
     assert {c["SPLIT_K"] for c in space} == {2, 4, 8}
     assert all({k: v for k, v in c.items() if k not in ("BLOCK_C", "SPLIT_K")}
                == {k: v for k, v in space[0].items() if k not in ("BLOCK_C", "SPLIT_K")} for c in space)
+
+
+def test_fused_pdl_experiment_knob(monkeypatch):
+    """FUSEDLIS_FUSED_PDL parses into the launch config; on a CPU the launch stays plain and exact."""
+    monkeypatch.delenv("FUSEDLIS_FUSED_PDL", raising=False)
+    assert la._fused_pdl_experiment() == {}
+    monkeypatch.setenv("FUSEDLIS_FUSED_PDL", "0")
+    assert la._fused_pdl_experiment() == {}
+    monkeypatch.setenv("FUSEDLIS_FUSED_PDL", "1,pf=8")
+    assert la._fused_pdl_experiment() == {"PDL": True, "PF_LINES": 8}
+    for bad in ("2", "1,pf=3", "1,x"):
+        monkeypatch.setenv("FUSEDLIS_FUSED_PDL", bad)
+        with pytest.raises(ValueError, match="FUSEDLIS_FUSED_PDL"):
+            la._fused_pdl_experiment()
+    monkeypatch.setenv("FUSEDLIS_FUSED_PDL", "1")
+    ws = la.FusedAllReduceWorkspace.simulate(1, 1, 4, 256)[0]
+    gen = torch.Generator().manual_seed(8)
+    xs, wts, r, nw = _inputs(1, 3, 256, 48, torch.float32, True, False, gen)
+    got = la.linear_allreduce(xs[0], wts[0], ws, r, None, out=torch.full((3, 256), float("nan")))
+    ws.check()
+    _check([got], xs, wts, r, None, torch.float32)

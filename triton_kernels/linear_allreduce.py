@@ -50,6 +50,7 @@ _MIN_SPLIT_ROOM = 8  # rows of partials a (parity, source) slot holds at least: 
 
 
 from fusedlis.comm.kernels import _clock, _ll_encode, _spent, uses_gpu_clock, wait_budget
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_l2
 
 try:  # one exception type for every communication timeout of the package
     from fusedlis.comm.symmetric import CommTimeoutError
@@ -359,6 +360,20 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
                         tl.store(out_ptr + row0 + dcols, h, mask=cm)
 
 
+@triton.jit
+def _prefetch_w(pid, w_ptr, M, N, K, K_PER_SPLIT, stride_wn, BM: tl.constexpr, BN: tl.constexpr,
+                PF_LINES: tl.constexpr):
+    """L2 prefetch of the first PF_LINES 128-byte lines of each weight row of GEMM program `pid`'s tile."""
+    MB = tl.cdiv(M, BM)
+    tiles = MB * tl.cdiv(N, BN)
+    ks = pid // tiles
+    nt = (pid % tiles) // MB
+    LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    rows = tl.minimum(nt * BN + tl.arange(0, BN), N - 1).to(tl.int64)
+    cols = tl.minimum(ks * K_PER_SPLIT + tl.arange(0, PF_LINES) * LINE, K - 1)
+    prefetch_l2(w_ptr + rows[:, None] * stride_wn + cols[None, :])
+
+
 # M = 1 must not become a constant (M is converted with .to()); LOCAL_RANK likewise
 @triton.jit(do_not_specialize=["M", "LOCAL_RANK"])
 def _linear_allreduce_kernel(
@@ -371,20 +386,29 @@ def _linear_allreduce_kernel(
     USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
     NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
-    W_END: tl.constexpr, FENCE: tl.constexpr, BUMP: tl.constexpr,
+    W_END: tl.constexpr, FENCE: tl.constexpr, BUMP: tl.constexpr, PDL: tl.constexpr = False,
+    PF_LINES: tl.constexpr = 0,
 ):
     # GEMM programs never wait, and they come first in the grid, so the (spinning) finish programs are
     # dispatched after every GEMM program already holds an SM: no deadlock with in-order block dispatch.
     pid = tl.program_id(0)
+    if PF_LINES > 0 and DO_GEMM:
+        if pid < n_gemm:  # the weights do not depend on the previous kernel: pull the first lines into L2
+            _prefetch_w(pid, w_ptr, M, N, K, K_PER_SPLIT, stride_wn, BM, BN, PF_LINES)
+    # PDL: everything below, the step number included, waits for the previous kernel (a previous call of this
+    # kernel bumps the step at its very end); a sender is then still at most one call ahead of its peers.
+    pdl_wait(PDL, False)
     seq = tl.load(seq_ptr)
     parity = seq & 1
     if DO_GEMM and pid < n_gemm:
         _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
                    LOCAL_RANK, shard_n, MN_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, SPLIT, USE_DOT,
                    EVEN_K, IEEE)
+        pdl_launch_dependents(PDL)  # after this program's weight stream
     if DO_FINISH:
         fid = pid - n_gemm if DO_GEMM else pid
         if fid >= 0:
+            pdl_launch_dependents(PDL)
             _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
                     M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, budget,
                     MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT, LS_P2,
@@ -830,6 +854,9 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     n_total = (n_gemm if gemm else 0) + n_fin
     if bump and not finish:
         raise ValueError("the step counter is advanced by finish programs: bump needs finish")
+    # PDL (opt-in, untimed: config "PDL" or FUSEDLIS_FUSED_PDL): launched while the previous kernel drains, the
+    # GEMM programs prefetch PF_LINES weight lines, then every program waits for it before anything else
+    pdl = pdl_launch(x.device) if cfg.get("PDL", False) and uses_gpu_clock(x.device) else {"PDL": False}
     _linear_allreduce_kernel[(n_total,)](
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
@@ -841,7 +868,8 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
         HAS_RES=residual is not None, HAS_NORM=norm_weight is not None, BLOCK_C=cfg["BLOCK_C"],
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
         FENCE=uses_gpu_clock(x.device), BUMP=bump,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PF_LINES=int(cfg.get("PF_LINES", 0)) if pdl["PDL"] and gemm else 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
 
 
@@ -850,6 +878,7 @@ def _pick_config(M, N, K, ws, dtype, one_shot, config, norm=False):
     if not config and ws.device.type != "cuda" and dtype == torch.bfloat16 and M <= 4:
         # the interpreter cannot do a bf16 tl.dot (triton#11584): GEMV variant
         cfg.update(USE_DOT=False, BM=_pow2(M), BK=max(32, 256 // _pow2(M)))
+    cfg.update(_fused_pdl_experiment())
     if config:
         cfg.update(config)
         if "BLOCK_C" not in config:
@@ -862,6 +891,28 @@ def _pick_config(M, N, K, ws, dtype, one_shot, config, norm=False):
     if cfg["BLOCK_C"] % cfg["BN"] or cfg["BLOCK_C"] < _MIN_BLOCK_C:
         raise ValueError(f"BLOCK_C={cfg['BLOCK_C']} must be a multiple of BN={cfg['BN']} and >= {_MIN_BLOCK_C}")
     return cfg
+
+
+def _fused_pdl_experiment() -> dict:
+    """FUSEDLIS_FUSED_PDL="1[,pf=<lines>]": programmatic dependent launch for every call, with `pf` weight
+    lines prefetched into L2 per row before the wait (default 4); for decode A/B runs. Unset or "0": {}."""
+    raw = os.environ.get("FUSEDLIS_FUSED_PDL", "").strip()
+    if raw in ("", "0"):
+        return {}
+    parts = [p.strip() for p in raw.split(",")]
+    out = {"PDL": True, "PF_LINES": 4}
+    try:
+        if parts[0] != "1":
+            raise ValueError(parts[0])
+        for part in parts[1:]:
+            if not part.startswith("pf="):
+                raise ValueError(part)
+            out["PF_LINES"] = int(part[3:])
+    except ValueError:
+        raise ValueError(f"FUSEDLIS_FUSED_PDL={raw!r}: expected '1[,pf=<lines>]' or '0'") from None
+    if out["PF_LINES"] < 0 or out["PF_LINES"] & (out["PF_LINES"] - 1):
+        raise ValueError(f"FUSEDLIS_FUSED_PDL={raw!r}: pf must be 0 or a power of two")
+    return out
 
 
 def _fit_split(M: int, N: int, K: int, cfg: dict, layout: _Layout) -> int:
