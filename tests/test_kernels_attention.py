@@ -93,11 +93,15 @@ def test_decode_attention_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,Hkv,group,S", [(1, 8, 4, 2048), (4, 4, 4, 1000), (8, 1, 8, 4096), (3, 2, 5, 333)])
-def test_decode_attention_gpu_bf16(B, Hkv, group, S):
+@pytest.mark.parametrize("B,Hkv,group,S,rope", [(1, 8, 4, 2048, False), (4, 4, 4, 1000, False), (8, 1, 8, 4096, False),
+                                                (3, 2, 5, 333, False), (1, 4, 4, 2048, True), (8, 4, 4, 4096, True),
+                                                (3, 2, 5, 333, True), (64, 1, 8, 600, True)])
+def test_decode_attention_gpu_bf16(B, Hkv, group, S, rope):
+    """bf16 on the GPU, the default and the first configs of the search space; `rope`: with the fused rope."""
     key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
+    case = run_rope_case if rope else run_case
     for cfg in [None] + decode_attention_configs(key)[:5]:
-        assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg
+        assert case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg
 
 
 @pytest.mark.gpu
@@ -177,10 +181,3 @@ def test_decode_attention_rope_bad_inputs():
     with pytest.raises(ValueError, match="v_new"):
         decode_attention(q, kc, kc, lens, 0.25, rope=(kn, kn.half(), cos, cos))
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,Hkv,group,S", [(1, 4, 4, 2048), (8, 4, 4, 4096), (3, 2, 5, 333), (64, 1, 8, 600)])
-def test_decode_attention_with_rope_gpu_bf16(B, Hkv, group, S):
-    key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
-    for cfg in [None] + decode_attention_configs(key)[:3]:
-        assert run_rope_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg
