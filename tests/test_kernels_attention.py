@@ -180,4 +180,3 @@ def test_decode_attention_rope_bad_inputs():
         decode_attention(q, kc, kc, lens, 0.25, rope=(kn, kn, cos[:, :4], cos[:, :4]))
     with pytest.raises(ValueError, match="v_new"):
         decode_attention(q, kc, kc, lens, 0.25, rope=(kn, kn.half(), cos, cos))
-
