@@ -65,3 +65,12 @@ def prefetch_l2(ptrs):
     """Ask L2 to fetch the lines holding `ptrs` (a tensor of valid addresses, ideally one per 128-byte line)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_weight_lines(w_ptr, rows, k_lo, K, stride_w, PF_LINES: tl.constexpr):
+    """L2 prefetch of the first PF_LINES 128-byte lines from column `k_lo` of each weight row in `rows` (int64,
+    already clamped to the matrix): what a GEMM program can fetch before its `pdl_wait`."""
+    LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    cols = tl.minimum(k_lo + tl.arange(0, PF_LINES) * LINE, K - 1)
+    prefetch_l2(w_ptr + rows[:, None] * stride_w + cols[None, :])

@@ -25,22 +25,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _swap_halves(x_ptr, offs_d, mask, D: tl.constexpr):
-    """x[(d + D/2) % D] as two affine masked loads (a modulo in the address defeats 16-byte vector loads)."""
-    HALF: tl.constexpr = D // 2
-    lo = offs_d < HALF
-    a = tl.load(x_ptr + offs_d + HALF, mask=mask & lo, other=0.0)
-    b = tl.load(x_ptr + offs_d - HALF, mask=mask & (offs_d >= HALF), other=0.0)
-    return tl.where(lo, a, b).to(tl.float32)
-
-
-@triton.jit
-def _spread_half(t_ptr, offs_d, mask, D: tl.constexpr):
-    """A [D/2] table row read over [D] offsets: entry d % (D/2) (two affine loads, as `_swap_halves`)."""
-    HALF: tl.constexpr = D // 2
-    lo = offs_d < HALF
-    a = tl.load(t_ptr + offs_d, mask=mask & lo, other=0.0)
-    b = tl.load(t_ptr + offs_d - HALF, mask=mask & (offs_d >= HALF), other=0.0)
+def _by_half(p, offs_d, mask, LO: tl.constexpr, HI: tl.constexpr, D: tl.constexpr):
+    """fp32 p[d + LO] for d < D/2 and p[d + HI] above, as two affine masked loads (a modulo or a select in the
+    address defeats 16-byte vector loads). (D/2, -D/2): x[(d + D/2) % D]; (0, -D/2): a [D/2] table row spread
+    over [D], entry d % (D/2)."""
+    lo = offs_d < D // 2
+    a = tl.load(p + offs_d + LO, mask=mask & lo, other=0.0)
+    b = tl.load(p + offs_d + HI, mask=mask & (offs_d >= D // 2), other=0.0)
     return tl.where(lo, a, b).to(tl.float32)
 
 
@@ -50,7 +41,7 @@ def _rotate_half_full(x_ptr, offs_d, mask, cos, sin, D: tl.constexpr):
     rotate_half(x)[d] = -x[d + D/2] (d < D/2) or x[d - D/2]; cos / sin are already spread over [D]."""
     HALF: tl.constexpr = D // 2
     x = tl.load(x_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
-    xs = _swap_halves(x_ptr, offs_d, mask, D)
+    xs = _by_half(x_ptr, offs_d, mask, HALF, -HALF, D)
     return x * cos + tl.where(offs_d < HALF, -xs, xs) * sin
 
 
@@ -83,8 +74,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, 
         # split holding that position write the token's rotated k and raw v into the cache before reading it
         # (the rope kernel's work, without its launch).
         tok = seq_len - 1
-        cos = _spread_half(cos_ptr + tok.to(tl.int64) * stride_cos, offs_d, mask_d, D)
-        sin = _spread_half(sin_ptr + tok.to(tl.int64) * stride_cos, offs_d, mask_d, D)
+        cos = _by_half(cos_ptr + tok.to(tl.int64) * stride_cos, offs_d, mask_d, 0, -(D // 2), D)
+        sin = _by_half(sin_ptr + tok.to(tl.int64) * stride_cos, offs_d, mask_d, 0, -(D // 2), D)
         qm = mask_g[:, None] & mask_d[None, :]
         q = _rotate_half_full(q_rows, offs_d[None, :], qm, cos[None, :], sin[None, :], D)
         q = q.to(q_ptr.dtype.element_ty)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fusedlis import tuning
-from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_l2
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_weight_lines
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -60,12 +60,10 @@ def _linear_kernel(
     if PF_LINES > 0:
         # The weights do not depend on the previous kernel: start pulling this program's first tiles into L2
         # while that kernel drains (PDL), one prefetch per 128-byte line.
-        LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
         pf_n = tl.minimum(offs_n, N - 1).to(tl.int64)
-        pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * LINE, K - 1)
-        prefetch_l2(w_ptr + pf_n[:, None] * stride_wn + pf_k[None, :])
+        prefetch_weight_lines(w_ptr, pf_n, k_lo, K, stride_wn, PF_LINES)
         if SWIGLU:
-            prefetch_l2(w_ptr + (pf_n + N)[:, None] * stride_wn + pf_k[None, :])
+            prefetch_weight_lines(w_ptr, pf_n + N, k_lo, K, stride_wn, PF_LINES)
     # LAUNCH_AT >= 0: let the next kernel launch only at that K step of this program, not right after the wait
     pdl_wait(PDL, LAUNCH_AT < 0)
     W_EVICT: tl.constexpr = "evict_first" if EVICT_W else ""  # weights are read once: keep L2 for activations

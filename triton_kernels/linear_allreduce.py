@@ -50,7 +50,7 @@ _MIN_SPLIT_ROOM = 8  # rows of partials a (parity, source) slot holds at least: 
 
 
 from fusedlis.comm.kernels import _clock, _ll_encode, _spent, uses_gpu_clock, wait_budget
-from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_l2
+from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_weight_lines
 
 try:  # one exception type for every communication timeout of the package
     from fusedlis.comm.symmetric import CommTimeoutError
@@ -368,10 +368,8 @@ def _prefetch_w(pid, w_ptr, M, N, K, K_PER_SPLIT, stride_wn, BM: tl.constexpr, B
     tiles = MB * tl.cdiv(N, BN)
     ks = pid // tiles
     nt = (pid % tiles) // MB
-    LINE: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
     rows = tl.minimum(nt * BN + tl.arange(0, BN), N - 1).to(tl.int64)
-    cols = tl.minimum(ks * K_PER_SPLIT + tl.arange(0, PF_LINES) * LINE, K - 1)
-    prefetch_l2(w_ptr + rows[:, None] * stride_wn + cols[None, :])
+    prefetch_weight_lines(w_ptr, rows, ks * K_PER_SPLIT, K, stride_wn, PF_LINES)
 
 
 # M = 1 must not become a constant (M is converted with .to()); LOCAL_RANK likewise
