@@ -651,9 +651,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.nvrar_node_list = [int(n) for n in args.nvrar_nodes.split(",") if n]
     args.ref_steps = args.ref_steps or args.steps
     args.hf_compile = None if args.hf_compile in ("none", "eager", "") else args.hf_compile
-    bad = [m for m in args.mode_list if split_variant(m)[0] not in (
-        "torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm", "one_shot", "two_shot")
-        or (split_variant(m)[0] == "torch" and split_variant(m)[1])]
+    modes = ("torch", "nccl", "nvrar", "fused", "auto", "auto-unfusednorm", "one_shot", "two_shot")
+    bad = [m for m, (base, sfx) in ((m, split_variant(m)) for m in args.mode_list)
+           if base not in modes or (base == "torch" and sfx)]
     if bad:
         ap.error(f"unknown modes {bad}")
     if args.rounds < 1:
@@ -746,6 +746,16 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.barrier()
 
+        def steps_of(mode: str) -> int:
+            return args.ref_steps if mode == "torch" else args.steps
+
+        def emit_timed(mode: str, label: str, eng, B: int, ctx: int, times: list[float]) -> None:
+            row = make_row(model_name, tp, label, B, ctx, steps_of(mode), statistics.median(times), floor_ms,
+                           0 if mode == "torch" else engine_fuses_norm(eng, B))
+            if args.rounds > 1:
+                row["round_ms"] = ";".join(f"{t:.4f}" for t in times)
+            emit(row)
+
         variants = fusedlis_variants(args.mode_list, tp, args.nvrar_node_list)
         if args.rounds > 1:
             # Every engine stays built and the rounds alternate between them, so a slow spell of the machine
@@ -756,25 +766,18 @@ def main(argv: list[str] | None = None) -> int:
                     per: dict[str, list[float]] = {label: [] for _, label, _ in engines}
                     for _ in range(args.rounds):
                         for mode, label, eng in engines:
-                            steps = args.ref_steps if mode == "torch" else args.steps
-                            per[label].append(time_engine(eng, B, ctx, steps))
+                            per[label].append(time_engine(eng, B, ctx, steps_of(mode)))
                     for mode, label, eng in engines:
-                        steps = args.ref_steps if mode == "torch" else args.steps
-                        row = make_row(model_name, tp, label, B, ctx, steps, statistics.median(per[label]), floor_ms,
-                                       0 if mode == "torch" else engine_fuses_norm(eng, B))
-                        row["round_ms"] = ";".join(f"{t:.4f}" for t in per[label])
-                        emit(row)
+                        emit_timed(mode, label, eng, B, ctx, per[label])
             eng = None
             engines.clear()
             released()
         else:
-            for mode, label, gpn in variants:
+            for mode, label, gpn in variants:  # one engine at a time (a 70B engine fills most of a GPU)
                 eng = build(mode, label, gpn)
-                steps = args.ref_steps if mode == "torch" else args.steps
                 for B in args.batches:
                     for ctx in args.contexts:
-                        emit(make_row(model_name, tp, label, B, ctx, steps, time_engine(eng, B, ctx, steps), floor_ms,
-                                      0 if mode == "torch" else engine_fuses_norm(eng, B)))
+                        emit_timed(mode, label, eng, B, ctx, [time_engine(eng, B, ctx, steps_of(mode))])
                 del eng
                 released()
         os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
