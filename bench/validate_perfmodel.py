@@ -46,6 +46,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import split_variant  # noqa: E402  (bench/decode.py: its mode suffixes)
 from fusedlis.perfmodel import collectives as coll
 from fusedlis.perfmodel.calibrate import fit_gemm, fit_link, fit_overlap, profile_from_measurements
 from fusedlis.perfmodel.cli import parse_size
@@ -316,11 +318,9 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
             # bench/decode.py's experiment suffixes: "-rope" (rope inside decode attention: one kernel fewer per
-            # layer), "-lpdl" / "-fpdl" (PDL for the GEMMs: no term in the model)
-            base, rope = system, False
-            while base.endswith(("-rope", "-lpdl", "-fpdl")):
-                rope |= base.endswith("-rope")
-                base = base[: -len("-rope")]
+            # layer), the PDL ones (no term in the model)
+            base, suffix = split_variant(system)
+            rope = "-rope" in suffix
             if base not in _DECODE_SYSTEMS:
                 continue
             mode, nodes = _DECODE_SYSTEMS[base]
@@ -457,14 +457,14 @@ def validate_decode(hw: Hardware, paths: list[str], fit_tp: int | None = None,
             if len(pool) >= 3:
                 per_file[path] = fit_decode(hw, pool)
     out = []
-    for r, algo, nodes, meas, shape, lay in cases:
+    for case in cases:
+        r, algo, nodes, meas, shape, lay = case
         h = per_file.get(r["_file"], hw)
         st = step_time(shape, lay, _decode_hw(h, lay.tp, nodes), **_decode_kw(r, algo))
-        if r["_file"] in per_file:
-            role = "fit" if any(id(c) in fit_ids for c in cases if c[0] is r) else "held-out"
+        if r["_file"] not in per_file and fit_tp is None:
+            role = "profile"
         else:
-            role = "profile" if fit_tp is None else ("fit" if any(id(c) in fit_ids for c in cases if c[0] is r)
-                                                      else "held-out")
+            role = "fit" if id(case) in fit_ids else "held-out"
         out.append({"what": "decode", "impl": r["system"] + (" +norm" if r["_fuse"] == "1" else ""),
                     "model": (("fused(measured)+" if "fused_linear_allreduce" in st.detail else "") + algo
                               if lay.tp > 1 else "-"), "gpus": lay.tp,
