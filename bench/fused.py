@@ -321,15 +321,16 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
     table = {}
     for s, K, N, M, vname, us in rows:
         table.setdefault((s, M), {})[vname] = us
-    timed_unfused = sorted({v for (_, _, _, _, v, us) in rows if not v.startswith("fused_") and "norm" not in v
-                            and "only" not in v and "same_config" not in v})
+    def unfused_pair(name: str) -> bool:  # GEMM + all-reduce as two kernels (not fused, no norm, not a part alone)
+        return not name.startswith("fused_") and "norm" not in name and "only" not in name and "same_config" not in name
+
+    timed_unfused = sorted({v for (_, _, _, _, v, _) in rows if unfused_pair(v)})
     lines = [meta, f"# best_unfused is the fastest of the unfused pairs timed in this run: {', '.join(timed_unfused)}",
              "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
              "norm_extra_us ll_ar_norm_extra_us ar_then_triton_norm_extra_us"]
     for (s, M), d in table.items():
         fused = min(d.get(k, float("inf")) for k in ("fused_one_shot", "fused_two_shot", "fused_auto"))
-        unf = {k: v for k, v in d.items() if not k.startswith("fused_") and "norm" not in k and "only" not in k
-               and "same_config" not in k and v == v}
+        unf = {k: v for k, v in d.items() if unfused_pair(k) and v == v}
         best = min(unf, key=unf.get) if unf else None
         nccl = d.get("cublas+nccl", float("nan"))
         extra = d.get("fused_auto+res+norm", float("nan")) - d.get("fused_auto", float("nan"))
