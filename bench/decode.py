@@ -203,7 +203,7 @@ def free_memory() -> None:
 # "-rope": RoPE inside decode attention; "-lpdl": programmatic dependent launch for every `linear`; "-fpdl":
 # the same for the fused GEMM + all-reduce kernel.
 EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "0"), "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""),
-               "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0")}
+               "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"), "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:

@@ -31,7 +31,8 @@
 # FUSEDLIS_SOURCE_COMMIT=<hash> (written literally in the device command: the device's .git is stale) goes into
 #    the decode CSV headers instead of the copy's commit
 # DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
-# Example, the experiments prepared on 2026-11-22 (rope in attention, PDL for linear and for the fused kernel):
+# Example, the experiments prepared on 2026-11-22 (rope in attention, one-launch attention, PDL for linear and for the
+# fused kernel):
 #     PARTS=G,D D_MODES=nccl,fused,fused-rope,fused-lpdl,fused-fpdl,fused-rope-lpdl-fpdl D_BATCH=1,8 D_CTX=512 \
 #       D_ROUNDS=3 DTAG=8b-exp OUT=dir bash bench/gpu_norm_engine.sh
 set -uo pipefail

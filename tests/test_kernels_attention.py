@@ -69,6 +69,22 @@ def test_decode_attention_fused_reduce_counters_reset():
         assert mod._COUNTERS and all(int(c.abs().sum()) == 0 for c in mod._COUNTERS.values())
 
 
+def test_decode_attention_one_launch_env(monkeypatch):
+    # FUSEDLIS_ATTN_ONE_LAUNCH=1: an untuned call merges in the main kernel, so the reduce kernel must not run.
+    mod = importlib.import_module("fusedlis.triton_kernels.decode_attention")
+
+    class NoReduce:
+        def __getitem__(self, grid):
+            raise AssertionError("second launch with FUSEDLIS_ATTN_ONE_LAUNCH=1")
+
+    monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "1")
+    monkeypatch.setattr(mod, "_decode_attention_reduce_kernel", NoReduce())
+    assert run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True) < 1e-5
+    monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "0")
+    with pytest.raises(AssertionError, match="second launch"):
+        run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True)
+
+
 def test_decode_attention_configs():
     key = decode_attention_key(8, 16, 4, 128, 4096, torch.bfloat16)
     cfgs = decode_attention_configs(key)

@@ -13,6 +13,8 @@ lies past a sequence's length exit after writing an empty partial.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -214,6 +216,11 @@ def decode_attention_configs(key: dict) -> list[dict]:
     return out
 
 
+def _one_launch_requested() -> bool:
+    """FUSEDLIS_ATTN_ONE_LAUNCH=1: untuned calls merge their splits in the main kernel (splits capped at 32)."""
+    return os.environ.get("FUSEDLIS_ATTN_ONE_LAUNCH", "0").strip().lower() in ("1", "on", "true", "yes")
+
+
 _PARTIALS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -288,6 +295,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             key["sms"] = torch.cuda.get_device_properties(q.device).multi_processor_count \
                 if q.device.type == "cuda" else 132
             config = decode_attention_default_config(key)
+            if _one_launch_requested():
+                config = dict(config, NUM_SPLITS=min(32, int(config["NUM_SPLITS"])), FUSED_REDUCE=True)
     block_n = int(config["BLOCK_N"])
     splits = max(1, min(int(config["NUM_SPLITS"]), triton.cdiv(S, block_n)))
     split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
