@@ -91,11 +91,12 @@ def kv_bytes_per_gpu(cfg: LlamaConfig, tp: int, batch: int, seq: int) -> int:
 
 
 def make_row(model: str, tp: int, system: str, batch: int, context: int, steps: int, ms: float,
-             floor_ms: float, fuse_norm: int = 0) -> dict:
-    """One CSV row. fuse_norm: 1 if each all-reduce of a decode step ran fused with the residual add + RMSNorm."""
+             floor_ms: float, fuse_norm: int = 0, fuse_rope: int = 0) -> dict:
+    """One CSV row. fuse_norm: 1 if each all-reduce of a decode step ran fused with the residual add + RMSNorm;
+    fuse_rope: 1 if the decode step ran RoPE + the KV-cache write inside decode attention."""
     return dict(model=model, tp=tp, system=system, batch=batch, context=context, steps=steps,
                 ms_per_token=round(ms, 4), floor_ms=round(floor_ms, 4), ratio_to_floor=round(ms / floor_ms, 3),
-                fuse_norm=fuse_norm)
+                fuse_norm=fuse_norm, fuse_rope=fuse_rope)
 
 
 def engine_fuses_norm(eng, batch: int) -> int:
@@ -200,10 +201,13 @@ def free_memory() -> None:
 
 # Mode suffixes that build the same engine with an experiment switched on (environment set while it is built and
 # its CUDA graphs captured): suffix -> (variable, value on (overridable through <variable>_AB), value off).
-# "-rope": RoPE inside decode attention; "-lpdl": programmatic dependent launch for every `linear`; "-fpdl":
-# the same for the fused GEMM + all-reduce kernel.
-EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "0"), "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""),
-               "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"), "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0")}
+# "-norope": RoPE as its own kernel instead of inside decode attention (the default since 2026-11-22 10:15);
+# "-rope": rope inside attention (the default now; the suffix of files measured before that);
+# "-lpdl": programmatic dependent launch for every `linear`; "-fpdl": the same for the fused GEMM + all-reduce
+# kernel; "-ared": decode attention merges its splits in the main kernel (one launch instead of two).
+EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "1"), "-norope": ("FUSEDLIS_FUSE_ROPE", "0", "1"),
+               "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""), "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"),
+               "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:
@@ -221,8 +225,12 @@ def split_variant(mode: str) -> tuple[str, str]:
 def experiment_env(mode: str) -> dict[str, str]:
     """The environment an engine of `mode` is built with for the experiment switches (all of them, on or off)."""
     _, suffix = split_variant(mode)
-    return {var: (os.environ.get(var + "_AB", on) if sfx in suffix else off)
-            for sfx, (var, on, off) in EXPERIMENTS.items()}
+    present = suffix.split("-")[1:]
+    env = {var: off for var, _, off in EXPERIMENTS.values()}  # suffixes sharing a variable share its default
+    for sfx, (var, on, _) in EXPERIMENTS.items():
+        if sfx[1:] in present:
+            env[var] = os.environ.get(var + "_AB", on)
+    return env
 
 
 def fusedlis_variants(modes: list[str], tp: int, nvrar_nodes: list[int]) -> list[tuple[str, str, str | None]]:
@@ -617,10 +625,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", default="torch,nccl,nvrar,fused",
                     help="torch = eager torch reference + NCCL; nccl/nvrar/fused/auto = fusedlis engine all-reduce; "
                          "auto-unfusednorm = auto with the RMSNorm after each all-reduce unfused; "
-                         "<mode>-rope = that mode with rope fused into decode attention (FUSEDLIS_FUSE_ROPE=1); "
+                         "<mode>-norope = that mode with rope as its own kernel, not inside decode attention "
+                         "(FUSEDLIS_FUSE_ROPE=0); <mode>-ared = decode attention in one launch "
+                         "(FUSEDLIS_ATTN_ONE_LAUNCH=1); "
                          "<mode>-lpdl = with PDL for every linear (FUSEDLIS_LINEAR_PDL=$FUSEDLIS_LINEAR_PDL_AB, "
                          "default 0.5,evict); <mode>-fpdl = PDL for the fused GEMM + all-reduce (FUSEDLIS_FUSED_PDL, "
-                         "default 1,pf=4); suffixes combine (fused-rope-lpdl-fpdl); "
+                         "default 1,pf=4); suffixes combine (fused-norope-lpdl-fpdl); "
                          "'none' for transformers only")
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")
@@ -751,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def emit_timed(mode: str, label: str, eng, B: int, ctx: int, times: list[float]) -> None:
             row = make_row(model_name, tp, label, B, ctx, steps_of(mode), statistics.median(times), floor_ms,
-                           0 if mode == "torch" else engine_fuses_norm(eng, B))
+                           0 if mode == "torch" else engine_fuses_norm(eng, B),
+                           int(bool(getattr(eng.model.ops, "fuse_rope", False))))
             if args.rounds > 1:
                 row["round_ms"] = ";".join(f"{t:.4f}" for t in times)
             emit(row)

@@ -38,7 +38,7 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G
 export PYTHONUNBUFFERED=1
-START=$(date +%s); BUDGET_S=${BUDGET_S:-560}; PARTS=${PARTS:-T,F,D,E}; DTAG=${DTAG:-8b-s3}
+START=$(date +%s); BUDGET_S=${BUDGET_S:-560}; PARTS=${PARTS:-T,F,D,E}; DTAG=${DTAG:-8b-s3}; B_BATCH=${B_BATCH:-1}
 OUTD=${OUT:-/tmp/gpu_norm_out}; mkdir -p "$OUTD"; R=$(mktemp -d); LOG="$OUTD/gpu_norm_engine_log.txt"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.log, tail to stdout
@@ -148,8 +148,13 @@ PY
     tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .
   fi
   want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
-  want B && TAIL=60 step breakdown_8b 120 torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
-    --models llama-3.1-8b --modes auto,nccl,fused --batch 1 --context 512 --steps 30 --breakdown --tag "$DTAG-profiled"
+  if want B; then  # B_BATCH=1,8: one profiled run per batch size (the profile covers the first batch only)
+    for bb in ${B_BATCH//,/ }; do
+      TAIL=60 step breakdown_8b_b$bb ${B_CAP:-120} torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
+        --models llama-3.1-8b --modes "${B_MODES:-auto,nccl,fused}" --batch "$bb" --context 512 --steps 30 --breakdown \
+        --tag "$DTAG-profiled-b$bb"
+    done
+  fi
   echo "== total $(( $(date +%s) - START )) s"
 } 2>&1 | tee "$LOG"
 cp "$R"/fused_*_summary.txt "$OUTD/" 2>/dev/null

@@ -52,6 +52,7 @@ from fusedlis.perfmodel import collectives as coll
 from fusedlis.perfmodel.calibrate import fit_gemm, fit_link, fit_overlap, profile_from_measurements
 from fusedlis.perfmodel.cli import parse_size
 from fusedlis.perfmodel.hardware import Hardware, Link, get_hardware, save_profile
+from fusedlis.perfmodel.step import ROPE_KERNELS_PER_LAYER
 
 _ALIASES = {
     "bytes": ("bytes", "size_bytes", "nbytes", "size", "message_bytes"),
@@ -317,10 +318,11 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
         profiled = _file_profiled(path)
         for r in reader:
             system = r.get("system", "fusedlis-nccl")
-            # bench/decode.py's experiment suffixes: "-rope" (rope inside decode attention: one kernel fewer per
-            # layer), the PDL ones (no term in the model)
+            # rope inside decode attention (one kernel fewer per layer): the fuse_rope column, or in files
+            # without it bench/decode.py's "-rope" suffix; the PDL suffixes have no term in the model
             base, suffix = split_variant(system)
-            rope = "-rope" in suffix
+            rope = (r.get("fuse_rope") or "").strip() == "1" if (r.get("fuse_rope") or "").strip() \
+                else "-rope" in suffix
             if base not in _DECODE_SYSTEMS:
                 continue
             mode, nodes = _DECODE_SYSTEMS[base]
@@ -337,7 +339,7 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             proto = (r.get("protocol") or "").strip().lower()
             ll = proto == "ll" if proto in ("ll", "flag") else file_ll
             r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
-            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = (str(seq_k - int(rope)), build, str(int(profiled)),
+            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = (str(seq_k + (0 if rope else ROPE_KERNELS_PER_LAYER)), build, str(int(profiled)),
                                                                   when)
             algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))

@@ -297,12 +297,14 @@ def test_validate_decode_rows(tmp_path):
     lines = ["# device=fake", "model,tp,system,batch,context,ms_per_token,floor_ms,ratio_to_floor"]
     # no dated header: the flag protocol and an engine with 2 seq_lens kernels per layer; fused -> one-shot
     # (flag); the engine gathers logits through NCCL
-    from fusedlis.perfmodel.step import SEQ_LENS_KERNELS_PER_LAYER
+    # and (no fuse_rope column, no "-rope" suffix) a rope kernel of its own
+    from fusedlis.perfmodel.step import ROPE_KERNELS_PER_LAYER, SEQ_LENS_KERNELS_PER_LAYER
 
     for system, algo in (("fusedlis-nccl", "nccl"), ("fusedlis-fused", "oneshot"), ("torch-eager-nccl", "nccl")):
         for b in (1, 32):
             t = step_time(shape, Layout(2, 1), hw.with_(gpus_per_node=2), batch=b, context=512, prefill=False,
-                          allreduce=algo, allgather="nccl", extra_layer_kernels=SEQ_LENS_KERNELS_PER_LAYER).total
+                          allreduce=algo, allgather="nccl",
+                          extra_layer_kernels=SEQ_LENS_KERNELS_PER_LAYER + ROPE_KERNELS_PER_LAYER).total
             lines.append(f"llama-3.1-8b,2,{system},{b},512,{t * 1e3 * 1.25},1,1")
     f.write_text("\n".join(lines) + "\n")
     prefix = str(tmp_path / "d")
@@ -386,13 +388,13 @@ def test_validate_decode_fit_on_tp1_predicts_tp2(tmp_path):
     base = get_hardware("h200-ndr").with_(peak_flops=1e30)
     truth = base.with_(kernel_overhead=7e-6, hbm_bw=4.0e12, gemm_flop_rate=0.0, gemm_row_latency=0.2e-6)
     shape = model_shape("llama-3.1-8b")
-    lines = ["# fake date=2026-11-22T06:00", "model,tp,system,batch,context,ms_per_token"]
+    lines = ["# fake date=2026-11-22T06:00", "model,tp,system,batch,context,ms_per_token,fuse_rope"]
     for tp in (1, 2):
         for b in (1, 8, 64):
             for ctx in (512, 4096):
                 t = step_time(shape, Layout(tp, 1), truth.with_(gpus_per_node=tp), batch=b, context=ctx,
                               prefill=False, allreduce="nccl").total
-                lines.append(f"llama-3.1-8b,{tp},fusedlis-nccl,{b},{ctx},{t * 1e3}")
+                lines.append(f"llama-3.1-8b,{tp},fusedlis-nccl,{b},{ctx},{t * 1e3},1")
     f = tmp_path / "decode_tp.csv"
     f.write_text("\n".join(lines) + "\n")
     prof = tmp_path / "p.json"
@@ -424,12 +426,12 @@ def test_validate_decode_tp_fit_takes_the_newest_file(tmp_path):
     paths = []
     for name, date, ovh in (("old", "2026-11-22T04:00", 20e-6), ("new", "2026-11-22T09:00", 7e-6)):
         truth = base.with_(kernel_overhead=ovh, hbm_bw=4.0e12, gemm_flop_rate=0.0, gemm_row_latency=0.2e-6)
-        lines = [f"# fake date={date}", "model,tp,system,batch,context,ms_per_token"]
+        lines = [f"# fake date={date}", "model,tp,system,batch,context,ms_per_token,fuse_rope"]
         for b in (1, 8, 64):
             for ctx in (512, 4096):
                 t = step_time(shape, Layout(1, 1), truth.with_(gpus_per_node=1), batch=b, context=ctx,
                               prefill=False, allreduce="nccl").total
-                lines.append(f"llama-3.1-8b,1,fusedlis-nccl,{b},{ctx},{t * 1e3}")
+                lines.append(f"llama-3.1-8b,1,fusedlis-nccl,{b},{ctx},{t * 1e3},1")
         f = tmp_path / f"decode_tp1_{name}.csv"
         f.write_text("\n".join(lines) + "\n")
         paths.append(str(f))
@@ -544,8 +546,8 @@ def _validate_module():
 
 
 def test_validate_decode_rope_rows_count_one_kernel_fewer(tmp_path):
-    """bench/decode.py's '<mode>-rope' systems (rope inside decode attention) are modelled as their mode with
-    one kernel launch fewer per layer."""
+    """Rope inside decode attention (the fuse_rope column; in older files, bench/decode.py's '<mode>-rope'
+    systems) is modelled as the mode with one kernel launch fewer per layer than the rope kernel's builds."""
     mod = _validate_module()
     hw = get_hardware("h200-ndr").with_(kernel_overhead=3e-6)
     f = tmp_path / "decode_tp2.csv"
@@ -554,11 +556,18 @@ def test_validate_decode_rope_rows_count_one_kernel_fewer(tmp_path):
                  "llama-3.1-8b,2,fusedlis-nccl-rope-lpdl,1,512,3.1,0\n")
     cases = {c[0]["system"]: c for c in mod._decode_cases(hw, [str(f)])}
     assert set(cases) == {"fusedlis-nccl", "fusedlis-nccl-rope", "fusedlis-nccl-rope-lpdl"}
-    assert cases["fusedlis-nccl-rope"][1] == "nccl" and cases["fusedlis-nccl-rope-lpdl"][0]["_seqk"] == "-1"
+    assert cases["fusedlis-nccl-rope"][1] == "nccl" and cases["fusedlis-nccl-rope-lpdl"][0]["_seqk"] == "0"
+    assert cases["fusedlis-nccl"][0]["_seqk"] == "1"
     rows, _ = mod.validate_decode(hw, [str(f)])
     pred = {r["impl"]: r["predicted_us"] for r in rows}
     layers = 32
     assert pred["fusedlis-nccl"] - pred["fusedlis-nccl-rope"] == pytest.approx(layers * 3.0, rel=1e-6)
+    # files with the column: it decides, whatever the suffix
+    f.write_text("# device=fake date=2026-11-23T10:00\nmodel,tp,system,batch,context,ms_per_token,fuse_norm,"
+                 "fuse_rope\nllama-3.1-8b,2,fusedlis-nccl,1,512,3.3,0,1\n"
+                 "llama-3.1-8b,2,fusedlis-nccl-norope,1,512,3.2,0,0\n")
+    cases = {c[0]["system"]: c for c in mod._decode_cases(hw, [str(f)])}
+    assert cases["fusedlis-nccl"][0]["_seqk"] == "0" and cases["fusedlis-nccl-norope"][0]["_seqk"] == "1"
 
 
 def test_validate_decode_uses_ll_algorithm_and_fuse_norm_column(tmp_path):
@@ -571,10 +580,10 @@ def test_validate_decode_uses_ll_algorithm_and_fuse_norm_column(tmp_path):
     hw = get_hardware("h200-ndr").with_(intra=get_hardware("h200-ndr").intra.with_algo("oneshot_ll", 2e-6, 1 / 400e9))
     shape = model_shape("llama-3.1-8b")
     f = tmp_path / "decode_tp2.csv"
-    lines = ["# device=fake date=2026-11-23T10:00", "model,tp,system,batch,context,ms_per_token,fuse_norm"]
+    lines = ["# device=fake date=2026-11-23T10:00", "model,tp,system,batch,context,ms_per_token,fuse_norm,fuse_rope"]
     for system, fuse in (("fusedlis-auto", 1), ("fusedlis-auto-unfusednorm", 0), ("fusedlis-nccl", 0)):
-        lines.append(f"llama-3.1-8b,2,{system},8,512,5.0,{fuse}")
-    lines.append("llama-3.1-8b,2,fusedlis-nvrar-2node,8,512,5.0,0")
+        lines.append(f"llama-3.1-8b,2,{system},8,512,5.0,{fuse},1")
+    lines.append("llama-3.1-8b,2,fusedlis-nvrar-2node,8,512,5.0,0,1")
     f.write_text("\n".join(lines) + "\n")
     cases = mod._decode_cases(hw, [str(f)])
     algos = {c[0]["system"]: c[1] for c in cases}
@@ -592,8 +601,8 @@ def test_validate_decode_uses_ll_algorithm_and_fuse_norm_column(tmp_path):
     assert pred["fusedlis-auto-unfusednorm"] == pytest.approx(off * 1e6)
     assert on < off
     # the same rows in a flag-era file (dated before the LL kernels) run the flag kernels
-    f.write_text("\n".join(["# date=2026-11-22T02:50", lines[1].replace(",fuse_norm", "")]
-                           + [ln.rsplit(",", 1)[0] for ln in lines[2:]]) + "\n")
+    f.write_text("\n".join(["# date=2026-11-22T02:50", lines[1].replace(",fuse_norm,fuse_rope", "")]
+                           + [ln.rsplit(",", 2)[0] for ln in lines[2:]]) + "\n")
     assert {c[0]["system"]: c[1] for c in mod._decode_cases(hw, [str(f)])}["fusedlis-auto"] == "oneshot"
 
 

@@ -28,11 +28,13 @@ from fusedlis.perfmodel import collectives as coll
 from fusedlis.perfmodel.hardware import Hardware
 from fusedlis.perfmodel.volume import Layout, ModelShape, Volume, step_volume
 
-# rmsnorm, qkv GEMM, rope+cache write, attention (split over the context) + its reduce, o GEMM (+all-reduce),
-# rmsnorm, gate_up+SwiGLU, down (+AR): what the fusedlis engine launches per layer in a decode step (per-kernel
-# profile of bench/decode.py --breakdown, 2xH200 run 05:47: _decode_attention_kernel and
-# _decode_attention_reduce_kernel once per layer each)
-KERNELS_PER_LAYER = 9
+# rmsnorm, qkv GEMM, attention with rope + cache write (split over the context) + its reduce, o GEMM
+# (+all-reduce), rmsnorm, gate_up+SwiGLU, down (+AR): what the fusedlis engine launches per layer in a decode
+# step (per-kernel profile of bench/decode.py --breakdown, 2xH200 run 05:47: _decode_attention_kernel and
+# _decode_attention_reduce_kernel once per layer each). Builds before 2026-11-22T10:15, and FUSEDLIS_FUSE_ROPE=0,
+# also launch ROPE_KERNELS_PER_LAYER rope kernel per layer (pass it as extra_layer_kernels).
+KERNELS_PER_LAYER = 8
+ROPE_KERNELS_PER_LAYER = 1
 # engine builds before 2026-11-22T05:38 (f19d74e) also ran 2 torch kernels per layer for the sequence lengths
 SEQ_LENS_KERNELS_PER_LAYER = 2
 # embedding, final rmsnorm, lm_head GEMM, sampling
@@ -140,7 +142,7 @@ def layer_compute(shape: ModelShape, hw: Hardware, tp: int, tokens: int, batch: 
         t += _kernel(hw, batch * context * kv_width * b + 2 * batch * hq * hd * b, flops)
     if not fuse_norm:
         t += FUSED_NORMS_PER_LAYER * _kernel(hw, 2 * tokens * h * b, 0)  # two rmsnorms
-    t += _kernel(hw, tokens * (hq + 2 * hkv) * hd * b * 2, 0)  # rope + cache write
+    t += _kernel(hw, tokens * (hq + 2 * hkv) * hd * b * 2, 0)  # rope + cache write (bytes; no launch of its own)
     return t
 
 
