@@ -1,6 +1,7 @@
-"""GPU correctness of the fusedlis all-reduce kernels on 2 GPUs, as 1 node x 2 and as 2 logical nodes x 1.
+"""GPU correctness of the fusedlis all-reduce kernels on 2 GPUs, as 1 node x 2 and as 2 logical nodes x 1; on 4
+GPUs also as 1 x 4, 4 x 1 and 2 logical nodes x 2 (NVRAR with all three stages).
 
-pytest launches this file under torchrun (2 processes); it can also be run directly:
+pytest launches this file under torchrun (2 processes, and 4 where 4 GPUs exist); it can also be run directly:
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
   python -m torch.distributed.run --nproc-per-node 2 tests/test_comm_gpu.py [--replays 10000]
 """
@@ -27,6 +28,19 @@ def test_gpu_allreduce_two_gpus():
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", __file__,
                         "--replays", "2000"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "ALL GPU CHECKS PASSED" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_gpu_allreduce_four_gpus():
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               NVSHMEM_SYMMETRIC_SIZE=os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "5G"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", __file__,
+                        "--replays", "2000"], env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
     assert "ALL GPU CHECKS PASSED" in r.stdout
 
@@ -58,7 +72,10 @@ def main() -> None:
 
     # The 16 communicators below need about 1.2 GiB per 2 ranks of the node (2.36 GiB at 4 ranks: a 2 GiB
     # workspace ran out on 4xH200, 07:59); NVSHMEM_SYMMETRIC_SIZE must cover this.
-    ws = SymmetricWorkspace(max(2 << 30, (5 << 30) * world // 8), flag_words=1 << 15, provider=args.provider)
+    # 2 logical nodes of world/2 GPUs (world >= 4) add 4 more communicators: 7 GiB per 8 ranks then.
+    hier = world >= 4 and world % 2 == 0
+    ws = SymmetricWorkspace(max(2 << 30, ((7 if hier else 5) << 30) * world // 8), flag_words=1 << 15,
+                            provider=args.provider)
     log(f"workspace provider={ws.provider} reachable={ws.reachable}")
     variants = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -75,6 +92,14 @@ def main() -> None:
              "nvrar"),
             ("2x1 nvrar_ll", DeviceAllReduce(ws, me, dtype, Topology(world, 1)), "nvrar_ll"),
         ]
+        if hier:  # NVRAR's full shape: intra-node reduce-scatter, recursive doubling across 2 nodes, all-gather
+            variants[dtype] += [
+                (f"2x{world // 2} nvrar", DeviceAllReduce(ws, me, dtype, Topology(world, world // 2), ll_max_elems=0),
+                 "nvrar"),
+                (f"2x{world // 2} nvrar_ll", DeviceAllReduce(ws, me, dtype, Topology(world, world // 2)), "nvrar_ll"),
+            ]
+    # the names say 1 node x all GPUs ("1x2") and 1 GPU per node ("2x1") whatever the world size
+    log(f"world {world}: '1x2' = 1 node x {world} GPUs, '2x1' = {world} nodes x 1 GPU")
     log("transports (rail, one-shot): " + ", ".join(f"{n}={a.transport},{a.one_shot_transport}"
                                                   for n, a, _ in variants[torch.bfloat16]))
     g = torch.Generator(device="cuda").manual_seed(1234 + rank)
@@ -128,7 +153,8 @@ def main() -> None:
         del graph
         return worst.item()
 
-    for name, ar, alg in [variants[torch.bfloat16][i] for i in ((0, 1, 2, 3, 4, 5, 7) if sweep else ())]:
+    graph_idx = (0, 1, 2, 3, 4, 5, 7) + ((8, 9) if hier else ())
+    for name, ar, alg in [variants[torch.bfloat16][i] for i in (graph_idx if sweep else ())]:
         n = (1 << 20) // 2 + 3
         x = torch.empty(n, dtype=torch.bfloat16, device="cuda")
 
