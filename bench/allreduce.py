@@ -30,6 +30,11 @@ from fusedlis.perfmodel.timing import time_graph as _shared_time_graph
 SIZES = [8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
 
 
+# always timed (the summary divides by them)
+SUMMARY_REFS = ("nccl", "torch_symm_one_shot", "torch_symm_two_shot", "fusedlis_auto", "fusedlis_auto_2x1",
+                "fusedlis_auto_2x2")
+
+
 def time_graph(fn, calls: int, replays: int) -> float:
     """Median µs per call: `calls` calls captured in one graph, each replay timed with events after a barrier.
 
@@ -49,6 +54,9 @@ def main() -> None:
                          "trimmed mean (fusedlis.perfmodel.timing.capture_center: one capture of a small NCCL "
                          "all-reduce is a sample of one latency mode)")
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    ap.add_argument("--variants", default="",
+                    help="comma-separated fusedlis_* device variants to time (default: all); nccl, torch symmetric "
+                         "memory and the fusedlis_auto* front ends always run")
     ap.add_argument("--provider", default="auto", help="symmetric memory: auto | nvshmem | torch")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -84,6 +92,16 @@ def main() -> None:
         ours["fusedlis_nvrar_2x1_ptr"] = (dar(t21, transport="ptr"), "nvrar")
     ours["fusedlis_nvrar_2x1_ll"] = (dar(t21, ll_max_elems=maxn), "nvrar_ll")
     ours["fusedlis_nvrar_2x1_ll_t1k"] = (dar(t21, ll_max_elems=maxn, block=1024, num_warps=4), "nvrar_ll")
+    # 2 logical nodes of world/2 GPUs (world >= 4): NVRAR's three stages (reduce-scatter, recursive doubling
+    # between the nodes, all-gather)
+    t22 = Topology(world, world // 2) if world >= 4 and world % 2 == 0 else None
+    if t22 is not None:
+        ours["fusedlis_nvrar_2x2"] = (dar(t22), "nvrar")
+        ours["fusedlis_nvrar_2x2_ll"] = (dar(t22, ll_max_elems=maxn), "nvrar_ll")
+        auto22 = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t22)
+    if args.variants:
+        keep = set(args.variants.split(","))
+        ours = {k: v for k, v in ours.items() if k in keep}
     auto21 = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t21)
     auto = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t12)
     if hasattr(symm_mem, "set_backend"):
@@ -120,8 +138,12 @@ def main() -> None:
             "fusedlis_auto": lambda x=x, out=out: auto(x, out=out),
             "fusedlis_auto_2x1": lambda x=x, out=out: auto21(x, out=out),
         }
+        if t22 is not None:
+            variants["fusedlis_auto_2x2"] = lambda x=x, out=out: auto22(x, out=out)
         for name, (ar, alg) in ours.items():
             variants[name] = (lambda ar=ar, alg=alg, x=x, out=out: ar(x, out=out, algorithm=alg))
+        if args.variants:  # the summary's references always run
+            variants = {k: v for k, v in variants.items() if k in keep or k in SUMMARY_REFS}
         for name, fn in variants.items():
             # correctness of this variant at this size (fresh input, poisoned output)
             if name.startswith("fusedlis"):
@@ -184,11 +206,16 @@ def write(rows: list[dict], out_dir: str) -> None:
         a = by.get(("fusedlis_auto", b))
         intra = min(v for (k, bb), v in by.items() if bb == b and k.startswith(("fusedlis_one_shot",
                                                                                  "fusedlis_two_shot")))
-        nv = min(v for (k, bb), v in by.items() if bb == b and k.startswith("fusedlis_nvrar_2x1"))
+        nv = min((v for (k, bb), v in by.items() if bb == b and k.startswith("fusedlis_nvrar_2x1")),
+                 default=float("nan"))
         a21 = by.get(("fusedlis_auto_2x1", b), float("nan"))
-        lines.append(f"{b:>8} B auto {a:7.2f} us | /nccl {a / by[('nccl', b)]:.2f} | /symm2shot "
-                     f"{a / by[('torch_symm_two_shot', b)]:.2f} | nvrar2x1/best-intra {nv / intra:.2f} | "
-                     f"auto2x1 {a21:.2f} us /best-intra {a21 / intra:.2f}")
+        line = (f"{b:>8} B auto {a:7.2f} us | /nccl {a / by[('nccl', b)]:.2f} | /symm2shot "
+                f"{a / by[('torch_symm_two_shot', b)]:.2f} | nvrar2x1/best-intra {nv / intra:.2f} | "
+                f"auto2x1 {a21:.2f} us /best-intra {a21 / intra:.2f}")
+        a22 = by.get(("fusedlis_auto_2x2", b))
+        if a22 is not None:
+            line += f" | auto2x2 {a22:.2f} us /nccl {a22 / by[('nccl', b)]:.2f}"
+        lines.append(line)
     print("\n".join(lines))
     with open(stem + "_summary.txt", "w") as f:
         f.write(" ".join(f"{k}={v}" for k, v in meta.items()) + "\n" + "\n".join(lines) + "\n")
