@@ -70,11 +70,11 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     dtype = torch.bfloat16
     maxn = max(sizes) // 2
-    ws = SymmetricWorkspace(1 << 30, flag_words=1 << 15, provider=args.provider)
+    ws = SymmetricWorkspace((1 << 30) * max(1, world // 2), flag_words=1 << 15, provider=args.provider)
     t12, t21 = Topology(world, world), Topology(world, 1)
-    def dar(topo, **kw):
+    def dar(topo, **kw):  # built after the --variants filter (each takes workspace)
         kw.setdefault("ll_max_elems", 0)  # LL slots only where an LL variant uses them (workspace size)
-        return DeviceAllReduce(ws, maxn, dtype, topo, **kw)
+        return lambda: DeviceAllReduce(ws, maxn, dtype, topo, **kw)
 
     ours = {
         "fusedlis_one_shot": (dar(t12), "one_shot"),
@@ -99,9 +99,8 @@ def main() -> None:
         ours["fusedlis_nvrar_2x2"] = (dar(t22), "nvrar")
         ours["fusedlis_nvrar_2x2_ll"] = (dar(t22, ll_max_elems=maxn), "nvrar_ll")
         auto22 = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t22)
-    if args.variants:
-        keep = set(args.variants.split(","))
-        ours = {k: v for k, v in ours.items() if k in keep}
+    keep = set(args.variants.split(",")) if args.variants else set(ours)
+    ours = {k: (make(), alg) for k, (make, alg) in ours.items() if k in keep}
     auto21 = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t21)
     auto = AllReduce(dtype=dtype, max_bytes=max(sizes), workspace=ws, topology=t12)
     if hasattr(symm_mem, "set_backend"):
