@@ -66,7 +66,8 @@ def test_variants():
     assert decode.parse_args(["--modes", "nccl-lpdl,auto-unfusednorm-rope"]).mode_list == [
         "nccl-lpdl", "auto-unfusednorm-rope"]
     assert decode.experiment_env("nccl") == {"FUSEDLIS_FUSE_ROPE": "1", "FUSEDLIS_LINEAR_PDL": "",
-                                             "FUSEDLIS_FUSED_PDL": "0", "FUSEDLIS_ATTN_ONE_LAUNCH": "0"}
+                                             "FUSEDLIS_FUSED_PDL": "0", "FUSEDLIS_ATTN_ONE_LAUNCH": "0",
+                                             "FUSEDLIS_ATTN_MAX_SPLITS": ""}
     # rope inside attention is the default; "-norope" is the A/B against the rope kernel
     assert decode.split_variant("fused-norope-lpdl") == ("fused", "-norope-lpdl")
     assert decode.experiment_env("fused-norope-lpdl")["FUSEDLIS_FUSE_ROPE"] == "0"

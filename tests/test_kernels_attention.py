@@ -27,11 +27,13 @@ def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False, fr
         kc[b, :, int(lens[b]):] = float("nan")
         vc[b, :, int(lens[b]):] = float("nan")
     scale = D ** -0.5
+    out = torch.full_like(q, float("nan"))  # an element the kernel does not write stays NaN
     if from_positions:  # the engine's form: a strided int64 column of positions, length = position + 1
         pos = torch.stack([lens.long() - 1, torch.full_like(lens.long(), -7)], dim=1)
-        o = decode_attention(q, kc, vc, pos[:, 0], scale, config=cfg, lens_offset=1)
+        o = decode_attention(q, kc, vc, pos[:, 0], scale, config=cfg, lens_offset=1, out=out)
     else:
-        o = decode_attention(q, kc, vc, lens, scale, config=cfg)
+        o = decode_attention(q, kc, vc, lens, scale, config=cfg, out=out)
+    assert o.data_ptr() == out.data_ptr()
     ref = decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale)
     assert not torch.isnan(o).any()
     return ((o.double() - ref).norm() / ref.norm()).item()
@@ -85,6 +87,24 @@ def test_decode_attention_one_launch_env(monkeypatch):
         run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True)
 
 
+def test_decode_attention_max_splits_env_one_split_is_one_launch(monkeypatch):
+    # FUSEDLIS_ATTN_MAX_SPLITS=1: the single split writes the output itself; no reduce launch, no partials.
+    mod = importlib.import_module("fusedlis.triton_kernels.decode_attention")
+
+    class NoReduce:
+        def __getitem__(self, grid):
+            raise AssertionError("reduce launched for a single split")
+
+    monkeypatch.setenv("FUSEDLIS_ATTN_MAX_SPLITS", "1")
+    monkeypatch.setattr(mod, "_decode_attention_reduce_kernel", NoReduce())
+    for seed, (B, Hkv, group, S) in enumerate(((1, 2, 2, 300), (3, 1, 4, 77), (2, 3, 1, 129))):
+        assert run_case(B, Hkv, group, 16, S, torch.float32, None, seed=seed) < 1e-5
+        assert run_case(B, Hkv, group, 16, S, torch.float16, None, seed=seed) < 2e-3
+    monkeypatch.setenv("FUSEDLIS_ATTN_MAX_SPLITS", "2")
+    with pytest.raises(AssertionError, match="reduce launched"):
+        run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True)
+
+
 def test_decode_attention_configs():
     key = decode_attention_key(8, 16, 4, 128, 4096, torch.bfloat16)
     cfgs = decode_attention_configs(key)
@@ -106,6 +126,9 @@ def test_decode_attention_bad_inputs():
         decode_attention(q.half(), kc, kc, lens, 0.25)
     with pytest.raises(ValueError, match="contiguous"):
         decode_attention(q, kc.transpose(2, 3).contiguous().transpose(2, 3), kc, lens, 0.25)
+    for bad_out in (torch.empty(2, 4, 8), q.half(), q.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :16]):
+        with pytest.raises(ValueError, match="out must be"):
+            decode_attention(q, kc, kc, lens, 0.25, out=bad_out)
 
 
 @pytest.mark.gpu
@@ -116,7 +139,8 @@ def test_decode_attention_gpu_bf16(B, Hkv, group, S, rope):
     """bf16 on the GPU, the default and the first configs of the search space; `rope`: with the fused rope."""
     key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
     case = run_rope_case if rope else run_case
-    for cfg in [None] + decode_attention_configs(key)[:5]:
+    one_split = {"NUM_SPLITS": 1, "BLOCK_N": 64, "num_warps": 4}  # the single-launch direct-write path
+    for cfg in [None, one_split] + decode_attention_configs(key)[:5]:
         assert case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S) < 1e-2, cfg
 
 
@@ -157,7 +181,9 @@ def run_rope_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, fused_red
     if fused_reduce:
         cfg = dict(cfg or {"NUM_SPLITS": 3, "BLOCK_N": 16}, FUSED_REDUCE=True)
     column = torch.stack([pos, torch.full_like(pos, -7)], dim=1).to(device)  # a strided positions column
-    o = decode_attention(q, kc, vc, column[:, 0], D ** -0.5, config=cfg, lens_offset=1, rope=(k_new, v_new, cos, sin))
+    out = torch.full_like(q, float("nan"))
+    o = decode_attention(q, kc, vc, column[:, 0], D ** -0.5, config=cfg, lens_offset=1, rope=(k_new, v_new, cos, sin),
+                         out=out)
     assert not torch.isnan(o).any()
     for b in range(B):  # the new token's row was written: rotated k, raw v
         p = int(pos[b])

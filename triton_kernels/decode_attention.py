@@ -54,7 +54,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, 
                              kn_ptr, vn_ptr, stride_nb, cos_ptr, sin_ptr, stride_cos,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                             BLOCK_S: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
+                             BLOCK_S: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
+                             DIRECT: tl.constexpr = False):
     pdl_wait(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -118,25 +119,30 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, 
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out_rows = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + out_rows, lse, mask=mask_g)
+    if DIRECT:
+        # one split covers the whole cache: its normalised output is the answer (no partials, no second launch)
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        out_rows = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(lse_ptr + out_rows, lse, mask=mask_g)
 
-    if FUSED_REDUCE:
-        # Last-arriving split of this (sequence, kv head) merges all splits of its q heads: one launch.
-        # Same protocol as linear's split-K fixup: barrier, release/acquire counter, .cg re-reads, reset.
-        tl.debug_barrier()
-        Hkv = tl.num_programs(1)
-        arrived = tl.atomic_add(cnt_ptr + b * Hkv + hkv, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_SPLITS - 1:
-            for g in range(GROUP):
-                head = hkv * GROUP + g
-                _merge_splits(o_ptr, lse_ptr, out_ptr, b, head, Hkv * GROUP, NUM_SPLITS, stride_ob, stride_oh,
-                              D, BLOCK_S, BLOCK_D)
-            tl.atomic_xchg(cnt_ptr + b * Hkv + hkv, 0)
+        if FUSED_REDUCE:
+            # Last-arriving split of this (sequence, kv head) merges all splits of its q heads: one launch.
+            # Same protocol as linear's split-K fixup: barrier, release/acquire counter, .cg re-reads, reset.
+            tl.debug_barrier()
+            Hkv = tl.num_programs(1)
+            arrived = tl.atomic_add(cnt_ptr + b * Hkv + hkv, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                for g in range(GROUP):
+                    head = hkv * GROUP + g
+                    _merge_splits(o_ptr, lse_ptr, out_ptr, b, head, Hkv * GROUP, NUM_SPLITS, stride_ob, stride_oh,
+                                  D, BLOCK_S, BLOCK_D)
+                tl.atomic_xchg(cnt_ptr + b * Hkv + hkv, 0)
 
 
 @triton.jit
@@ -216,6 +222,12 @@ def decode_attention_configs(key: dict) -> list[dict]:
     return out
 
 
+def _max_splits_requested() -> int:
+    """FUSEDLIS_ATTN_MAX_SPLITS=n: untuned calls split the cache at most n ways (1: one launch, no partials)."""
+    v = os.environ.get("FUSEDLIS_ATTN_MAX_SPLITS", "").strip()
+    return max(0, int(v)) if v.isdigit() else 0
+
+
 def _one_launch_requested() -> bool:
     """FUSEDLIS_ATTN_ONE_LAUNCH=1: untuned calls merge their splits in the main kernel (splits capped at 32)."""
     return os.environ.get("FUSEDLIS_ATTN_ONE_LAUNCH", "0").strip().lower() in ("1", "on", "true", "yes")
@@ -248,8 +260,8 @@ def _counters(device, n: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, *, config: dict | None = None, lens_offset: int = 0,
-                     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+                     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q[B, Hq, D] over cache positions `[0, seq_lens[b] + lens_offset)`; returns o[B, Hq, D].
 
     GQA: q head h reads kv head h // (Hq // Hkv). seq_lens is int32 or int64 [B], any stride (the decode step
@@ -262,6 +274,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [B, Hkv, D] are written into the caches at that position before they are read (one launch fewer per layer).
     cos / sin are the [P, D/2] tables of `fusedlis.model.rope.rope_tables`. Rows of q, k_new, v_new may be
     strided views (e.g. of a merged qkv output) with unit stride along D.
+    `out`: a [B, Hq, D] tensor of q's dtype and device with unit stride along D to write into (default: a new one).
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
         if not isinstance(t, torch.Tensor):
@@ -285,7 +298,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention: q needs unit stride along D; caches must be contiguous")
     if rope is not None:
         k_new, v_new, cos, sin = _check_rope_args(rope, q, k_cache)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+          or out.device != q.device or out.stride(2) != 1):
+        raise ValueError(f"decode_attention: out must be a [B, Hq, D] {q.dtype} tensor on {q.device} with unit "
+                         f"stride along D")
     if B == 0:
         return out
     if config is None:
@@ -297,6 +315,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             config = decode_attention_default_config(key)
             if _one_launch_requested():
                 config = dict(config, NUM_SPLITS=min(32, int(config["NUM_SPLITS"])), FUSED_REDUCE=True)
+            cap = _max_splits_requested()
+            if cap:
+                config = dict(config, NUM_SPLITS=min(cap, int(config["NUM_SPLITS"])))
     block_n = int(config["BLOCK_N"])
     splits = max(1, min(int(config["NUM_SPLITS"]), triton.cdiv(S, block_n)))
     split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
@@ -315,9 +336,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_new, v_new, k_new.stride(0), cos, sin, cos.stride(0),
         D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
         IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, BLOCK_S=triton.next_power_of_2(splits),
-        ROPE=rope is not None,
+        ROPE=rope is not None, DIRECT=splits == 1,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2), **pdl_launch(q.device))
-    if fused:
+    if fused or splits == 1:
         return out
     _decode_attention_reduce_kernel[(B, Hq)](
         o_part, lse, out, splits, out.stride(0), out.stride(1), Hq,
