@@ -71,37 +71,35 @@ def test_decode_attention_fused_reduce_counters_reset():
         assert mod._COUNTERS and all(int(c.abs().sum()) == 0 for c in mod._COUNTERS.values())
 
 
-def test_decode_attention_one_launch_env(monkeypatch):
-    # FUSEDLIS_ATTN_ONE_LAUNCH=1: an untuned call merges in the main kernel, so the reduce kernel must not run.
-    mod = importlib.import_module("fusedlis.triton_kernels.decode_attention")
-
+def _forbid_reduce_launch(monkeypatch):
+    """Make a launch of the split-merging second kernel fail the test."""
     class NoReduce:
         def __getitem__(self, grid):
-            raise AssertionError("second launch with FUSEDLIS_ATTN_ONE_LAUNCH=1")
+            raise AssertionError("reduce kernel launched")
 
-    monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "1")
+    mod = importlib.import_module("fusedlis.triton_kernels.decode_attention")
     monkeypatch.setattr(mod, "_decode_attention_reduce_kernel", NoReduce())
+
+
+def test_decode_attention_one_launch_env(monkeypatch):
+    # FUSEDLIS_ATTN_ONE_LAUNCH=1: an untuned call merges in the main kernel, so the reduce kernel must not run.
+    _forbid_reduce_launch(monkeypatch)
+    monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "1")
     assert run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True) < 1e-5
     monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "0")
-    with pytest.raises(AssertionError, match="second launch"):
+    with pytest.raises(AssertionError, match="reduce kernel launched"):
         run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True)
 
 
 def test_decode_attention_max_splits_env_one_split_is_one_launch(monkeypatch):
     # FUSEDLIS_ATTN_MAX_SPLITS=1: the single split writes the output itself; no reduce launch, no partials.
-    mod = importlib.import_module("fusedlis.triton_kernels.decode_attention")
-
-    class NoReduce:
-        def __getitem__(self, grid):
-            raise AssertionError("reduce launched for a single split")
-
+    _forbid_reduce_launch(monkeypatch)
     monkeypatch.setenv("FUSEDLIS_ATTN_MAX_SPLITS", "1")
-    monkeypatch.setattr(mod, "_decode_attention_reduce_kernel", NoReduce())
     for seed, (B, Hkv, group, S) in enumerate(((1, 2, 2, 300), (3, 1, 4, 77), (2, 3, 1, 129))):
         assert run_case(B, Hkv, group, 16, S, torch.float32, None, seed=seed) < 1e-5
         assert run_case(B, Hkv, group, 16, S, torch.float16, None, seed=seed) < 2e-3
     monkeypatch.setenv("FUSEDLIS_ATTN_MAX_SPLITS", "2")
-    with pytest.raises(AssertionError, match="reduce launched"):
+    with pytest.raises(AssertionError, match="reduce kernel launched"):
         run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True)
 
 

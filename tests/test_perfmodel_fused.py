@@ -282,8 +282,9 @@ def test_decode_fused_mode_uses_the_table_when_present():
         fused = step_time(LLAMA_8B, lay, h, fused_linear=True, **kw)
         per_layer = sum(h.fused_linear_time(2, k, n, b) for k, n in row_parallel_shapes(LLAMA_8B, 2))
         assert fused.detail["fused_linear_allreduce"] == pytest.approx(L * per_layer)
-        assert fused.overhead == pytest.approx(h.kernel_overhead * (L * 5 + KERNELS_PER_STEP))
-        assert kernels_per_step(L, fused_linear=True) == L * 5 + KERNELS_PER_STEP
+        # 8 kernels per layer, less the 2 RMSNorms (fused) and the 2 row-parallel GEMMs (in the fused calls)
+        assert fused.overhead == pytest.approx(h.kernel_overhead * (L * 4 + KERNELS_PER_STEP))
+        assert kernels_per_step(L, fused_linear=True) == L * 4 + KERNELS_PER_STEP
         hd, hq = LLAMA_8B.hidden_size, LLAMA_8B.num_attention_heads // 2
         gemms = sum(_gemm(h, (k * n + b * (k + n)) * 2, 2.0 * b * k * n, True, b)
                     for k, n in ((hq * LLAMA_8B.head_dim, hd), (LLAMA_8B.intermediate_size // 2, hd)))
@@ -345,8 +346,8 @@ def test_fused_step_monotone_in_batch_and_never_slower_with_more_hbm(us, b1, b2,
 def test_validate_decode_fused_rows_use_the_table(tmp_path):
     mod = _validate_module()
     f = tmp_path / "decode_tp2.csv"
-    f.write_text("# device=fake date=2026-11-23T10:00\nmodel,tp,system,batch,context,ms_per_token,fuse_norm\n"
-                 "llama-3.1-8b,2,fusedlis-fused,8,512,5.0,0\nllama-3.1-8b,2,fusedlis-nccl,8,512,5.0,0\n")
+    f.write_text("# device=fake date=2026-11-23T10:00\nmodel,tp,system,batch,context,ms_per_token,fuse_norm,fuse_rope\n"
+                 "llama-3.1-8b,2,fusedlis-fused,8,512,5.0,0,1\nllama-3.1-8b,2,fusedlis-nccl,8,512,5.0,0,1\n")
     hw = get_hardware("h200-ndr")
     old, _ = mod.validate_decode(hw, [str(f)])
     new, _ = mod.validate_decode(hw.with_(fused_linear_ar=_table()), [str(f)])

@@ -1,5 +1,6 @@
-"""torchrun worker: TP=2 engine with every allreduce mode vs the fp32 TP=1 reference (greedy, 32 steps).
+"""torchrun worker: TP=WORLD_SIZE engine with every allreduce mode vs the fp32 TP=1 reference (greedy, 32 steps).
 
+Logical node splits: 1 node, one node per GPU, and (4+ GPUs) 2 nodes of WORLD_SIZE/2 GPUs, NVRAR's full shape.
 Run: torchrun --nproc-per-node 2 tests/gpu/engine_tp_worker.py CKPT_DIR OUT_JSON
 Writes one result per mode to OUT_JSON on rank 0; exits non-zero on any mismatch.
 """
@@ -19,19 +20,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import fusedlis  # noqa: E402
 from tests.engine_check import check_against_reference  # noqa: E402
 
-MODES = [("nccl", None), ("auto", None), ("one_shot", None), ("two_shot", None), ("nvrar", "1"), ("fused", None),
-         ("fused", "1")]
+def modes(world: int) -> list[tuple[str, str | None]]:
+    """(allreduce mode, FUSEDLIS_GPUS_PER_NODE or None for one node) pairs to check at this world size."""
+    out = [("nccl", None), ("auto", None), ("one_shot", None), ("two_shot", None), ("nvrar", "1"), ("fused", None),
+           ("fused", "1")]
+    if world >= 4 and world % 2 == 0:
+        half = str(world // 2)
+        out += [("nvrar", half), ("auto", half), ("fused", half)]
+    return out
 
 
 def main() -> int:
     ckpt, out_json = sys.argv[1], sys.argv[2]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     results, failed = [], False
-    for mode, gpn in MODES:
+    for mode, gpn in modes(world):
         if gpn:
             os.environ["FUSEDLIS_GPUS_PER_NODE"] = gpn
         else:
             os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
-        entry = {"allreduce": mode, "gpus_per_node": int(gpn or 2)}
+        entry = {"allreduce": mode, "gpus_per_node": int(gpn or world)}
         try:
             eng = fusedlis.Engine.from_pretrained(ckpt, device="cuda", max_batch_size=4, max_seq_len=256,
                                                   allreduce=mode, progress=False)
