@@ -173,7 +173,8 @@ def main() -> None:
         rows.append({"bytes": nbytes, "variant": name, "us": round(us, 3),
                      "us_captures": ";".join(f"{t:.3f}" for t in ts), "rel_err": f"{err:.2e}",
                      "algorithm": auto.algorithm_for(nbytes) if name == "fusedlis_auto" else
-                     auto21.algorithm_for(nbytes) if name == "fusedlis_auto_2x1" else ""})
+                     auto21.algorithm_for(nbytes) if name == "fusedlis_auto_2x1" else
+                     auto22.algorithm_for(nbytes) if name == "fusedlis_auto_2x2" else ""})
         if rank == 0:
             print(f"{nbytes:>8} {name:<28} {us:8.2f} us  err {err:.1e}  captures {rows[-1]['us_captures']}",
                   flush=True)

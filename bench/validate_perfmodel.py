@@ -66,15 +66,20 @@ _IMPL_ALGO = {"nccl": "nccl", "one_shot": "oneshot", "oneshot": "oneshot", "two_
               "twoshot": "twoshot", "nvrar": "nvrar"}
 
 
-def _logical_nodes(low: str) -> int:
-    """N of an `<N>x1` tag in a variant name (`fusedlis_nvrar_2x1_ll`, `fusedlis_auto_2x1`), else 1."""
+def _logical_nodes(low: str, gpus: int = 2) -> int:
+    """Logical nodes of a variant name's `<N>x<G>` tag on `gpus` GPUs, else 1. bench/allreduce.py writes `2x1`
+    for one GPU per node whatever the world size (`fusedlis_nvrar_2x1_ll` on 4 GPUs is 4 nodes of 1) and
+    `2x<world/2>` for two nodes (`fusedlis_nvrar_2x2_ll`)."""
     import re
 
-    m = re.search(r"_(\d+)x1(?:_|$)", low)
-    return int(m.group(1)) if m else 1
+    m = re.search(r"_(\d+)x(\d+)(?:_|$)", low)
+    if not m:
+        return 1
+    per_node = int(m.group(2))
+    return gpus if per_node == 1 else max(1, gpus // per_node)
 
 
-def _algo_of(impl: str, algo: str | None) -> tuple[str, int]:
+def _algo_of(impl: str, algo: str | None, gpus: int = 2) -> tuple[str, int]:
     """(model algorithm, logical nodes) for a measured variant name such as bench/allreduce.py writes.
 
     `<N>x1` variants (`fusedlis_nvrar_2x1_*`, `fusedlis_auto_2x1`) run on N logical nodes of 1 GPU that talk
@@ -83,7 +88,7 @@ def _algo_of(impl: str, algo: str | None) -> tuple[str, int]:
     or an algorithm column `one_shot_ll`) map to the LL model of their algorithm (`oneshot_ll`, ...).
     """
     low = impl.lower()
-    nodes = _logical_nodes(low)
+    nodes = _logical_nodes(low, gpus)
     if algo:
         a = algo.lower()
         return ("twoshot" if a == "auto" else coll.resolve(_IMPL_ALGO.get(a, a))), nodes
@@ -108,6 +113,7 @@ def _get(row: dict[str, str], key: str, path: str, required: bool = True) -> str
 def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(all-reduce rows, gemm rows) normalised from CSVs of calibrate --raw, bench/allreduce.py or gpu-facts."""
     ars, gemms = [], []
+    skipped: dict[str, str] = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
@@ -120,17 +126,29 @@ def read_rows(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
                 if r.get("mode", "graph") != "graph":
                     continue  # eager timings include host launch gaps the model does not describe
                 impl = _get(r, "impl", path)
-                algo, logical = _algo_of(impl, _get(r, "algo", path, required=False))
                 gpus = _get(r, "gpus", path, required=False)
                 if gpus is None:  # bench/allreduce.py: device column like "2xH200"
                     dev = r.get("device", "")
                     if "x" not in dev or not dev.split("x", 1)[0].isdigit():
                         raise SystemExit(f"{path}: no gpus/world_size column and no device like '2xH200'")
                     gpus = dev.split("x", 1)[0]
+                col = _get(r, "algo", path, required=False)
+                if col is None and "_auto_" in impl.lower():
+                    # a front end whose per-size choice the file did not record (bench/allreduce.py before
+                    # 2026-11-22 11:10 for fusedlis_auto_2x2): nothing to model it by
+                    skipped[f"{Path(path).name}:{impl}"] = "no algorithm recorded per size"
+                    continue
+                algo, logical = _algo_of(impl, col, int(gpus))
+                if 1 < logical < int(gpus):
+                    # several nodes of several GPUs: two link classes, which one (alpha, beta) fit cannot separate
+                    skipped[f"{Path(path).name}:{impl}"] = f"{logical} nodes x {int(gpus) // logical} GPUs"
+                    continue
                 ars.append({"source": Path(path).stem, "impl": impl, "variant": impl, "algo": coll.resolve(algo),
                             "gpus": int(gpus),
                             "nodes": int(_get(r, "nodes", path, required=False) or logical),
                             "bytes": parse_size(_get(r, "bytes", path)), "us": float(_get(r, "us", path))})
+    for name, why in sorted(skipped.items()):
+        print(f"left out ({why}): {name}")
     # calibrate --raw names an implementation once for all its algorithms ("fusedlis": oneshot and twoshot)
     algos: dict[str, set[str]] = {}
     for a in ars:
@@ -323,6 +341,9 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             base, suffix = split_variant(system)
             rope = (r.get("fuse_rope") or "").strip() == "1" if (r.get("fuse_rope") or "").strip() \
                 else "-rope" in suffix
+            if "a1" in suffix.split("-"):
+                # one attention program per (sequence, kv head): far below the HBM rate the model assumes
+                continue
             if base not in _DECODE_SYSTEMS:
                 continue
             mode, nodes = _DECODE_SYSTEMS[base]
@@ -678,7 +699,9 @@ def committed_runs() -> list[list[str]]:
     allreduce = sorted(r.glob("allreduce_[0-9]*x*.csv"))  # bench/allreduce.py runs, not allreduce_stability_*
     decode = sorted(r.glob("decode_tp*.csv"))
     if allreduce:  # every bench/allreduce.py run, fitted per implementation like the gpu-facts table
-        newest = max(allreduce, key=lambda p: p.stem.split("_")[2])
+        # the layer rows (bench/fused.py, 2 GPUs) go with the newest run on 2 GPUs
+        two = [p for p in allreduce if p.stem.split("_")[1].startswith("2x")] or allreduce
+        newest = max(two, key=lambda p: p.stem.split("_")[2])
         for run in allreduce:
             tag = run.stem.removeprefix("allreduce_")
             prefix = r / f"perfmodel_validation_allreduce_{tag}"

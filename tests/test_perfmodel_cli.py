@@ -639,3 +639,25 @@ def test_validate_flags_profiled_decode_files_and_pairs_runs_by_time(tmp_path):
     assert mod._profile_time(Path("calibrated_2xH200_2026-11-22_run0614.json")) == "20261122-0614"
     assert mod._profile_time(Path("calibrated_2xH200_2026-11-22.json")) is None
     assert mod._allreduce_time(Path("allreduce_2xH200_20261122-0234_v0.csv")) == "20261122-0234"
+
+
+def test_validate_reads_4_gpu_allreduce_runs(tmp_path):
+    """bench/allreduce.py names one GPU per node '2x1' at any world size and two nodes '2x<world/2>': on 4 GPUs
+    nvrar_2x1 is 4 nodes of 1 (one link class, fitted); 2 nodes x 2 GPUs and an auto front end without its
+    per-size algorithm are left out, not guessed."""
+    mod = _validate_module()
+    assert mod._logical_nodes("fusedlis_nvrar_2x1_ll", 2) == 2
+    assert mod._logical_nodes("fusedlis_nvrar_2x1_ll", 4) == 4
+    assert mod._logical_nodes("fusedlis_nvrar_2x2_ll", 4) == 2
+    assert mod._logical_nodes("fusedlis_one_shot_ll", 4) == 1
+    f = tmp_path / "allreduce_4xH200_x.csv"
+    rows = ["device,bytes,variant,us,algorithm"]
+    for b, us in ((8192, 5.0), (131072, 6.0), (1048576, 12.0)):
+        rows += [f"4xH200,{b},nccl,{4 * us}", f"4xH200,{b},fusedlis_nvrar_2x1_ll,{us}",
+                 f"4xH200,{b},fusedlis_nvrar_2x2_ll,{us}", f"4xH200,{b},fusedlis_auto_2x2,{us}",
+                 f"4xH200,{b},fusedlis_auto,{us},one_shot_ll"]
+    f.write_text("\n".join(rows) + "\n")
+    ars, _ = mod.read_rows([str(f)])
+    got = {(a["impl"], a["algo"], a["nodes"], a["gpus"]) for a in ars}
+    assert got == {("nccl", "nccl", 1, 4), ("fusedlis_nvrar_2x1_ll", "nvrar_ll", 4, 4),
+                   ("fusedlis_auto", "oneshot_ll", 1, 4)}
