@@ -770,6 +770,11 @@ def main(argv: list[str] | None = None) -> int:
             emit(row)
 
         variants = fusedlis_variants(args.mode_list, tp, args.nvrar_node_list)
+        if args.rounds > 1 and total_mem and need * len(variants) > 0.9 * total_mem:
+            # every engine stays built in this mode: fail before building any rather than out of memory midway
+            raise SystemExit(f"--rounds {args.rounds} keeps {len(variants)} {model_name} engines built, about "
+                             f"{need * len(variants) / 1e9:.0f} GB per GPU of {total_mem / 1e9:.0f} GB: time fewer "
+                             f"modes, smaller --batch / --context, or --rounds 1")
         if args.rounds > 1:
             # Every engine stays built and the rounds alternate between them, so a slow spell of the machine
             # (clocks, a noisy neighbour) hits every mode alike: the ratios between modes are the robust numbers.
