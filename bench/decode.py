@@ -113,14 +113,8 @@ def engine_fuses_norm(eng, batch: int) -> int:
 
 # ---- fusedlis ---------------------------------------------------------------------------------------------
 def time_engine(eng, batch: int, context: int, steps: int) -> float:
-    """Median ms of one decode step for `batch` sequences at `context` tokens."""
-    dev = eng.device
-    tokens = torch.randint(0, eng.config.vocab_size, (batch,), device=dev)
-    lens = torch.full((batch,), context, dtype=torch.long, device=dev)
-    for _ in range(WARMUP):
-        eng._decode(tokens, lens)
-    eng._sync()
-    return statistics.median(timed_ms(lambda: eng._decode(tokens, lens + i), dev) for i in range(steps))
+    """Median ms of one decode step for `batch` sequences at `context` tokens (`Engine.time_decode`)."""
+    return statistics.median(eng.time_decode(batch, context, steps, warmup=WARMUP))
 
 
 CATEGORIES = (

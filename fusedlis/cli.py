@@ -1,4 +1,4 @@
-"""The `fusedlis` command: generate, info, tune, predict, calibrate."""
+"""The `fusedlis` command: generate, bench, info, tune, predict, calibrate."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 # (module, function that adds the subparser); a module that fails to import is reported, not fatal.
 _COMMANDS = [
     ("generate", "fusedlis.cli_generate", "add_parser"),
+    ("bench", "fusedlis.cli_bench", "add_parser"),
     ("info", "fusedlis.cli_info", "add_parser"),
     ("tune", "fusedlis.tuning.cli", "add_parser"),
     ("predict", "fusedlis.perfmodel.cli", "add_predict_parser"),

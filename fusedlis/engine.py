@@ -323,6 +323,42 @@ class Engine:
         return self.model(x, kv_cache=cache, last_only=True)[:, -1]
 
     @torch.inference_mode()
+    def time_decode(self, batch: int, context: int, steps: int = 100, warmup: int = 3, seed: int = 0) -> list[float]:
+        """Milliseconds of each of `steps` decode steps for `batch` sequences at `context` cached tokens.
+
+        For benchmarks: random token ids, a KV cache holding whatever is in it (the cost of a step does not depend
+        on the values), one CUDA-graph replay per step timed by CUDA events (wall clock on CPU). Collective under
+        torchrun: every rank must call it with the same arguments. Needs context + warmup + steps <= max_seq_len
+        and batch <= max_batch_size.
+        """
+        if not 1 <= batch <= self.max_batch_size:
+            raise ValueError(f"batch must be in [1, {self.max_batch_size}] (max_batch_size), got {batch}")
+        if context < 1 or steps < 1 or warmup < 0 or context + warmup + steps > self.max_seq_len:
+            raise ValueError(f"context ({context}) + warmup ({warmup}) + steps ({steps}) must fit max_seq_len "
+                             f"({self.max_seq_len}), with context and steps >= 1")
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, self.config.vocab_size, (batch,), generator=g).to(self.device)
+        lens = torch.full((batch,), context, dtype=torch.long, device=self.device)
+        for i in range(warmup):
+            self._decode(tokens, lens + i)
+        self._sync()
+        out = []
+        for i in range(steps):
+            pos = lens + warmup + i
+            if self.device.type == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                self._decode(tokens, pos)
+                e.record()
+                e.synchronize()
+                out.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                self._decode(tokens, pos)
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: token b at position lens[b]; returns logits [B, vocab]."""
         B = tokens.shape[0]

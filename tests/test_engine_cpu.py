@@ -101,6 +101,30 @@ def test_cli_generate(capsys, tmp_path, monkeypatch):
     assert "time to first token" in out and "ms/token" in out and "tiny" in out
 
 
+def test_time_decode(engine):
+    ms = engine.time_decode(2, 10, steps=4, warmup=1)
+    assert len(ms) == 4 and all(t > 0 for t in ms)
+    for kw, msg in (({"batch": 5, "context": 10}, "max_batch_size"), ({"batch": 1, "context": 126}, "max_seq_len"),
+                    ({"batch": 1, "context": 0}, "max_seq_len")):
+        with pytest.raises(ValueError, match=msg):
+            engine.time_decode(kw["batch"], kw["context"], steps=3, warmup=0)
+
+
+def test_cli_bench(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDLIS_CACHE_DIR", str(tmp_path))
+    out_csv = tmp_path / "b.csv"
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--batch", "1,3", "--context", "5,20", "--steps", "2",
+                 "--csv", str(out_csv)]) == 0
+    assert "ms_per_token" in capsys.readouterr().out
+    rows = out_csv.read_text().splitlines()
+    assert rows[0].startswith("model,tp,allreduce,batch,context") and len(rows) == 1 + 4
+    assert all(float(r.split(",")[6]) > 0 for r in rows[1:])
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch", "0"])
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--allreduce", "bogus", "--steps", "1"]) == 1
+    assert "allreduce must be one of" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clean(capsys):
     assert main(["generate", "--model", "/nonexistent/dir", "--device", "cpu"]) == 1
     assert "neither a checkpoint directory nor a preset" in capsys.readouterr().err
@@ -112,7 +136,7 @@ def test_cli_info(capsys):
     assert "torch" in out and "NVSHMEM" in out and "topology" in out
 
 
-@pytest.mark.parametrize("cmd", [[], ["generate"], ["info"], ["tune"], ["predict"], ["calibrate"]])
+@pytest.mark.parametrize("cmd", [[], ["generate"], ["bench"], ["info"], ["tune"], ["predict"], ["calibrate"]])
 def test_help_everywhere(cmd):
     r = subprocess.run([sys.executable, "-m", "fusedlis", *cmd, "--help"], capture_output=True, text=True,
                        timeout=120)
