@@ -30,6 +30,22 @@ class GenerationResult:
 
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Prompts are prefilled together, right-padded, in groups of at most this many (padded) tokens; a longer prompt
+# goes alone.
+PREFILL_TOKENS = 8192
+
+
+def _prefill_groups(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) groups of prompts whose padded size (count x longest) stays within `budget` tokens."""
+    groups, lo, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > lo and max(longest, n) * (i - lo + 1) > budget:
+            groups.append((lo, i))
+            lo, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        groups.append((lo, len(lengths)))
+    return groups
 
 
 def _dist_env() -> tuple[int, int]:
@@ -278,12 +294,14 @@ class Engine:
         done = [False] * B
         reason = ["length"] * B
         next_tok = torch.empty(B, dtype=torch.long, device=self.device)
-        for b, ids in enumerate(seqs):
+        for lo, hi in _prefill_groups([len(s) for s in seqs], PREFILL_TOKENS):
             t0 = time.perf_counter()
-            logits = self._prefill(b, ids)
-            next_tok[b] = sample(logits, temperature, top_p, gen)[0]
+            logits = self._prefill(lo, seqs[lo:hi])
+            next_tok[lo:hi] = sample(logits, temperature, top_p, gen)
             self._sync()
-            lat[b].append(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            for b in range(lo, hi):
+                lat[b].append(dt)
         lens = torch.tensor([len(s) for s in seqs], device=self.device)
         for step in range(max_new_tokens):
             toks = next_tok.tolist()
@@ -312,15 +330,22 @@ class Engine:
             results.append(GenerationResult(out[b], text, lat[b], len(seqs[b]), reason[b]))
         return results
 
-    def _prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Run one prompt into cache row `slot`; returns last-position logits [1, vocab]."""
-        t = torch.tensor(ids, device=self.device)
-        x = t.view(1, -1)
-        if slot > 0:  # the model writes cache rows 0..B-1, so place the prompt in row `slot`
-            cache = KVCache([k[slot:slot + 1] for k in self.cache.k], [v[slot:slot + 1] for v in self.cache.v])
+    def _prefill(self, row0: int, seqs: list[list[int]]) -> torch.Tensor:
+        """Run prompts into cache rows row0, row0 + 1, ... in one forward; returns their last-token logits [n, vocab].
+
+        Prompts of different lengths are right-padded: a pad position's keys and values land past its row's
+        length, where decode overwrites them before any attention reads them, and causal attention keeps the
+        real tokens from seeing them."""
+        n, T = len(seqs), max(len(s) for s in seqs)
+        x = torch.zeros((n, T), dtype=torch.long)
+        for i, ids in enumerate(seqs):
+            x[i, :len(ids)] = torch.tensor(ids)
+        last = torch.tensor([len(ids) - 1 for ids in seqs], device=self.device)
+        if row0 > 0:  # the model writes cache rows 0..n-1, so hand it the rows from row0 on
+            cache = KVCache([k[row0:row0 + n] for k in self.cache.k], [v[row0:row0 + n] for v in self.cache.v])
         else:
             cache = self.cache
-        return self.model(x, kv_cache=cache, last_only=True)[:, -1]
+        return self.model(x.to(self.device), kv_cache=cache, last_index=last)[:, 0]
 
     @torch.inference_mode()
     def time_decode(self, batch: int, context: int, steps: int = 100, warmup: int = 3, seed: int = 0) -> list[float]:

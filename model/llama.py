@@ -178,8 +178,12 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, last_only: bool = False, check: bool = True) -> torch.Tensor:
+                kv_cache: KVCache | None = None, last_only: bool = False, check: bool = True,
+                last_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) for `input_ids` [B, T] at `positions` [B, T] (default 0..T-1).
+
+        `last_only`: only the last position's logits ([B, 1, vocab]); `last_index` [B]: only position
+        last_index[b] of row b ([B, 1, vocab]), for right-padded batches of prompts of different lengths.
 
         With `kv_cache`, new keys/values are written at their positions and attention reads the cache.
         `check=False` skips input validation and host synchronisation (for CUDA-graph capture): then the
@@ -206,6 +210,9 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"batch {B} / position {kv_len - 1} exceed the KV cache "
                                  f"({kv_cache.max_batch} x {kv_cache.max_seq_len})")
             rope = self.rope(kv_len, device)
+            if last_index is not None and (last_index.shape != (B,) or int(last_index.min()) < 0
+                                           or int(last_index.max()) >= T):
+                raise ValueError(f"last_index must be [{B}] with entries in [0, {T})")
         else:
             rope = self._rope
         ops = self.ops
@@ -215,6 +222,8 @@ class LlamaForCausalLM(nn.Module):
             cache_kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else (None, None)
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             x, residual = layer(x, residual, positions, rope, cache_kv, ops, kv_len, nxt)
-        if last_only:
+        if last_index is not None:
+            x = x[torch.arange(B, device=device), last_index].unsqueeze(1)
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(x, ops).float()

@@ -50,6 +50,44 @@ def test_batched_equals_single(engine):
     assert a == b
 
 
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4), seed=st.integers(0, 99))
+def test_batched_prefill_equals_one_prompt_at_a_time(engine, lengths, seed):
+    """Right-padded batched prefill: every prompt's last-token logits and its KV-cache rows at its own positions
+    are those of prefilling it alone (fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    alone = []
+    for b, ids in enumerate(seqs):
+        alone.append((engine._prefill(b, [ids])[0].clone(),
+                      [(k[b, :, :len(ids)].clone(), v[b, :, :len(ids)].clone())
+                       for k, v in zip(engine.cache.k, engine.cache.v)]))
+    for k, v in zip(engine.cache.k, engine.cache.v):  # poison: the batched run must rewrite every real position
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    together = engine._prefill(0, seqs)
+
+    def rel(a, b):  # fp32 GEMMs of a different row count round differently: a relative bound, not equality
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    for b, (ids, (logits, kv)) in enumerate(zip(seqs, alone)):
+        assert rel(together[b], logits) <= 1e-5, b
+        for (k, v), (k1, v1) in zip(zip(engine.cache.k, engine.cache.v), kv):
+            assert rel(k[b, :, :len(ids)], k1) <= 1e-5 and rel(v[b, :, :len(ids)], v1) <= 1e-5, b
+
+
+def test_prefill_groups():
+    from fusedlis.engine import _prefill_groups
+
+    assert _prefill_groups([3, 5, 100, 2], 12) == [(0, 2), (2, 3), (3, 4)]
+    assert _prefill_groups([4] * 6, 12) == [(0, 3), (3, 6)]
+    assert _prefill_groups([], 12) == []
+    for lengths in ([1], [7, 7, 7], [20, 1, 1, 1], [1, 1, 1, 20]):
+        groups = _prefill_groups(lengths, 8)
+        assert [lo for lo, _ in groups] == [0] + [hi for _, hi in groups[:-1]] and groups[-1][1] == len(lengths)
+        assert all(hi - lo == 1 or max(lengths[lo:hi]) * (hi - lo) <= 8 for lo, hi in groups)
+
+
 def test_seeded_sampling_is_reproducible(engine):
     kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, stop_at_eos=False)
     r1 = engine.generate([[1, 2]], seed=123, **kw)[0].token_ids
