@@ -31,10 +31,13 @@
 # FUSEDLIS_SOURCE_COMMIT=<hash> (written literally in the device command: the device's .git is stale) goes into
 #    the decode CSV headers instead of the copy's commit
 # DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
-# Example, the experiments prepared on 2026-11-22 (rope in attention, one-launch attention, PDL for linear and for the
-# fused kernel):
-#     PARTS=G,D D_MODES=nccl,fused,fused-rope,fused-lpdl,fused-fpdl,fused-rope-lpdl-fpdl D_BATCH=1,8 D_CTX=512 \
+# C: `fusedlis bench` under torchrun (8B random weights, auto and fused, batch 1 and 8, context 512)
+# Example, the experiments prepared on 2026-11-22 and measured at 10:12 (decode_tp2_8b-s6a_...csv):
+#     PARTS=G,D D_MODES=nccl,fused,fused-norope,fused-lpdl,fused-fpdl,fused-ared D_BATCH=1,8 D_CTX=512 \
 #       D_ROUNDS=3 DTAG=8b-exp OUT=dir bash bench/gpu_norm_engine.sh
+# First check of the changes of 11:10-11:30 on 2026-11-22 that no GPU ran (batched prefill in the engine tests,
+# Engine.time_decode under bench/decode.py, the bench CLI):
+#     PARTS=E,C,D D_MODES=nccl,fused D_BATCH=1 D_CTX=512 D_ROUNDS=2 DTAG=8b-check OUT=dir bash bench/gpu_norm_engine.sh
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G
 export PYTHONUNBUFFERED=1
@@ -148,6 +151,8 @@ PY
     tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .
   fi
   want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
+  want C && TAIL=15 step bench_cli 150 torchrun --nproc-per-node 2 -m fusedlis bench --model llama-3.1-8b \
+    --random-weights --allreduce auto,fused --batch 1,8 --context 512 --steps 50 --csv "$R/fusedlis_bench_cli.csv"
   if want B; then  # B_BATCH=1,8: one profiled run per batch size (the profile covers the first batch only)
     for bb in ${B_BATCH//,/ }; do
       TAIL=60 step breakdown_8b_b$bb ${B_CAP:-120} torchrun --nproc-per-node 2 bench/decode.py --out "$R" \
