@@ -198,12 +198,14 @@ def free_memory() -> None:
 # "-norope": RoPE as its own kernel instead of inside decode attention (the default since 2026-11-22 10:15);
 # "-rope": rope inside attention (the default now; the suffix of files measured before that);
 # "-lpdl": programmatic dependent launch for every `linear`; "-fpdl": the same for the fused GEMM + all-reduce
-# kernel; "-ared": decode attention merges its splits in the main kernel (one launch instead of two); "-a1": decode
+# kernel; "-ared": decode attention merges its splits in the main kernel (one launch instead of two); "-avec": the
+# same, merging all the group's heads as one tile; "-a1": decode
 # attention in one split per (sequence, kv head), written directly (one launch, fewer programs; a different value
 # through FUSEDLIS_ATTN_MAX_SPLITS_AB).
 EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "1"), "-norope": ("FUSEDLIS_FUSE_ROPE", "0", "1"),
                "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""), "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"),
-               "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0"), "-a1": ("FUSEDLIS_ATTN_MAX_SPLITS", "1", "")}
+               "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0"), "-avec": ("FUSEDLIS_ATTN_ONE_LAUNCH", "vec", "0"),
+               "-a1": ("FUSEDLIS_ATTN_MAX_SPLITS", "1", "")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:

@@ -37,7 +37,8 @@
 #       D_ROUNDS=3 DTAG=8b-exp OUT=dir bash bench/gpu_norm_engine.sh
 # First check of the changes of 11:10-11:30 on 2026-11-22 that no GPU ran (batched prefill in the engine tests,
 # Engine.time_decode under bench/decode.py, the bench CLI):
-#     PARTS=E,C,D D_MODES=nccl,fused D_BATCH=1 D_CTX=512 D_ROUNDS=2 DTAG=8b-check OUT=dir bash bench/gpu_norm_engine.sh
+#     PARTS=G,E,C,D D_MODES=nccl,fused,fused-avec D_BATCH=1,8 D_CTX=512 D_ROUNDS=3 DTAG=8b-check OUT=dir \
+#       bash bench/gpu_norm_engine.sh        (G also runs the one-launch attention with VEC_MERGE in bf16)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_SYMMETRIC_SIZE=3G
 export PYTHONUNBUFFERED=1

@@ -72,6 +72,7 @@ def test_variants():
     assert decode.split_variant("fused-norope-lpdl") == ("fused", "-norope-lpdl")
     assert decode.experiment_env("fused-norope-lpdl")["FUSEDLIS_FUSE_ROPE"] == "0"
     assert decode.experiment_env("fused-ared")["FUSEDLIS_ATTN_ONE_LAUNCH"] == "1"
+    assert decode.experiment_env("fused-avec")["FUSEDLIS_ATTN_ONE_LAUNCH"] == "vec"
     assert decode.split_variant("fused-fpdl-rope") == ("fused", "-fpdl-rope")
     assert decode.experiment_env("fused-fpdl")["FUSEDLIS_FUSED_PDL"] == "1,pf=4"
     assert decode.experiment_env("nccl-lpdl-rope")["FUSEDLIS_FUSE_ROPE"] == "1"

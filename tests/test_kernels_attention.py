@@ -44,7 +44,7 @@ def cases(draw):
     cfg = None
     if draw(st.booleans()):
         cfg = {"NUM_SPLITS": draw(st.integers(1, 5)), "BLOCK_N": draw(st.sampled_from([16, 32])), "num_warps": 4,
-               "FUSED_REDUCE": draw(st.booleans())}
+               "FUSED_REDUCE": draw(st.booleans()), "VEC_MERGE": draw(st.booleans())}
     return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4])),
             draw(st.sampled_from([16, 24, 32])), draw(st.integers(1, 90)),
             draw(st.sampled_from([torch.float32, torch.float16])), cfg, draw(st.booleans()))
@@ -89,6 +89,16 @@ def test_decode_attention_one_launch_env(monkeypatch):
     monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "0")
     with pytest.raises(AssertionError, match="reduce kernel launched"):
         run_case(1, 2, 2, 16, 300, torch.float32, None, seed=5, full=True)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_decode_attention_one_launch_vec_env(monkeypatch, group):
+    # FUSEDLIS_ATTN_ONE_LAUNCH=vec: one launch, the group's heads merged as one tile (odd group sizes padded)
+    _forbid_reduce_launch(monkeypatch)
+    monkeypatch.setenv("FUSEDLIS_ATTN_ONE_LAUNCH", "vec")
+    for seed, (B, Hkv, S) in enumerate(((1, 2, 300), (3, 1, 700), (2, 3, 129))):
+        assert run_case(B, Hkv, group, 16, S, torch.float32, None, seed=seed) < 1e-5
+        assert run_case(B, Hkv, group, 16, S, torch.float16, None, seed=seed) < 2e-3
 
 
 def test_decode_attention_max_splits_env_one_split_is_one_launch(monkeypatch):
@@ -148,7 +158,7 @@ def test_decode_attention_gpu_bf16_fused_reduce(B, Hkv, group, S):
     key = decode_attention_key(B, Hkv * group, Hkv, 128, S, torch.bfloat16)
     fused = [c for c in decode_attention_configs(key) if c.get("FUSED_REDUCE")]
     assert fused
-    for cfg in fused:
+    for cfg in fused + [dict(c, VEC_MERGE=True) for c in fused[:4]]:  # and the group's heads merged as one tile
         for seed in range(2):  # twice: the arrival counters must reset
             assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=seed) < 1e-2, cfg
 

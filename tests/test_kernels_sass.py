@@ -58,13 +58,16 @@ for M, pdl in ((1, False), (32, False), (1, True)):
                                                           cfg["num_stages"])
 names = _decode_attention_kernel.arg_names
 types = (["*bf16"] * 3 + ["*i32", "i32", "i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 8 + ["*bf16", "*i32", "i32", "i32"]
-         + ["*bf16", "*bf16", "i32", "*bf16", "*bf16", "i32"] + ["constexpr"] * 10)
+         + ["*bf16", "*bf16", "i32", "*bf16", "*bf16", "i32"] + ["constexpr"] * 12)
 div = [n for n in names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_l") or n == "SPLIT_LEN"]
-for fused, rope, direct in ((False, False, False), (True, False, False), (False, True, False), (False, False, True)):
-    out["attention" + ("_fused_reduce" if fused else "") + ("_rope" if rope else "") + ("_direct" if direct else "")] = stats(
+for fused, rope, direct, vec in ((False, False, False, False), (True, False, False, False),
+                                 (False, True, False, False), (False, False, True, False), (True, False, False, True)):
+    name = ("attention" + ("_fused_reduce" if fused else "") + ("_rope" if rope else "") + ("_direct" if direct else "")
+            + ("_vec" if vec else ""))
+    out[name] = stats(
         _decode_attention_kernel, types, {"D": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "IEEE": False,
-                                          "FUSED_REDUCE": fused, "BLOCK_S": 32, "ROPE": rope, "PDL": False,
-                                          "DIRECT": direct},
+                                          "FUSED_REDUCE": fused, "BLOCK_S": 16 if vec else 32, "ROPE": rope,
+                                          "PDL": False, "DIRECT": direct, "VEC_MERGE": vec, "BLOCK_GM": 4},
         div, 4, 2)
 print(json.dumps(out))
 '''
@@ -89,7 +92,7 @@ def sass_stats():
 
 
 @pytest.mark.parametrize("name", ["linear_M1", "linear_M32", "linear_M1_pdl", "attention", "attention_fused_reduce",
-                                  "attention_rope", "attention_direct"])
+                                  "attention_rope", "attention_direct", "attention_fused_reduce_vec"])
 def test_sm90_streams_16B_cp_async_without_spills(sass_stats, name):
     s = sass_stats[name]
     assert s["ldgsts128"] > 0, s  # operands stream via 16-byte cp.async

@@ -55,7 +55,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, 
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                              BLOCK_S: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
-                             DIRECT: tl.constexpr = False):
+                             DIRECT: tl.constexpr = False, VEC_MERGE: tl.constexpr = False,
+                             BLOCK_GM: tl.constexpr = 1):
     pdl_wait(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -138,10 +139,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, stride_l, lens_off, 
             Hkv = tl.num_programs(1)
             arrived = tl.atomic_add(cnt_ptr + b * Hkv + hkv, 1, sem="acq_rel", scope="gpu")
             if arrived == NUM_SPLITS - 1:
-                for g in range(GROUP):
-                    head = hkv * GROUP + g
-                    _merge_splits(o_ptr, lse_ptr, out_ptr, b, head, Hkv * GROUP, NUM_SPLITS, stride_ob, stride_oh,
-                                  D, BLOCK_S, BLOCK_D)
+                if VEC_MERGE:  # all the group's heads in one [heads, splits, D] tile: one round of loads
+                    _merge_group(o_ptr, lse_ptr, out_ptr, b, hkv, GROUP, Hkv * GROUP, NUM_SPLITS, stride_ob,
+                                 stride_oh, D, BLOCK_GM, BLOCK_S, BLOCK_D)
+                else:
+                    for g in range(GROUP):
+                        head = hkv * GROUP + g
+                        _merge_splits(o_ptr, lse_ptr, out_ptr, b, head, Hkv * GROUP, NUM_SPLITS, stride_ob,
+                                      stride_oh, D, BLOCK_S, BLOCK_D)
                 tl.atomic_xchg(cnt_ptr + b * Hkv + hkv, 0)
 
 
@@ -162,6 +167,28 @@ def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, h, H, NUM_SPLITS, stride_ob, 
     res = tl.sum(o * wgt[:, None], axis=0) / tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
              res.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _merge_group(o_part_ptr, lse_ptr, out_ptr, b, hkv, GROUP, H, NUM_SPLITS, stride_ob, stride_oh,
+                 D: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_merge_splits` for the GROUP q heads of kv head `hkv` at once."""
+    offs_g = tl.arange(0, BLOCK_GM)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = hkv * GROUP + offs_g
+    mask_gs = (offs_g < GROUP)[:, None] & (offs_s < NUM_SPLITS)[None, :]
+    rows = (b.to(tl.int64) * H + heads)[:, None] * NUM_SPLITS + offs_s[None, :]
+    lse = tl.load(lse_ptr + rows, mask=mask_gs, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # padded heads: no -inf - -inf
+    wgt = tl.where(mask_gs & (lse > float("-inf")), tl.exp2(lse - m[:, None]), 0.0)
+    o = tl.load(o_part_ptr + rows[:, :, None] * D + offs_d[None, None, :],
+                mask=mask_gs[:, :, None] & (offs_d < D)[None, None, :], other=0.0, cache_modifier=".cg")
+    den = tl.sum(wgt, axis=1)
+    res = tl.sum(o * wgt[:, :, None], axis=1) / tl.where(den == 0.0, 1.0, den)[:, None]
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
@@ -222,15 +249,20 @@ def decode_attention_configs(key: dict) -> list[dict]:
     return out
 
 
+_VEC_MERGE_MAX = 8192  # fp32 elements of the one-launch merge tile (64 registers a thread at 4 warps)
+
+
 def _max_splits_requested() -> int:
     """FUSEDLIS_ATTN_MAX_SPLITS=n: untuned calls split the cache at most n ways (1: one launch, no partials)."""
     v = os.environ.get("FUSEDLIS_ATTN_MAX_SPLITS", "").strip()
     return max(0, int(v)) if v.isdigit() else 0
 
 
-def _one_launch_requested() -> bool:
-    """FUSEDLIS_ATTN_ONE_LAUNCH=1: untuned calls merge their splits in the main kernel (splits capped at 32)."""
-    return os.environ.get("FUSEDLIS_ATTN_ONE_LAUNCH", "0").strip().lower() in ("1", "on", "true", "yes")
+def _one_launch_requested() -> str:
+    """FUSEDLIS_ATTN_ONE_LAUNCH=1: untuned calls merge their splits in the main kernel (splits capped at 32), one
+    head after another; "vec": all the group's heads at once where the tile is small. "" when off."""
+    v = os.environ.get("FUSEDLIS_ATTN_ONE_LAUNCH", "0").strip().lower()
+    return "vec" if v == "vec" else ("1" if v in ("1", "on", "true", "yes") else "")
 
 
 _PARTIALS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -313,8 +345,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             key["sms"] = torch.cuda.get_device_properties(q.device).multi_processor_count \
                 if q.device.type == "cuda" else 132
             config = decode_attention_default_config(key)
-            if _one_launch_requested():
-                config = dict(config, NUM_SPLITS=min(32, int(config["NUM_SPLITS"])), FUSED_REDUCE=True)
+            one = _one_launch_requested()
+            if one:
+                config = dict(config, NUM_SPLITS=min(32, int(config["NUM_SPLITS"])), FUSED_REDUCE=True,
+                              VEC_MERGE=one == "vec")
             cap = _max_splits_requested()
             if cap:
                 config = dict(config, NUM_SPLITS=min(cap, int(config["NUM_SPLITS"])))
@@ -327,6 +361,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = triton.next_power_of_2(D)
     fused = bool(config.get("FUSED_REDUCE", False)) and splits > 1
     cnt = _counters(q.device, B * Hkv) if fused else lse
+    block_gm = triton.next_power_of_2(group)
+    # the whole group's [heads, splits, D] fp32 tile stays in registers: only where it is small
+    vec = fused and bool(config.get("VEC_MERGE", False)) and \
+        block_gm * triton.next_power_of_2(splits) * block_d <= _VEC_MERGE_MAX
     if rope is None:
         k_new = v_new = cos = sin = q  # unused (ROPE off)
     _decode_attention_kernel[(B, Hkv, splits)](
@@ -336,7 +374,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_new, v_new, k_new.stride(0), cos, sin, cos.stride(0),
         D=D, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, block_d),
         IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, BLOCK_S=triton.next_power_of_2(splits),
-        ROPE=rope is not None, DIRECT=splits == 1,
+        ROPE=rope is not None, DIRECT=splits == 1, VEC_MERGE=vec, BLOCK_GM=block_gm,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2), **pdl_launch(q.device))
     if fused or splits == 1:
         return out
