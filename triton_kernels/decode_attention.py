@@ -5,7 +5,8 @@ q heads of its GQA group at once, so each K/V row is read from HBM exactly once,
 over its slice of positions and writes an fp32 partial output and its log-sum-exp.
 Pass 2 (`_decode_attention_reduce_kernel`): one program per (sequence, q head) merges the splits.
 With ``config["FUSED_REDUCE"]`` the last-arriving split program of each (sequence, kv head) merges
-instead (per-tile arrival counter, as in `linear`'s split-K), saving the second launch; opt-in, untimed.
+instead (per-tile arrival counter, as in `linear`'s split-K), saving the second launch; opt-in (slower in the
+engine on 2xH200 when the merge walks the heads one by one; VEC_MERGE merges them as one tile, untimed).
 Cache layout: `[max_batch, Hkv, max_seq_len, D]`; sequence b uses cache row b and positions
 `[0, seq_lens[b])`. Splits are sized from max_seq_len (no host sync on seq_lens), so programs whose slice
 lies past a sequence's length exit after writing an empty partial.
@@ -226,7 +227,7 @@ def decode_attention_configs(key: dict) -> list[dict]:
     """The search space the tuner sweeps for `key` (always contains the default).
 
     Configs with ``FUSED_REDUCE: True`` merge the splits inside the main kernel (one launch instead of
-    two); they are correct on CPU (interpreter tests) but were not timed on a GPU yet, so no default uses
+    two); correct in the interpreter and in bf16 on an H200, slower in the engine (docs/kernels.md), so no default uses
     them.
     """
     S = int(key["S"])

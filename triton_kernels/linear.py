@@ -396,7 +396,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
     # PDL is opt-in here (config "PDL": True, or FUSEDLIS_LINEAR_PDL for an end-to-end A/B): on H200 it made chains
     # of these GEMMs 5-25% slower, prefetch or not, with the successor launched right after the wait
     # (bench/results/kernels_linear_pdl_NVIDIA-H200_2026-11-22.csv). PDL_LAUNCH_FRAC delays that signal to a
-    # fraction of the K steps; EVICT_W loads weights evict-first (both untimed).
+    # fraction of the K steps; EVICT_W loads weights evict-first (both opt-in: no gain in the engine on 2xH200).
     exp = _linear_pdl_experiment()
     if exp:
         config = {**config, **exp}

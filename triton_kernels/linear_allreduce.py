@@ -852,7 +852,7 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     n_total = (n_gemm if gemm else 0) + n_fin
     if bump and not finish:
         raise ValueError("the step counter is advanced by finish programs: bump needs finish")
-    # PDL (opt-in, untimed: config "PDL" or FUSEDLIS_FUSED_PDL): launched while the previous kernel drains, the
+    # PDL (opt-in, no gain in the engine on 2xH200: config "PDL" or FUSEDLIS_FUSED_PDL): launched while the previous kernel drains, the
     # GEMM programs prefetch PF_LINES weight lines, then every program waits for it before anything else
     pdl = pdl_launch(x.device) if cfg.get("PDL", False) and uses_gpu_clock(x.device) else {"PDL": False}
     _linear_allreduce_kernel[(n_total,)](
