@@ -31,7 +31,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -41,26 +40,13 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fusedlis  # noqa: E402
+from fusedlis.engine import timed_ms  # noqa: E402
 from fusedlis.model import LlamaConfig  # noqa: E402
 from fusedlis.model.build import hf_tensor_names  # noqa: E402
 
 FIELDS = ("model", "tp", "system", "batch", "context", "steps", "ms_per_token", "floor_ms", "ratio_to_floor",
           "fuse_norm")
 WARMUP = 3
-
-
-def timed_ms(fn, device: torch.device) -> float:
-    """Milliseconds `fn()` takes: CUDA events on a GPU, wall clock on the CPU."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e)
 
 
 # ---- floor ------------------------------------------------------------------------------------------------

@@ -339,8 +339,8 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             # rope inside decode attention (one kernel fewer per layer): the fuse_rope column, or in files
             # without it bench/decode.py's "-rope" suffix; the PDL suffixes have no term in the model
             base, suffix = split_variant(system)
-            rope = (r.get("fuse_rope") or "").strip() == "1" if (r.get("fuse_rope") or "").strip() \
-                else "-rope" in suffix
+            col = (r.get("fuse_rope") or "").strip()
+            rope = col == "1" if col else "-rope" in suffix
             if "a1" in suffix.split("-"):
                 # one attention program per (sequence, kv head): far below the HBM rate the model assumes
                 continue
@@ -360,8 +360,8 @@ def _decode_cases(hw: Hardware, paths: list[str]) -> list[tuple[dict[str, str], 
             proto = (r.get("protocol") or "").strip().lower()
             ll = proto == "ll" if proto in ("ll", "flag") else file_ll
             r["_ll"], r["_fuse"], r["_mode"], r["_file"] = str(int(ll)), str(int(fuse and tp > 1)), mode, path
-            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = (str(seq_k + (0 if rope else ROPE_KERNELS_PER_LAYER)), build, str(int(profiled)),
-                                                                  when)
+            extra = seq_k + (0 if rope else ROPE_KERNELS_PER_LAYER)
+            r["_seqk"], r["_build"], r["_profiled"], r["_date"] = str(extra), build, str(int(profiled)), when
             algo = decode_row_algorithm(mode, nodes, tp, shape.hidden_size, batch, ll) if tp > 1 else "nccl"
             cases.append((r, algo, nodes, meas, shape, Layout(tp, 1)))
     return cases

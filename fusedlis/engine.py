@@ -35,6 +35,20 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PREFILL_TOKENS = 8192
 
 
+def timed_ms(fn, device: torch.device) -> float:
+    """Milliseconds `fn()` takes: CUDA events on a GPU, wall clock on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e)
+
+
 def _prefill_groups(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     """Consecutive [lo, hi) groups of prompts whose padded size (count x longest) stays within `budget` tokens."""
     groups, lo, longest = [], 0, 0
@@ -367,21 +381,7 @@ class Engine:
         for i in range(warmup):
             self._decode(tokens, lens + i)
         self._sync()
-        out = []
-        for i in range(steps):
-            pos = lens + warmup + i
-            if self.device.type == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                self._decode(tokens, pos)
-                e.record()
-                e.synchronize()
-                out.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                self._decode(tokens, pos)
-                out.append((time.perf_counter() - t0) * 1e3)
-        return out
+        return [timed_ms(lambda pos=lens + warmup + i: self._decode(tokens, pos), self.device) for i in range(steps)]
 
     @torch.inference_mode()
     def _decode(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
