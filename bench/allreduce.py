@@ -30,11 +30,6 @@ from fusedlis.perfmodel.timing import time_graph as _shared_time_graph
 SIZES = [8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
 
 
-# always timed (the summary divides by them)
-SUMMARY_REFS = ("nccl", "torch_symm_one_shot", "torch_symm_two_shot", "fusedlis_auto", "fusedlis_auto_2x1",
-                "fusedlis_auto_2x2")
-
-
 def time_graph(fn, calls: int, replays: int) -> float:
     """Median µs per call: `calls` calls captured in one graph, each replay timed with events after a barrier.
 
@@ -141,8 +136,6 @@ def main() -> None:
             variants["fusedlis_auto_2x2"] = lambda x=x, out=out: auto22(x, out=out)
         for name, (ar, alg) in ours.items():
             variants[name] = (lambda ar=ar, alg=alg, x=x, out=out: ar(x, out=out, algorithm=alg))
-        if args.variants:  # the summary's references always run
-            variants = {k: v for k, v in variants.items() if k in keep or k in SUMMARY_REFS}
         for name, fn in variants.items():
             # correctness of this variant at this size (fresh input, poisoned output)
             if name.startswith("fusedlis"):

@@ -185,9 +185,8 @@ def free_memory() -> None:
 # "-rope": rope inside attention (the default now; the suffix of files measured before that);
 # "-lpdl": programmatic dependent launch for every `linear`; "-fpdl": the same for the fused GEMM + all-reduce
 # kernel; "-ared": decode attention merges its splits in the main kernel (one launch instead of two); "-avec": the
-# same, merging all the group's heads as one tile; "-a1": decode
-# attention in one split per (sequence, kv head), written directly (one launch, fewer programs; a different value
-# through FUSEDLIS_ATTN_MAX_SPLITS_AB).
+# same, merging all the group's heads as one tile; "-a1": decode attention in one split per (sequence, kv head),
+# written directly (one launch, fewer programs; a different value through FUSEDLIS_ATTN_MAX_SPLITS_AB).
 EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "1"), "-norope": ("FUSEDLIS_FUSE_ROPE", "0", "1"),
                "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""), "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"),
                "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0"), "-avec": ("FUSEDLIS_ATTN_ONE_LAUNCH", "vec", "0"),
@@ -611,7 +610,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "auto-unfusednorm = auto with the RMSNorm after each all-reduce unfused; "
                          "<mode>-norope = that mode with rope as its own kernel, not inside decode attention "
                          "(FUSEDLIS_FUSE_ROPE=0); <mode>-ared = decode attention in one launch "
-                         "(FUSEDLIS_ATTN_ONE_LAUNCH=1); "
+                         "(FUSEDLIS_ATTN_ONE_LAUNCH=1, -avec: =vec); <mode>-a1 = one attention split "
+                         "(FUSEDLIS_ATTN_MAX_SPLITS=1); "
                          "<mode>-lpdl = with PDL for every linear (FUSEDLIS_LINEAR_PDL=$FUSEDLIS_LINEAR_PDL_AB, "
                          "default 0.5,evict); <mode>-fpdl = PDL for the fused GEMM + all-reduce (FUSEDLIS_FUSED_PDL, "
                          "default 1,pf=4); suffixes combine (fused-norope-lpdl-fpdl); "
