@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
         for b in args.batch:
             for ctx in args.context:
                 ms = eng.time_decode(b, ctx, args.steps, warmup=warmup)
+                med = statistics.median(ms)
                 rows.append(dict(model=m.config.name, tp=m.tp.size, allreduce=mode, batch=b, context=ctx,
-                                 steps=args.steps, ms_per_token=round(statistics.median(ms), 4),
-                                 ms_min=round(min(ms), 4), tokens_per_s=round(b * 1e3 / statistics.median(ms), 1)))
+                                 steps=args.steps, ms_per_token=round(med, 4), ms_min=round(min(ms), 4),
+                                 tokens_per_s=round(b * 1e3 / med, 1)))
         del eng
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -22,14 +22,19 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SIZES_BYTES = [2, 6, 8, 1000, 4094, 65538, 262144, (1 << 20) + 6, 3_000_002, 8 << 20]
 
 
+def _run_ranks(world: int, timeout: int, **env_extra: str) -> None:
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               **env_extra)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), __file__,
+                        "--replays", "2000"], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "ALL GPU CHECKS PASSED" in r.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.multigpu
 def test_gpu_allreduce_two_gpus():
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", __file__,
-                        "--replays", "2000"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
-    assert "ALL GPU CHECKS PASSED" in r.stdout
+    _run_ranks(2, 900)
 
 
 @pytest.mark.gpu
@@ -37,12 +42,7 @@ def test_gpu_allreduce_two_gpus():
 def test_gpu_allreduce_four_gpus():
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs")
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
-               NVSHMEM_SYMMETRIC_SIZE=os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "5G"))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", __file__,
-                        "--replays", "2000"], env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
-    assert "ALL GPU CHECKS PASSED" in r.stdout
+    _run_ranks(4, 1200, NVSHMEM_SYMMETRIC_SIZE=os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "5G"))
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
