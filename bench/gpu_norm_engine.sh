@@ -32,6 +32,8 @@
 #    the decode CSV headers instead of the copy's commit
 # DTAG: file tag of the decode CSVs (default 8b-s3, so committed files of the same date are not overwritten)
 # C: `fusedlis bench` under torchrun (8B random weights, auto and fused, batch 1 and 8, context 512)
+# Q: bench/l2_prefetch.py on GPU 0 (a decode GEMM after an idle kernel that prefetches its weights into L2)
+# E_ENV="VAR=value ...": environment for part E (e.g. FUSEDLIS_L2_PREFETCH=1 to test the engine with L2 prefetch)
 # Example, the experiments prepared on 2026-11-22 and measured at 10:12 (decode_tp2_8b-s6a_...csv):
 #     PARTS=G,D D_MODES=nccl,fused,fused-norope,fused-lpdl,fused-fpdl,fused-ared D_BATCH=1,8 D_CTX=512 \
 #       D_ROUNDS=3 DTAG=8b-exp OUT=dir bash bench/gpu_norm_engine.sh
@@ -65,6 +67,8 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   want G && TAIL=15 step gpu_kernel_tests 200 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
     ${G_TESTS:-tests/test_kernels_attention.py tests/test_model_triton.py}
+  want Q && TAIL=12 step l2_prefetch 150 env CUDA_VISIBLE_DEVICES=0 python3 bench/l2_prefetch.py --out "$R"
+  want Q && cp "$R"/l2_prefetch_*.csv "$R"/l2_prefetch_*.png "$OUTD/" 2>/dev/null
   want K && TAIL=20 step kernels_swiglu 200 env CUDA_VISIBLE_DEVICES=0 python3 bench/kernels.py --out "$R" \
     --parts swiglu --models 8b,70b --ms 1,8,32,64 --reps 10
   want X && TAIL=12 step fused_2gpu 150 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 2 \
@@ -151,7 +155,7 @@ PY
     TAIL=60 step perfmodel 300 env OUT="$R/pm" PERFMODEL_GPU_ONLY=${PERFMODEL_GPU_ONLY:-0} bash bench/gpu_perfmodel.sh
     tar czf "$OUTD/perfmodel_results.tgz" -C "$R/pm" .
   fi
-  want E && TAIL=15 step engine_2gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
+  want E && TAIL=15 step engine_2gpu 150 env ${E_ENV:-} python3 -m pytest -q -p no:cacheprovider tests/test_engine_multigpu.py
   want C && TAIL=15 step bench_cli 150 torchrun --nproc-per-node 2 -m fusedlis bench --model llama-3.1-8b \
     --random-weights --allreduce auto,fused --batch 1,8 --context 512 --steps 50 --csv "$R/fusedlis_bench_cli.csv"
   if want B; then  # B_BATCH=1,8: one profiled run per batch size (the profile covers the first batch only)

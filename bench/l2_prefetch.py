@@ -1,0 +1,130 @@
+"""How much a decode GEMM gains when a latency-bound kernel before it prefetches its weights into L2.
+
+Each timed pair is a kernel that keeps HBM idle for --idle-us microseconds (standing in for attention or an
+all-reduce wait), whose programs first issue L2 prefetches of the leading `cap` bytes of the next weight, then
+`fusedlis.triton_kernels.linear` on that weight at M=1. Weights rotate through copies larger than L2, so only the
+prefetch can have put them there. cap=0 is the baseline; "gain" is its time minus the pair's, per pair.
+
+    python3 bench/l2_prefetch.py --out bench/results            # one GPU, about a minute
+
+Writes l2_prefetch_<device>_<date>.csv and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fusedlis.comm.kernels import _clock  # noqa: E402
+from fusedlis.perfmodel.timing import time_graph  # noqa: E402
+from fusedlis.triton_kernels import linear  # noqa: E402
+from fusedlis.triton_kernels._l2 import prefetch_span  # noqa: E402
+
+# (name, N, K) per GPU at TP=2, bf16
+SHAPES = (("8b-qkv", 3072, 4096), ("8b-o", 4096, 2048), ("8b-gate_up", 14336, 4096), ("8b-down", 4096, 7168),
+          ("70b-o", 8192, 4096))
+
+
+@triton.jit
+def _idle_prefetch_kernel(w_ptr, n, ns, nparts, BLOCK: tl.constexpr, PF: tl.constexpr):
+    pid = tl.program_id(0)
+    if PF:
+        prefetch_span(w_ptr, n, pid, nparts, BLOCK)
+    t0 = _clock(pid, True)
+    while _clock(pid, True) - t0 < ns:
+        pass
+
+
+def run(args) -> list[dict]:
+    dev = torch.device("cuda")
+    nparts = torch.cuda.get_device_properties(dev).multi_processor_count // 2
+    rows = []
+    x = torch.randn(1, 1, dtype=torch.bfloat16, device=dev)
+    for name, N, K in SHAPES:
+        nbytes = N * K * 2
+        copies = max(4, -(-args.rotate_mb * 2**20 // nbytes))
+        ws = [torch.randn(N, K, dtype=torch.bfloat16, device=dev) * K ** -0.5 for _ in range(copies)]
+        x = torch.randn(1, K, dtype=torch.bfloat16, device=dev)
+        y = torch.empty(1, N, dtype=torch.bfloat16, device=dev)
+        caps = [0] + [c for c in args.caps_mb if c * 2**20 < nbytes] + [nbytes / 2**20]
+        for idle in args.idle_us:
+            base = None
+            for cap in caps:
+                n = int(cap * 2**20) // 2 // 64 * 64
+                it = iter(range(1 << 30))
+
+                def pair():
+                    w = ws[next(it) % copies]
+                    _idle_prefetch_kernel[(nparts,)](w, n, int(idle * 1000), nparts, BLOCK=256, PF=n > 0)
+                    linear(x, w, out=y)
+
+                us = time_graph(pair, copies * 4, args.reps) * 1e6
+                base = us if cap == 0 else base
+                rows.append(dict(shape=name, N=N, K=K, weight_mb=round(nbytes / 2**20, 1), idle_us=idle,
+                                 cap_mb=round(cap, 1), us_per_pair=round(us, 2), gain_us=round(base - us, 2)))
+                print(rows[-1], flush=True)
+            alone = time_graph(lambda: linear(x, ws[next(it) % copies], out=y), copies * 4, args.reps) * 1e6
+            rows.append(dict(shape=name, N=N, K=K, weight_mb=round(nbytes / 2**20, 1), idle_us=0, cap_mb=0,
+                             us_per_pair=round(alone, 2), gain_us=0.0))
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        for idle in sorted({r["idle_us"] for r in rows if r["shape"] == s and r["idle_us"] > 0}):
+            pts = [(r["cap_mb"], r["gain_us"]) for r in rows if r["shape"] == s and r["idle_us"] == idle]
+            ax.plot(*zip(*pts), marker="o", label=f"idle {idle} µs")
+        ax.set_title(s)
+        ax.set_xlabel("prefetched MB")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0][0].set_ylabel("GEMM time saved per pair (µs)")
+    axes[0][0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--idle-us", type=lambda s: [float(v) for v in s.split(",")], default=[4.0, 8.0])
+    p.add_argument("--caps-mb", type=lambda s: [float(v) for v in s.split(",")], default=[8, 16, 24, 32, 48])
+    p.add_argument("--rotate-mb", type=int, default=512, help="weight copies cycled through (>> L2)")
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    name = torch.cuda.get_device_name(0)
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    rows = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"l2_prefetch_{name.replace(' ', '-')}_{date}")
+    meta = f"# device: {name}; torch {torch.__version__}; triton {triton.__version__}; date {date}\n"
+    with open(stem + ".csv", "w", newline="") as f:
+        f.write(meta)
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, stem + ".png", meta[2:].strip())
+    print("wrote", stem + ".csv")
+
+
+if __name__ == "__main__":
+    main()
