@@ -27,18 +27,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fusedlis.comm.kernels import _clock  # noqa: E402
 from fusedlis.perfmodel.timing import time_graph  # noqa: E402
 from fusedlis.triton_kernels import linear  # noqa: E402
-from fusedlis.triton_kernels._l2 import prefetch_span  # noqa: E402
+from fusedlis.triton_kernels._l2 import load_span, prefetch_span, prefetch_span_bulk  # noqa: E402
 
+# how the idle kernel warms L2: line prefetches (prefetch.global.L2), TMA bulk prefetches, or real loads
+HOW = {"lines": 1, "bulk": 2, "loads": 3}
 # (name, N, K) per GPU at TP=2, bf16
 SHAPES = (("8b-qkv", 3072, 4096), ("8b-o", 4096, 2048), ("8b-gate_up", 14336, 4096), ("8b-down", 4096, 7168),
           ("70b-o", 8192, 4096))
 
 
 @triton.jit
-def _idle_prefetch_kernel(w_ptr, n, ns, nparts, BLOCK: tl.constexpr, PF: tl.constexpr):
+def _idle_prefetch_kernel(w_ptr, n, ns, nparts, sink_ptr, BLOCK: tl.constexpr, PF: tl.constexpr):
     pid = tl.program_id(0)
-    if PF:
+    if PF == 1:
         prefetch_span(w_ptr, n, pid, nparts, BLOCK)
+    if PF == 2:
+        prefetch_span_bulk(w_ptr, n, pid, nparts, 128)
+    if PF == 3:
+        s = load_span(w_ptr, n, pid, nparts, 2048)
+        if s == 12345.678:  # never: keeps the loads
+            tl.store(sink_ptr, s)
     t0 = _clock(pid, True)
     while _clock(pid, True) - t0 < ns:
         pass
@@ -48,8 +56,10 @@ def run(args) -> list[dict]:
     dev = torch.device("cuda")
     nparts = torch.cuda.get_device_properties(dev).multi_processor_count // 2
     rows = []
-    x = torch.randn(1, 1, dtype=torch.bfloat16, device=dev)
+    sink = torch.zeros(1, dtype=torch.float32, device=dev)
     for name, N, K in SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
         nbytes = N * K * 2
         copies = max(4, -(-args.rotate_mb * 2**20 // nbytes))
         ws = [torch.randn(N, K, dtype=torch.bfloat16, device=dev) * K ** -0.5 for _ in range(copies)]
@@ -58,23 +68,28 @@ def run(args) -> list[dict]:
         caps = [0] + [c for c in args.caps_mb if c * 2**20 < nbytes] + [nbytes / 2**20]
         for idle in args.idle_us:
             base = None
-            for cap in caps:
-                n = int(cap * 2**20) // 2 // 64 * 64
-                it = iter(range(1 << 30))
+            for how in args.how:
+                for cap in caps:
+                    if cap == 0 and base is not None:
+                        continue
+                    n = int(cap * 2**20) // 2 // 64 * 64
+                    it = iter(range(1 << 30))
 
-                def pair():
-                    w = ws[next(it) % copies]
-                    _idle_prefetch_kernel[(nparts,)](w, n, int(idle * 1000), nparts, BLOCK=256, PF=n > 0)
-                    linear(x, w, out=y)
+                    def pair():
+                        w = ws[next(it) % copies]
+                        _idle_prefetch_kernel[(nparts,)](w, n, int(idle * 1000), nparts, sink, BLOCK=256,
+                                                         PF=HOW[how] if n > 0 else 0)
+                        linear(x, w, out=y)
 
-                us = time_graph(pair, copies * 4, args.reps) * 1e6
-                base = us if cap == 0 else base
-                rows.append(dict(shape=name, N=N, K=K, weight_mb=round(nbytes / 2**20, 1), idle_us=idle,
-                                 cap_mb=round(cap, 1), us_per_pair=round(us, 2), gain_us=round(base - us, 2)))
-                print(rows[-1], flush=True)
+                    us = time_graph(pair, copies * 4, args.reps) * 1e6
+                    base = us if cap == 0 else base
+                    rows.append(dict(shape=name, N=N, K=K, weight_mb=round(nbytes / 2**20, 1), idle_us=idle,
+                                     how=how if cap else "none", cap_mb=round(cap, 1), us_per_pair=round(us, 2),
+                                     gain_us=round(base - us, 2)))
+                    print(rows[-1], flush=True)
             alone = time_graph(lambda: linear(x, ws[next(it) % copies], out=y), copies * 4, args.reps) * 1e6
-            rows.append(dict(shape=name, N=N, K=K, weight_mb=round(nbytes / 2**20, 1), idle_us=0, cap_mb=0,
-                             us_per_pair=round(alone, 2), gain_us=0.0))
+            rows.append(dict(shape=name, N=N, K=K, weight_mb=round(nbytes / 2**20, 1), idle_us=0, how="alone",
+                             cap_mb=0, us_per_pair=round(alone, 2), gain_us=0.0))
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -89,13 +104,16 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False)
     for ax, s in zip(axes[0], shapes):
         for idle in sorted({r["idle_us"] for r in rows if r["shape"] == s and r["idle_us"] > 0}):
-            pts = [(r["cap_mb"], r["gain_us"]) for r in rows if r["shape"] == s and r["idle_us"] == idle]
-            ax.plot(*zip(*pts), marker="o", label=f"idle {idle} µs")
+            for how in HOW:
+                pts = [(r["cap_mb"], r["gain_us"]) for r in rows if r["shape"] == s and r["idle_us"] == idle
+                       and r["how"] in (how, "none")]
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), marker="o", label=f"{how}, idle {idle} µs")
         ax.set_title(s)
         ax.set_xlabel("prefetched MB")
         ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("GEMM time saved per pair (µs)")
-    axes[0][0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -108,6 +126,10 @@ def main(argv=None) -> None:
     p.add_argument("--caps-mb", type=lambda s: [float(v) for v in s.split(",")], default=[8, 16, 24, 32, 48])
     p.add_argument("--rotate-mb", type=int, default=512, help="weight copies cycled through (>> L2)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--tag", default="", help="file name tag")
+    p.add_argument("--how", type=lambda s: s.split(","), default=list(HOW), help=f"of {list(HOW)}")
+    p.add_argument("--shapes", type=lambda s: s.split(","), default=None, help="default: all of " +
+                   ",".join(s[0] for s in SHAPES))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -115,7 +137,7 @@ def main(argv=None) -> None:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     rows = run(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"l2_prefetch_{name.replace(' ', '-')}_{date}")
+    stem = os.path.join(args.out, f"l2_prefetch{'_' + args.tag if args.tag else ''}_{name.replace(' ', '-')}_{date}")
     meta = f"# device: {name}; torch {torch.__version__}; triton {triton.__version__}; date {date}\n"
     with open(stem + ".csv", "w", newline="") as f:
         f.write(meta)

@@ -80,6 +80,35 @@ def prefetch_span(ptr, n, part, nparts, BLOCK: tl.constexpr):
         prefetch_l2(ptr + offs.to(tl.int64) * LINE)
 
 
+@triton.jit
+def prefetch_span_bulk(ptr, n, part, nparts, BLOCK: tl.constexpr):
+    """`prefetch_span` through the TMA unit (sm_90 `cp.async.bulk.prefetch.L2`): each of BLOCK lanes asks for one
+    contiguous piece of this program's share, one instruction per piece."""
+    LINE: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    lo, hi = span_lines(n // LINE, part, nparts)
+    per = tl.maximum(tl.cdiv(hi - lo, BLOCK), 1)
+    first = lo + tl.arange(0, BLOCK) * per
+    first = tl.where(first < hi, first, lo)  # idle lanes repeat the first piece: harmless
+    nbytes = (tl.minimum(first + per, hi) - first) * 128
+    if hi > lo:
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                  [ptr + first.to(tl.int64) * LINE, nbytes.to(tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def load_span(ptr, n, part, nparts, BLOCK: tl.constexpr):
+    """Read this program's share of the span for real (L2 allocates what it serves), 16 bytes per lane per load;
+    returns an fp32 sum the caller must consume so the loads are not removed."""
+    lo = part * tl.cdiv(n, nparts)
+    hi = tl.minimum(lo + tl.cdiv(n, nparts), n)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(lo, hi, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + offs, mask=offs < hi, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return tl.sum(acc, axis=0)
+
+
 def prefetch_programs(device: torch.device) -> int:
     """How many extra programs a latency-bound kernel adds to issue a prefetch: half the SMs, so the requests
     leave from many SMs at once."""
