@@ -186,15 +186,11 @@ def free_memory() -> None:
 # "-lpdl": programmatic dependent launch for every `linear`; "-fpdl": the same for the fused GEMM + all-reduce
 # kernel; "-ared": decode attention merges its splits in the main kernel (one launch instead of two); "-avec": the
 # same, merging all the group's heads as one tile; "-a1": decode attention in one split per (sequence, kv head),
-# written directly (one launch, fewer programs; a different value through FUSEDLIS_ATTN_MAX_SPLITS_AB);
-# "-l2", "-l2e", "-l2x": latency-bound kernels prefetch the next GEMM's weights into L2 (FUSEDLIS_L2_PREFETCH
-# 24 MB; 24 MB with evict-first weight loads in `linear`; 40 MB with them).
+# written directly (one launch, fewer programs; a different value through FUSEDLIS_ATTN_MAX_SPLITS_AB).
 EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "1"), "-norope": ("FUSEDLIS_FUSE_ROPE", "0", "1"),
                "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""), "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"),
                "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0"), "-avec": ("FUSEDLIS_ATTN_ONE_LAUNCH", "vec", "0"),
-               "-a1": ("FUSEDLIS_ATTN_MAX_SPLITS", "1", ""),
-               "-l2": ("FUSEDLIS_L2_PREFETCH", "24", "0"), "-l2e": ("FUSEDLIS_L2_PREFETCH", "24,evict", "0"),
-               "-l2x": ("FUSEDLIS_L2_PREFETCH", "40,evict", "0")}
+               "-a1": ("FUSEDLIS_ATTN_MAX_SPLITS", "1", "")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:
@@ -618,8 +614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(FUSEDLIS_ATTN_MAX_SPLITS=1); "
                          "<mode>-lpdl = with PDL for every linear (FUSEDLIS_LINEAR_PDL=$FUSEDLIS_LINEAR_PDL_AB, "
                          "default 0.5,evict); <mode>-fpdl = PDL for the fused GEMM + all-reduce (FUSEDLIS_FUSED_PDL, "
-                         "default 1,pf=4); <mode>-l2 / -l2e / -l2x = L2 prefetch of the next weights "
-                         "(FUSEDLIS_L2_PREFETCH=24 / 24,evict / 40,evict); suffixes combine (fused-norope-lpdl-fpdl); "
+                         "default 1,pf=4); suffixes combine (fused-norope-lpdl-fpdl); "
                          "'none' for transformers only")
     ap.add_argument("--nvrar-nodes", default="1,2",
                     help="logical node counts for nvrar (FUSEDLIS_GPUS_PER_NODE = TP / nodes)")

@@ -7,7 +7,13 @@ prefetch can have put them there. cap=0 is the baseline; "gain" is its time minu
 
     python3 bench/l2_prefetch.py --out bench/results            # one GPU, about a minute
 
-Writes l2_prefetch_<device>_<date>.csv and .png.
+Writes l2_prefetch[_<tag>]_<device>_<date>.csv and .png.
+
+Result on H200 (2026-11-22, l2_prefetch_*.csv and l2_prefetch_how_*.csv): no gain anywhere. Line and TMA bulk
+prefetches cost about 0.1 µs per MB prefetched and the GEMM after them ran no faster, although the same GEMM on
+an L2-warm weight is 1.8-3.3 µs faster (bench/l2_resident_check.py). "loads" as written here is far too slow to
+judge (its loads are not vectorised). In the engine (prefetching from the attention merge and after the fused
+GEMM's tiles, commit 42e2c59) decode got 3-5% slower, so the engine does not prefetch.
 """
 
 from __future__ import annotations
@@ -27,13 +33,61 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fusedlis.comm.kernels import _clock  # noqa: E402
 from fusedlis.perfmodel.timing import time_graph  # noqa: E402
 from fusedlis.triton_kernels import linear  # noqa: E402
-from fusedlis.triton_kernels._l2 import load_span, prefetch_span, prefetch_span_bulk  # noqa: E402
+from fusedlis.triton_kernels._pdl import prefetch_l2  # noqa: E402
 
 # how the idle kernel warms L2: line prefetches (prefetch.global.L2), TMA bulk prefetches, or real loads
 HOW = {"lines": 1, "bulk": 2, "loads": 3}
 # (name, N, K) per GPU at TP=2, bf16
 SHAPES = (("8b-qkv", 3072, 4096), ("8b-o", 4096, 2048), ("8b-gate_up", 14336, 4096), ("8b-down", 4096, 7168),
           ("70b-o", 8192, 4096))
+
+
+@triton.jit
+def span_lines(n_lines, part, nparts):
+    """The 128-byte lines [lo, hi) of `n_lines` that program `part` of `nparts` prefetches (hi <= lo: none)."""
+    per = tl.cdiv(n_lines, nparts)
+    lo = part * per
+    return lo, tl.minimum(lo + per, n_lines)
+
+
+@triton.jit
+def prefetch_span(ptr, n, part, nparts, BLOCK: tl.constexpr):
+    """Program `part` of `nparts` asks L2 for its share of the `n` elements at `ptr` (n: whole 128-byte lines),
+    BLOCK line prefetches per step. Non-blocking: the program may exit before the lines arrive."""
+    LINE: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    lo, hi = span_lines(n // LINE, part, nparts)
+    for i in range(lo, hi, BLOCK):
+        offs = tl.minimum(i + tl.arange(0, BLOCK), hi - 1)  # the tail repeats the last line: harmless
+        prefetch_l2(ptr + offs.to(tl.int64) * LINE)
+
+
+@triton.jit
+def prefetch_span_bulk(ptr, n, part, nparts, BLOCK: tl.constexpr):
+    """`prefetch_span` through the TMA unit (sm_90 `cp.async.bulk.prefetch.L2`): each of BLOCK lanes asks for one
+    contiguous piece of this program's share, one instruction per piece."""
+    LINE: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    lo, hi = span_lines(n // LINE, part, nparts)
+    per = tl.maximum(tl.cdiv(hi - lo, BLOCK), 1)
+    first = lo + tl.arange(0, BLOCK) * per
+    first = tl.where(first < hi, first, lo)  # idle lanes repeat the first piece: harmless
+    nbytes = (tl.minimum(first + per, hi) - first) * 128
+    if hi > lo:
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                  [ptr + first.to(tl.int64) * LINE, nbytes.to(tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def load_span(ptr, n, part, nparts, BLOCK: tl.constexpr):
+    """Read this program's share of the span for real (L2 allocates what it serves), 16 bytes per lane per load;
+    returns an fp32 sum the caller must consume so the loads are not removed."""
+    lo = part * tl.cdiv(n, nparts)
+    hi = tl.minimum(lo + tl.cdiv(n, nparts), n)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(lo, hi, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + offs, mask=offs < hi, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit

@@ -137,14 +137,13 @@ def _fused_row_linear(model: LlamaForCausalLM, max_m: int):
 
     ws = FusedAllReduceWorkspace.from_torch_symm(max_m, model.config.hidden_size)
 
-    def row_linear(x: torch.Tensor, w: torch.Tensor, residual=None, norm_weight=None, eps: float = 1e-5,
-                   prefetch: torch.Tensor | None = None):
+    def row_linear(x: torch.Tensor, w: torch.Tensor, residual=None, norm_weight=None, eps: float = 1e-5):
         if x.shape[0] > max_m or x.dtype != w.dtype:
             return None
         if residual is None:
-            return linear_allreduce(x.contiguous(), w, ws, prefetch=prefetch)
+            return linear_allreduce(x.contiguous(), w, ws)
         return linear_allreduce(x.contiguous(), w, ws, residual=residual.contiguous(), norm_weight=norm_weight,
-                                eps=eps, prefetch=prefetch)
+                                eps=eps)
 
     row_linear.workspace = ws
     return row_linear

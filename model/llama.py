@@ -62,19 +62,16 @@ class Attention(nn.Module):
                               (f"{prefix}.v_proj.weight", cfg.kv_size)], tp, dtype, device)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj.weight", cfg.q_size, cfg.hidden_size, tp, dtype, device)
 
-    def forward(self, x, positions, rope, cache_kv, ops, kv_len, residual, norm, prefetch_next=None):
-        """Attention sublayer ending in `norm(o_proj(attn) + residual)`: returns (normed, new residual).
-
-        `prefetch_next` is the weight read after this sublayer, a hint the kernels may use to warm L2."""
+    def forward(self, x, positions, rope, cache_kv, ops, kv_len, residual, norm):
+        """Attention sublayer ending in `norm(o_proj(attn) + residual)`: returns (normed, new residual)."""
         B, T, _ = x.shape
         D = self.head_dim
         qkv = self.qkv_proj(x, ops)
         q, k, v = qkv.split([self.h_local * D, self.kv_local * D, self.kv_local * D], dim=-1)
         o = ops.attention(q.reshape(B, T, self.h_local, D), k.reshape(B, T, self.kv_local, D),
                           v.reshape(B, T, self.kv_local, D), positions, rope[0], rope[1],
-                          cache_kv[0], cache_kv[1], self.scale, kv_len, prefetch=self.o_proj.weight)
-        return self.o_proj.forward_norm(o.reshape(B, T, self.h_local * D), ops, residual, norm,
-                                        prefetch=prefetch_next)
+                          cache_kv[0], cache_kv[1], self.scale, kv_len)
+        return self.o_proj.forward_norm(o.reshape(B, T, self.h_local * D), ops, residual, norm)
 
 
 class MLP(nn.Module):
@@ -86,9 +83,9 @@ class MLP(nn.Module):
             tp, dtype, device, activation="swiglu")
         self.down_proj = RowParallelLinear(f"{prefix}.down_proj.weight", i, cfg.hidden_size, tp, dtype, device)
 
-    def forward(self, x, ops, residual, norm, prefetch_next=None):
+    def forward(self, x, ops, residual, norm):
         """MLP sublayer ending in `norm(down_proj(...) + residual)`: returns (normed, new residual)."""
-        return self.down_proj.forward_norm(self.gate_up_proj(x, ops), ops, residual, norm, prefetch=prefetch_next)
+        return self.down_proj.forward_norm(self.gate_up_proj(x, ops), ops, residual, norm)
 
 
 class DecoderLayer(nn.Module):
@@ -102,16 +99,15 @@ class DecoderLayer(nn.Module):
                                                 cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, f"{p}.mlp", tp, dtype, device)
 
-    def forward(self, h, residual, positions, rope, cache_kv, ops, kv_len, next_norm, next_weight=None):
+    def forward(self, h, residual, positions, rope, cache_kv, ops, kv_len, next_norm):
         """`h` is this layer's normed input; returns the next norm's output and the new residual.
 
         Each row-parallel projection ends with the residual add and the following RMSNorm, so a fused
-        GEMM + all-reduce + residual + RMSNorm kernel can replace all of it. `next_weight` (the next layer's
-        first weight) and each sublayer's own next weight are passed down as L2 prefetch hints.
+        GEMM + all-reduce + residual + RMSNorm kernel can replace all of it.
         """
         h, residual = self.self_attn(h, positions, rope, cache_kv, ops, kv_len, residual,
-                                     self.post_attention_layernorm, prefetch_next=self.mlp.gate_up_proj.weight)
-        return self.mlp(h, ops, residual, next_norm, prefetch_next=next_weight)
+                                     self.post_attention_layernorm)
+        return self.mlp(h, ops, residual, next_norm)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -224,11 +220,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.layers[0].input_layernorm(residual, ops)
         for i, layer in enumerate(self.layers):
             cache_kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else (None, None)
-            if i + 1 < len(self.layers):
-                nxt, nxt_w = self.layers[i + 1].input_layernorm, self.layers[i + 1].self_attn.qkv_proj.weight
-            else:
-                nxt, nxt_w = self.norm, self.lm_head.weight
-            x, residual = layer(x, residual, positions, rope, cache_kv, ops, kv_len, nxt, nxt_w)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, residual = layer(x, residual, positions, rope, cache_kv, ops, kv_len, nxt)
         if last_index is not None:
             x = x[torch.arange(B, device=device), last_index].unsqueeze(1)
         elif last_only:

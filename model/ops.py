@@ -42,14 +42,12 @@ class TorchOps:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor | None,
-                  v_cache: torch.Tensor | None, scale: float, kv_len: int | None = None,
-                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                  v_cache: torch.Tensor | None, scale: float, kv_len: int | None = None) -> torch.Tensor:
         """Rotary + (cache write) + causal GQA attention by absolute positions. Returns [B, T, Hq, D].
 
         q [B,T,Hq,D], k/v [B,T,Hkv,D], positions [B,T]. With a cache ([Bmax, Hkv, S, D]) the new k/v are
         written at their positions and every query attends to cache positions <= its own; `kv_len` bounds the
         cache prefix read (None: the whole cache, which needs no host sync, e.g. inside a CUDA graph).
-        `prefetch` (the weight read next) is an L2 hint for kernels; the reference ignores it.
         """
         q = apply_rope(q, positions, cos, sin)
         k = apply_rope(k, positions, cos, sin)
@@ -106,21 +104,21 @@ class TritonOps(TorchOps):
         shape = ids.shape
         return self.tk.embedding(ids.reshape(-1).contiguous(), w, vocab_start).view(*shape, w.shape[1])
 
-    def attention(self, q, k, v, positions, cos, sin, k_cache, v_cache, scale, kv_len=None, prefetch=None):
+    def attention(self, q, k, v, positions, cos, sin, k_cache, v_cache, scale, kv_len=None):
         if k_cache is None:
             return super().attention(q, k, v, positions, cos, sin, k_cache, v_cache, scale)
         B, T, Hq, D = q.shape
         if T == 1 and self.fuse_rope and q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1:
             # q, k, v may be strided views of the merged qkv output; the kernel reads them in place
             return self.tk.decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0], scale, lens_offset=1,
-                                            rope=(k[:, 0], v[:, 0], cos, sin), prefetch=prefetch).view(B, 1, Hq, D)
+                                            rope=(k[:, 0], v[:, 0], cos, sin)).view(B, 1, Hq, D)
         # The kernel rotates q and k and writes k, v into the cache.
         q_rot = self.tk.rope(q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), cos, sin,
                              k_cache, v_cache)
         if T == 1:
             # length = position + 1, read by the kernel from the positions column itself (no per-layer torch ops)
             return self.tk.decode_attention(q_rot.view(B, Hq, D), k_cache, v_cache, positions[:, 0], scale,
-                                            lens_offset=1, prefetch=prefetch).view(B, 1, Hq, D)
+                                            lens_offset=1).view(B, 1, Hq, D)
         # Prefill: attention over the filled cache stays in torch.
         L = kv_len or k_cache.shape[2]
         keys, vals = k_cache[:B, :, :L], v_cache[:B, :, :L]

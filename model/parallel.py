@@ -25,9 +25,8 @@ class TPContext:
     rank: int = 0
     size: int = 1
     comm: Any = None
-    # Optional fused row-parallel GEMM + all-reduce: row_linear(x2d, w_shard[, residual, norm_weight, eps,
-    # prefetch=next weight or None]) -> summed y, or (normed, new_residual) when given a residual and norm weight;
-    # None declines (unfused path).
+    # Optional fused row-parallel GEMM + all-reduce: row_linear(x2d, w_shard[, residual, norm_weight, eps]) ->
+    # summed y, or (normed, new_residual) when given a residual and norm weight; None declines (unfused path).
     row_linear: Any = None
 
     def __post_init__(self) -> None:
@@ -122,19 +121,17 @@ class RowParallelLinear(nn.Module):
                 return y.view(*x.shape[:-1], self.out_features)
         return self.tp.all_reduce(ops.linear(x, self.weight))
 
-    def forward_norm(self, x: torch.Tensor, ops, residual: torch.Tensor, norm,
-                     prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_norm(self, x: torch.Tensor, ops, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """`(norm(y + residual), y + residual)` for y = this layer's all-reduced output.
 
         `norm` is a module with `weight` and `eps`; with a fused row_linear the GEMM, all-reduce, residual add
-        and RMSNorm run as one fused kernel pair, which may warm L2 with `prefetch` (the weight read next).
+        and RMSNorm run as one fused kernel pair.
         """
         lead = x.shape[:-1]
         res2d = residual.reshape(-1, self.out_features)
         out = None
         if self.tp.row_linear is not None and self.tp.size > 1:
-            out = self.tp.row_linear(x.reshape(-1, x.shape[-1]), self.weight, res2d, norm.weight, norm.eps,
-                                     prefetch=prefetch)
+            out = self.tp.row_linear(x.reshape(-1, x.shape[-1]), self.weight, res2d, norm.weight, norm.eps)
         if out is None:
             y = ops.linear(x, self.weight)
             out = self.tp.all_reduce_norm(y.reshape(-1, self.out_features), res2d, norm.weight, norm.eps)

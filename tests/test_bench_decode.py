@@ -67,14 +67,12 @@ def test_variants():
         "nccl-lpdl", "auto-unfusednorm-rope"]
     assert decode.experiment_env("nccl") == {"FUSEDLIS_FUSE_ROPE": "1", "FUSEDLIS_LINEAR_PDL": "",
                                              "FUSEDLIS_FUSED_PDL": "0", "FUSEDLIS_ATTN_ONE_LAUNCH": "0",
-                                             "FUSEDLIS_ATTN_MAX_SPLITS": "", "FUSEDLIS_L2_PREFETCH": "0"}
+                                             "FUSEDLIS_ATTN_MAX_SPLITS": ""}
     # rope inside attention is the default; "-norope" is the A/B against the rope kernel
     assert decode.split_variant("fused-norope-lpdl") == ("fused", "-norope-lpdl")
     assert decode.experiment_env("fused-norope-lpdl")["FUSEDLIS_FUSE_ROPE"] == "0"
     assert decode.experiment_env("fused-ared")["FUSEDLIS_ATTN_ONE_LAUNCH"] == "1"
     assert decode.experiment_env("fused-avec")["FUSEDLIS_ATTN_ONE_LAUNCH"] == "vec"
-    assert decode.split_variant("fused-l2e") == ("fused", "-l2e")
-    assert decode.experiment_env("fused-l2x")["FUSEDLIS_L2_PREFETCH"] == "40,evict"
     assert decode.split_variant("fused-fpdl-rope") == ("fused", "-fpdl-rope")
     assert decode.experiment_env("fused-fpdl")["FUSEDLIS_FUSED_PDL"] == "1,pf=4"
     assert decode.experiment_env("nccl-lpdl-rope")["FUSEDLIS_FUSE_ROPE"] == "1"

@@ -245,21 +245,20 @@ sig = {n: "*bf16" for n in ("x_ptr", "w_ptr", "out_ptr", "res_out_ptr", "res_ptr
 sig.update({"table_ptr": "*i64", "seq_ptr": "*i32", "err_ptr": "*i32"})
 for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "M_CAP", "NC_CAP", "NC"):
     sig[n] = "i32"
-sig.update({"eps": "fp32", "budget": "i64", "n_gemm": "i32", "n_fin": "i32", "pf_ptr": "*bf16", "pf_n": "i32"})
-for one_shot, rounds, use_dot, split, pdl, pf in ((True, 0, False, 1, False, False), (False, 1, True, 4, False, False),
-                                                  (True, 0, True, 2, True, False), (True, 0, True, 2, False, True)):
+sig.update({"eps": "fp32", "budget": "i64", "n_gemm": "i32", "n_fin": "i32"})
+for one_shot, rounds, use_dot, split, pdl in ((True, 0, False, 1, False), (False, 1, True, 4, False),
+                                              (True, 0, True, 2, True)):
     c = dict(MAXP=8, LOCAL=2, LOCAL_P2=2, ROUNDS=rounds, ONE_SHOT=one_shot, PART=tl.bfloat16,
              BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split, LS_P2=2 * split,
              USE_DOT=use_dot, EVEN_K=True, IEEE=False,
              HAS_RES=True, HAS_NORM=True, BLOCK_C=128, NC_P2=16, DO_GEMM=True, DO_FINISH=True,
-             W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True, PDL=pdl, PF_LINES=4 if pdl else 0, PF_NEXT=pf)
+             W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True, PDL=pdl, PF_LINES=4 if pdl else 0)
     src = ASTSource(fn=la._linear_allreduce_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = k.asm["ptx"]
     # PDL (opt-in): wait on the previous grid, let the next one launch, L2 prefetch of weights before the wait
-    assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == pdl, pdl
-    # L2 prefetch: of this kernel's weights before the PDL wait, or of the next kernel's after the GEMM (PF_NEXT)
-    assert ("prefetch.global.L2" in ptx) == (pdl or pf), (pdl, pf)
+    assert (("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+             and "prefetch.global.L2" in ptx) == pdl), pdl
     assert "ld.volatile" in ptx, "LL partials must be polled with volatile loads"
     if rounds:  # inter-node rounds and two-shot all-gather: flags with system-scope acquire / release
         assert "fence.acq_rel.sys" in ptx and "atom" in ptx and "nanosleep" in ptx, "missing sync instructions"

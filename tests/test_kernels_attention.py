@@ -14,7 +14,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False, from_positions=False, prefetch=None):
+def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False, from_positions=False):
     g = torch.Generator().manual_seed(seed)
     Hq = Hkv * group
     q = torch.randn(B, Hq, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -30,9 +30,9 @@ def run_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, full=False, fr
     out = torch.full_like(q, float("nan"))  # an element the kernel does not write stays NaN
     if from_positions:  # the engine's form: a strided int64 column of positions, length = position + 1
         pos = torch.stack([lens.long() - 1, torch.full_like(lens.long(), -7)], dim=1)
-        o = decode_attention(q, kc, vc, pos[:, 0], scale, config=cfg, lens_offset=1, out=out, prefetch=prefetch)
+        o = decode_attention(q, kc, vc, pos[:, 0], scale, config=cfg, lens_offset=1, out=out)
     else:
-        o = decode_attention(q, kc, vc, lens, scale, config=cfg, out=out, prefetch=prefetch)
+        o = decode_attention(q, kc, vc, lens, scale, config=cfg, out=out)
     assert o.data_ptr() == out.data_ptr()
     ref = decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale)
     assert not torch.isnan(o).any()
@@ -161,29 +161,6 @@ def test_decode_attention_gpu_bf16_fused_reduce(B, Hkv, group, S):
     for cfg in fused + [dict(c, VEC_MERGE=True) for c in fused[:4]]:  # and the group's heads merged as one tile
         for seed in range(2):  # twice: the arrival counters must reset
             assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=seed) < 1e-2, cfg
-
-
-def test_decode_attention_prefetch_hint_is_checked_and_harmless(monkeypatch):
-    """`prefetch` is a hint (no L2 in the interpreter): results unchanged, a non-tensor refused."""
-    monkeypatch.setenv("FUSEDLIS_L2_PREFETCH", "1")
-    w = torch.randn(64, 64)
-    assert run_case(2, 2, 2, 16, 40, torch.float32, {"NUM_SPLITS": 3, "BLOCK_N": 16}, prefetch=w) < 1e-5
-    with pytest.raises(TypeError, match="prefetch"):
-        run_case(1, 1, 2, 16, 40, torch.float32, {"NUM_SPLITS": 3, "BLOCK_N": 16}, prefetch="w")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mb", ["1", "0.3"])
-def test_decode_attention_gpu_bf16_l2_prefetch(monkeypatch, mb):
-    """With FUSEDLIS_L2_PREFETCH the merge launch gets extra programs prefetching a weight: same results, the
-    weight untouched."""
-    monkeypatch.setenv("FUSEDLIS_L2_PREFETCH", mb)
-    w = torch.randn(4096, 2048, dtype=torch.bfloat16, device="cuda")
-    w0 = w.clone()
-    for B, Hkv, group, S in ((1, 4, 4, 2048), (8, 4, 4, 777), (3, 2, 5, 333)):
-        cfg = {"NUM_SPLITS": 8, "BLOCK_N": 64, "num_warps": 4}
-        assert run_case(B, Hkv, group, 128, S, torch.bfloat16, cfg, device="cuda", seed=S, prefetch=w) < 1e-2
-    assert torch.equal(w, w0)
 
 
 def run_rope_case(B, Hkv, group, D, S, dtype, cfg, device=DEV, seed=0, fused_reduce=False):

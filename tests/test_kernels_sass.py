@@ -69,12 +69,6 @@ for fused, rope, direct, vec in ((False, False, False, False), (True, False, Fal
                                           "FUSED_REDUCE": fused, "BLOCK_S": 16 if vec else 32, "ROPE": rope,
                                           "PDL": False, "DIRECT": direct, "VEC_MERGE": vec, "BLOCK_GM": 4},
         div, 4, 2)
-from fusedlis.triton_kernels.decode_attention import _decode_attention_reduce_kernel as red
-types = ["*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32", "i32", "*bf16", "i32", "i32"] + ["constexpr"] * 5
-div = [n for n in red.arg_names if n.endswith("_ptr")]
-for pf in (False, True):
-    out["attention_reduce" + ("_pf" if pf else "")] = stats(
-        red, types, {"D": 128, "BLOCK_S": 32, "BLOCK_D": 128, "PDL": True, "PF": pf}, div, 4, 1)
 print(json.dumps(out))
 '''
 
@@ -117,11 +111,3 @@ def test_sm90_pdl_linear_waits_and_prefetches(sass_stats):
     assert not off["gdc"] and off["prefetch"] == 0, off
     # EVICT_W (on in the PDL variant here): the weight loads carry an evict-first L2 policy
     assert on["evict_first"] > 0 and off["evict_first"] == 0, (on, off)
-
-
-def test_sm90_attention_merge_prefetches_only_when_asked(sass_stats):
-    """The split-merge kernel's extra programs issue L2 line prefetches of the next weight (PF); without PF the
-    kernel has none (the default build is unchanged)."""
-    on, off = sass_stats["attention_reduce_pf"], sass_stats["attention_reduce"]
-    assert on["prefetch"] > 0 and off["prefetch"] == 0, (on, off)
-    assert on["local"] == 0 and off["local"] == 0, (on, off)

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlis.triton_kernels._l2 import prefetch_args, prefetch_programs, prefetch_span
 from fusedlis.triton_kernels._pdl import pdl_launch, pdl_wait
 
 from fusedlis import tuning
@@ -194,20 +193,12 @@ def _merge_group(o_part_ptr, lse_ptr, out_ptr, b, hkv, GROUP, H, NUM_SPLITS, str
 
 
 @triton.jit
-def _decode_attention_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS, stride_ob, stride_oh, H, n_heads,
-                                    pf_ptr, pf_n, pf_parts,
+def _decode_attention_reduce_kernel(o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS, stride_ob, stride_oh, H,
                                     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    PDL: tl.constexpr = False, PF: tl.constexpr = False):
-    pid = tl.program_id(0)  # (sequence, head) pairs, then with PF the prefetch programs
-    if pid >= n_heads:
-        # The merge reads L2-resident partials and leaves HBM idle, so these programs pull the next GEMM's
-        # weights into L2 meanwhile; weights do not depend on the previous kernel (no PDL wait).
-        if PF:
-            prefetch_span(pf_ptr, pf_n, pid - n_heads, pf_parts, 256)
-    else:
-        pdl_wait(PDL)
-        _merge_splits(o_part_ptr, lse_ptr, out_ptr, pid // H, pid % H, H, NUM_SPLITS,
-                      stride_ob, stride_oh, D, BLOCK_S, BLOCK_D)
+                                    PDL: tl.constexpr = False):
+    pdl_wait(PDL)
+    _merge_splits(o_part_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), H, NUM_SPLITS,
+                  stride_ob, stride_oh, D, BLOCK_S, BLOCK_D)
 
 
 def decode_attention_key(B: int, Hq: int, Hkv: int, D: int, S: int, dtype: torch.dtype) -> dict:
@@ -303,7 +294,7 @@ def _counters(device, n: int) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, *, config: dict | None = None, lens_offset: int = 0,
                      rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     out: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q[B, Hq, D] over cache positions `[0, seq_lens[b] + lens_offset)`; returns o[B, Hq, D].
 
     GQA: q head h reads kv head h // (Hq // Hkv). seq_lens is int32 or int64 [B], any stride (the decode step
@@ -317,8 +308,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cos / sin are the [P, D/2] tables of `fusedlis.model.rope.rope_tables`. Rows of q, k_new, v_new may be
     strided views (e.g. of a merged qkv output) with unit stride along D.
     `out`: a [B, Hq, D] tensor of q's dtype and device with unit stride along D to write into (default: a new one).
-    `prefetch`: a weight the caller reads next (e.g. o_proj's); with FUSEDLIS_L2_PREFETCH set, the split-merge
-    launch also pulls its leading bytes into L2 (a hint: ignored on CPU, when off, or with no merge launch).
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
         if not isinstance(t, torch.Tensor):
@@ -390,12 +379,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2), **pdl_launch(q.device))
     if fused or splits == 1:
         return out
-    pf, pf_n = prefetch_args(prefetch, q.device)
-    pf_parts = prefetch_programs(q.device) if pf is not None else 0
-    _decode_attention_reduce_kernel[(B * Hq + pf_parts,)](
-        o_part, lse, out, splits, out.stride(0), out.stride(1), Hq, B * Hq, pf if pf is not None else out, pf_n,
-        max(pf_parts, 1), D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
-        PF=pf is not None, **pdl_launch(q.device))
+    _decode_attention_reduce_kernel[(B, Hq)](
+        o_part, lse, out, splits, out.stride(0), out.stride(1), Hq,
+        D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
     return out
 
 

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from fusedlis import tuning
-from fusedlis.triton_kernels._l2 import l2_prefetch_setting
 from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_weight_lines
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -401,8 +400,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = 
     exp = _linear_pdl_experiment()
     if exp:
         config = {**config, **exp}
-    if "EVICT_W" not in config and l2_prefetch_setting().evict:
-        config = {**config, "EVICT_W": True}  # the stream must not push lines prefetched for this GEMM out of L2
     pdl = pdl_launch(x.device) if config.get("PDL", False) else {"PDL": False}
     frac = float(config.get("PDL_LAUNCH_FRAC", 0.0))
     launch_at = int(frac * triton.cdiv(k_per_split, bk)) if frac > 0 else -1

@@ -50,7 +50,6 @@ _MIN_SPLIT_ROOM = 8  # rows of partials a (parity, source) slot holds at least: 
 
 
 from fusedlis.comm.kernels import _clock, _ll_encode, _spent, uses_gpu_clock, wait_budget
-from fusedlis.triton_kernels._l2 import prefetch_args, prefetch_span
 from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_weight_lines
 
 try:  # one exception type for every communication timeout of the package
@@ -386,7 +385,7 @@ def _linear_allreduce_kernel(
     IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
     NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
     W_END: tl.constexpr, FENCE: tl.constexpr, BUMP: tl.constexpr, PDL: tl.constexpr = False,
-    PF_LINES: tl.constexpr = 0, pf_ptr=None, pf_n=0, PF_NEXT: tl.constexpr = False,
+    PF_LINES: tl.constexpr = 0,
 ):
     # GEMM programs never wait, and they come first in the grid, so the (spinning) finish programs are
     # dispatched after every GEMM program already holds an SM: no deadlock with in-order block dispatch.
@@ -403,10 +402,6 @@ def _linear_allreduce_kernel(
         _gemm_push(pid, seq, parity, x_ptr, w_ptr, table_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
                    LOCAL_RANK, shard_n, MN_CAP, MAXP, LOCAL, ONE_SHOT, PART, BM, BN, BK, SPLIT, USE_DOT,
                    EVEN_K, IEEE)
-        if PF_NEXT:
-            # Its tile pushed, HBM is idle until the all-reduce and the next launch are done: pull the next
-            # GEMM's leading weight bytes into L2 meanwhile (fusedlis.triton_kernels._l2).
-            prefetch_span(pf_ptr, pf_n, pid, n_gemm, 256)
         pdl_launch_dependents(PDL)  # after this program's weight stream
     if DO_FINISH:
         fid = pid - n_gemm if DO_GEMM else pid
@@ -844,7 +839,7 @@ def _check(x, w, ws, residual, norm_weight):
 
 
 def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps, *, gemm=True, finish=True,
-            w_begin=0, w_end=1 << 20, bump=True, prefetch=None):
+            w_begin=0, w_end=1 << 20, bump=True):
     M, K = x.shape
     N = w.shape[0]
     L = ws.local_size
@@ -860,7 +855,6 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     # PDL (opt-in, no gain in the engine on 2xH200: config "PDL" or FUSEDLIS_FUSED_PDL): launched while the previous kernel drains, the
     # GEMM programs prefetch PF_LINES weight lines, then every program waits for it before anything else
     pdl = pdl_launch(x.device) if cfg.get("PDL", False) and uses_gpu_clock(x.device) else {"PDL": False}
-    pf, pf_n = prefetch_args(prefetch, x.device) if gemm else (None, 0)
     _linear_allreduce_kernel[(n_total,)](
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
@@ -873,7 +867,6 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
         FENCE=uses_gpu_clock(x.device), BUMP=bump,
         PF_LINES=int(cfg.get("PF_LINES", 0)) if pdl["PDL"] and gemm else 0,
-        pf_ptr=pf if pf is not None else w, pf_n=pf_n, PF_NEXT=pf is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
 
@@ -963,7 +956,7 @@ def _result(out, res_out, norm_weight):
 def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: torch.Tensor | None = None,
                      norm_weight: torch.Tensor | None = None, eps: float = 1e-5, *,
                      one_shot: bool | None = None, partial_dtype: torch.dtype | None = None,
-                     config: dict | None = None, out=None, prefetch: torch.Tensor | None = None):
+                     config: dict | None = None, out=None):
     """Row-parallel linear `sum_ranks(x @ w_shard.T)` fused with its all-reduce (+ residual, RMSNorm).
 
     `x[M, K_local]`, `w_shard[N, K_local]` (this rank's K-slice), `residual[M, N]` (same on every rank),
@@ -973,9 +966,7 @@ def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: tor
     `.fused_workspace`); any other object with `all_reduce(tensor)` runs the unfused torch path.
     `one_shot=None` picks one-shot or two-shot by size; `partial_dtype` (default x.dtype) is what the
     tile partials travel in (default fp32 for M <= 8, else x.dtype). `out` (optional, preallocated
-    `y` or `(normed, new_residual)`) is written in place, e.g. for CUDA graphs. `prefetch`: the weight read
-    next (e.g. gate_up's); with FUSEDLIS_L2_PREFETCH set, GEMM programs pull its leading bytes into L2 once
-    their tile is pushed, while the all-reduce runs (a hint: ignored on CPU or when off).
+    `y` or `(normed, new_residual)`) is written in place, e.g. for CUDA graphs.
     """
     ws = _as_workspace(comm)
     if ws is None:
@@ -992,7 +983,7 @@ def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: tor
     if part not in _DTYPES:
         raise TypeError(f"partial_dtype {part} not supported")
     out, res_out = _alloc_out(x, N, norm_weight, out)
-    _launch(x, w_shard, out, res_out, residual, norm_weight, ws, cfg, part, eps, prefetch=prefetch)
+    _launch(x, w_shard, out, res_out, residual, norm_weight, ws, cfg, part, eps)
     if os.environ.get("FUSEDLIS_CHECK_COMM") == "1":
         ws.check()
     return _result(out, res_out, norm_weight)
