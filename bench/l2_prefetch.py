@@ -9,10 +9,15 @@ prefetch can have put them there. cap=0 is the baseline; "gain" is its time minu
 
 Writes l2_prefetch[_<tag>]_<device>_<date>.csv and .png.
 
+"side" instead reads the span for real, from a grid on another stream running beside the idle kernel (a
+branch of the CUDA graph, joined before the GEMM).
+
 Result on H200 (2026-11-22, l2_prefetch_*.csv and l2_prefetch_how_*.csv): no gain anywhere. Line and TMA bulk
 prefetches cost about 0.1 µs per MB prefetched and the GEMM after them ran no faster, although the same GEMM on
 an L2-warm weight is 1.8-3.3 µs faster (bench/l2_resident_check.py). "loads" as written here is far too slow to
-judge (its loads are not vectorised). In the engine (prefetching from the attention merge and after the fused
+judge (its loads are not vectorised). "side" (l2_prefetch_side_*.csv) gains 0.5-0.8 µs at 8 MB, no more at 16 MB,
+and loses from 24 MB on, even when the idle kernel lasts 10 µs: L2 keeps far less of a weight read by other SMs
+than the 1.8-3.3 µs an L2-warm weight saves. In the engine (prefetching from the attention merge and after the fused
 GEMM's tiles, commit 42e2c59) decode got 3-5% slower, so the engine does not prefetch.
 """
 
@@ -36,7 +41,8 @@ from fusedlis.triton_kernels import linear  # noqa: E402
 from fusedlis.triton_kernels._pdl import prefetch_l2  # noqa: E402
 
 # how the idle kernel warms L2: line prefetches (prefetch.global.L2), TMA bulk prefetches, or real loads
-HOW = {"lines": 1, "bulk": 2, "loads": 3}
+HOW = {"lines": 1, "bulk": 2, "loads": 3, "side": 4}
+WARM_CHUNK = 4096
 # (name, N, K) per GPU at TP=2, bf16
 SHAPES = (("8b-qkv", 3072, 4096), ("8b-o", 4096, 2048), ("8b-gate_up", 14336, 4096), ("8b-down", 4096, 7168),
           ("70b-o", 8192, 4096))
@@ -91,6 +97,16 @@ def load_span(ptr, n, part, nparts, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _warm_kernel(ptr, n, sink_ptr, CHUNK: tl.constexpr):
+    """Read one CHUNK of the span per program (16-byte loads), so L2 holds what it served; a whole grid of these
+    runs beside the idle kernel on another stream ("side")."""
+    offs = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    s = tl.sum(tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32), axis=0)
+    if s == 12345.678:  # never: keeps the loads
+        tl.store(sink_ptr, s)
+
+
+@triton.jit
 def _idle_prefetch_kernel(w_ptr, n, ns, nparts, sink_ptr, BLOCK: tl.constexpr, PF: tl.constexpr):
     pid = tl.program_id(0)
     if PF == 1:
@@ -111,6 +127,7 @@ def run(args) -> list[dict]:
     nparts = torch.cuda.get_device_properties(dev).multi_processor_count // 2
     rows = []
     sink = torch.zeros(1, dtype=torch.float32, device=dev)
+    side = torch.cuda.Stream()
     for name, N, K in SHAPES:
         if args.shapes and name not in args.shapes:
             continue
@@ -131,8 +148,16 @@ def run(args) -> list[dict]:
 
                     def pair():
                         w = ws[next(it) % copies]
+                        side_warm = how == "side" and n > 0
+                        if side_warm:  # a concurrent branch of the graph, joined before the GEMM
+                            main = torch.cuda.current_stream()
+                            side.wait_stream(main)
+                            with torch.cuda.stream(side):
+                                _warm_kernel[(triton.cdiv(n, WARM_CHUNK),)](w, n, sink, CHUNK=WARM_CHUNK)
                         _idle_prefetch_kernel[(nparts,)](w, n, int(idle * 1000), nparts, sink, BLOCK=256,
-                                                         PF=HOW[how] if n > 0 else 0)
+                                                         PF=HOW[how] if n > 0 and not side_warm else 0)
+                        if side_warm:
+                            main.wait_stream(side)
                         linear(x, w, out=y)
 
                     us = time_graph(pair, copies * 4, args.reps) * 1e6
