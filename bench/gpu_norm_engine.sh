@@ -65,7 +65,7 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
       .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
   fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  want G && TAIL=15 step gpu_kernel_tests 200 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
+  want G && TAIL=15 step gpu_kernel_tests 230 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
     ${G_TESTS:-tests/test_kernels_attention.py tests/test_model_triton.py}
   want Q && TAIL=12 step l2_prefetch 150 env CUDA_VISIBLE_DEVICES=0 python3 bench/l2_prefetch.py --out "$R"
   want Q && cp "$R"/l2_prefetch_*.csv "$R"/l2_prefetch_*.png "$OUTD/" 2>/dev/null
