@@ -122,11 +122,15 @@ def _hosts() -> list[str]:
 def _fused_row_linear(model: LlamaForCausalLM, max_m: int):
     """row_linear hook running fusedlis.triton_kernels.linear_allreduce for decode-sized M (else declines).
 
+    It also declines shapes where the plain GEMM + fusedlis' all-reduce measured faster on this GPU model
+    (`unfused_measured_faster`: 8B TP=2 at 33-64 rows on H200); those run exactly as in `allreduce="auto"`.
+
     None (with a warning) when the ranks span several hosts: the kernel stores straight into peer GPU memory,
     which needs every GPU in one host (logical nodes of one host are fine); the row-parallel layers then use the
     engine's communicator (fusedlis' auto all-reduce: NVRAR with NVSHMEM puts between hosts, NCCL without)."""
     from fusedlis.comm.symmetric import warn_once
-    from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace, linear_allreduce
+    from fusedlis.triton_kernels.linear_allreduce import (FusedAllReduceWorkspace, linear_allreduce,
+                                                          unfused_measured_faster)
 
     hosts = len(set(_hosts()))
     if hosts > 1:
@@ -139,6 +143,9 @@ def _fused_row_linear(model: LlamaForCausalLM, max_m: int):
 
     def row_linear(x: torch.Tensor, w: torch.Tensor, residual=None, norm_weight=None, eps: float = 1e-5):
         if x.shape[0] > max_m or x.dtype != w.dtype:
+            return None
+        if unfused_measured_faster(x.shape[0], w.shape[0], w.shape[1], ws.local_size, x.dtype, x.device,
+                                   norm=norm_weight is not None):
             return None
         if residual is None:
             return linear_allreduce(x.contiguous(), w, ws)

@@ -210,3 +210,38 @@ def test_fused_mode_declines_across_hosts(monkeypatch):
 
     hook = eng._fused_row_linear(Model(), 8)
     assert callable(hook) and hook.workspace == "ws" and built == [(8, 64)]
+
+
+def test_fused_hook_declines_where_unfused_measured_faster(monkeypatch):
+    """The fused-mode hook runs the kernel, except for shapes the measured table marks as faster unfused: then it
+    returns None and the layer runs the plain GEMM + the communicator's all-reduce (as allreduce='auto')."""
+    import importlib
+
+    import fusedlis.engine as eng
+
+    la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
+
+    class WS:
+        local_size = 2
+
+        @staticmethod
+        def from_torch_symm(max_m, hidden):
+            return WS()
+
+    calls = []
+    monkeypatch.setattr(la, "FusedAllReduceWorkspace", WS)
+    monkeypatch.setattr(la, "linear_allreduce", lambda x, w, ws, **kw: calls.append(x.shape[0]) or "fused")
+    monkeypatch.setattr(la, "unfused_measured_faster", lambda M, N, K, local, dt, dev, norm=False: M > 32 and norm)
+    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a"] * 2)
+
+    class Model:
+        class config:
+            hidden_size = 16
+
+    hook = eng._fused_row_linear(Model(), 64)
+    w, res, nw = torch.randn(16, 8), torch.randn(40, 16), torch.randn(16)
+    assert hook(torch.randn(8, 8), w, res[:8], nw) == "fused"
+    assert hook(torch.randn(40, 8), w, res, nw) is None  # measured faster unfused
+    assert hook(torch.randn(40, 8), w) == "fused"  # no norm: not marked
+    assert hook(torch.randn(65, 8), w) is None  # beyond the workspace
+    assert calls == [8, 40]

@@ -311,6 +311,34 @@ def test_measured_table_lookup(monkeypatch):
     assert read_measured("no_such_table.json") == []
 
 
+def test_prefer_unfused_marks_only_measured_shapes(monkeypatch):
+    """The shipped table marks 8B TP=2 norm calls at 33-64 rows as faster unfused (measured in decode); other
+    rows, the 70B shapes, plain calls and other GPUs keep the fused kernel."""
+    import json
+    from pathlib import Path
+
+    raw = json.loads((Path(la.__file__).parent / "linear_allreduce_measured.json").read_text())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(la, "_MEASURED", None)
+    cuda, bf = torch.device("cuda"), torch.bfloat16
+    marked = [k for k, v in raw["NVIDIA H200"].items() if v.get("prefer_unfused")]
+    assert sorted(marked) == ["N=4096,K=2048,M=64,local=2,norm=1", "N=4096,K=7168,M=64,local=2,norm=1"]
+    for K in (2048, 7168):
+        assert la.unfused_measured_faster(64, 4096, K, 2, bf, cuda, norm=True)
+        assert la.unfused_measured_faster(33, 4096, K, 2, bf, cuda, norm=True)
+        assert not la.unfused_measured_faster(32, 4096, K, 2, bf, cuda, norm=True)
+        assert not la.unfused_measured_faster(64, 4096, K, 2, bf, cuda, norm=False)
+        # the marked entry still gives the kernel its tuned config when called directly
+        pick = la.measured_fused_config(64, 4096, K, 2, bf, cuda, norm=True)
+        cfg = la._resolve_config(64, 4096, K, 2, bf, None, None, pick)
+        assert "prefer_unfused" not in cfg and (cfg["BM"], cfg["BN"], cfg["SPLIT_K"]) == (
+            pick["BM"], pick["BN"], pick["SPLIT_K"])
+    assert not la.unfused_measured_faster(64, 8192, 4096, 2, bf, cuda, norm=True)  # 70B o_proj
+    assert not la.unfused_measured_faster(64, 4096, 2048, 2, bf, torch.device("cpu"), norm=True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Other GPU")
+    assert not la.unfused_measured_faster(64, 4096, 2048, 2, bf, cuda, norm=True)
+
+
 def test_norm_picks_and_search_space(monkeypatch):
     """norm=1 picks answer norm calls only (plain calls keep the plain pick); the norm search space varies the
     finish chunk width and split-K around the default and keeps its GEMM tile."""

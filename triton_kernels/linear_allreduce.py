@@ -678,6 +678,15 @@ def measured_fused_config(M: int, N: int, K: int, local: int, dtype: torch.dtype
     return None
 
 
+def unfused_measured_faster(M: int, N: int, K: int, local: int, dtype: torch.dtype,
+                            device: torch.device | None, norm: bool = False) -> bool:
+    """True where the measured table marks this shape `"prefer_unfused": true`: on this GPU model the plain GEMM
+    followed by fusedlis' all-reduce (+ norm) measured faster than this kernel, so callers that can run that
+    pair (the engine's `allreduce="fused"` mode) should. The kernel itself still runs if called."""
+    cfg = measured_fused_config(M, N, K, local, dtype, device, norm)
+    return bool(cfg and cfg.get("prefer_unfused", False))
+
+
 def linear_allreduce_config(M: int, N: int, K: int, local: int, dtype: torch.dtype,
                             one_shot: bool | None = None, device: torch.device | None = None,
                             norm: bool = False) -> dict:
