@@ -14,10 +14,10 @@ import stage_fusion as sf  # noqa: E402
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_one_launch_matches_two_launches_and_fp64(dtype, tol):
     torch.manual_seed(0)
-    pair = sf.Pair(2 * sf.SPLIT2 * sf.BK, sf.BK, 2 * sf.BN2, "cpu", dtype=dtype)
-    for v in ("two", "one", "one_pre", "one"):  # "one" twice: the step number must advance
+    pair = sf.Pair(sf.SPLIT2 * sf.BK, 2 * sf.SPLIT1 * sf.BK, 2 * sf.BN2, "cpu", dtype=dtype)
+    for v in ("two", "one", "one_pre", "one", "persist", "persist_pre"):  # the step number must advance
         assert pair.check(v) < tol, v
-    assert int(pair.seq[0]) == 4 and int(pair.cnt[0]) == 0
+    assert int(pair.seq[0]) == 6 and int(pair.cnt[0]) == 0
 
 
 def test_bad_shapes_refused():
