@@ -24,8 +24,6 @@ GEMM's tiles, commit 42e2c59) decode got 3-5% slower, so the engine does not pre
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import os
 import sys
 
@@ -36,6 +34,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fusedlis.comm.kernels import _clock  # noqa: E402
+from _results import write_result_csv  # noqa: E402
 from fusedlis.perfmodel.timing import time_graph  # noqa: E402
 from fusedlis.triton_kernels import linear  # noqa: E402
 from fusedlis.triton_kernels._pdl import prefetch_l2  # noqa: E402
@@ -212,18 +211,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    name = torch.cuda.get_device_name(0)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     rows = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"l2_prefetch{'_' + args.tag if args.tag else ''}_{name.replace(' ', '-')}_{date}")
-    meta = f"# device: {name}; torch {torch.__version__}; triton {triton.__version__}; date {date}\n"
-    with open(stem + ".csv", "w", newline="") as f:
-        f.write(meta)
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, stem + ".png", meta[2:].strip())
+    stem, meta = write_result_csv(args.out, "l2_prefetch", rows, args.tag)
+    plot(rows, stem + ".png", meta)
     print("wrote", stem + ".csv")
 
 

@@ -22,8 +22,6 @@ added; its other variants agree with the final run within 0.5 µs.)
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import os
 import sys
 
@@ -34,6 +32,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fusedlis.comm.kernels import uses_gpu_clock, wait_budget  # noqa: E402
+from _results import write_result_csv  # noqa: E402
 from fusedlis.perfmodel.timing import time_graph  # noqa: E402
 from fusedlis.triton_kernels import linear  # noqa: E402
 from fusedlis.triton_kernels.linear_allreduce import _wait_flags  # noqa: E402
@@ -221,9 +220,9 @@ def run(args) -> list[dict]:
         if int(pair.err[0]):
             raise SystemExit(f"{name}: a wait timed out during timing: {pair.err.tolist()}")
         for v, us in res.items():
+            fused = v.startswith(("one", "persist"))
             rows.append(dict(pair=name, N1=N1, K1=K1, N2=N2, weight_mb=round(bytes_pair / 2**20, 1), variant=v,
-                             us=round(us, 2), saved_vs_two_us=round(res["two"] - us, 2) if v.startswith(("one", "persist"))
-                             else ""))
+                             us=round(us, 2), saved_vs_two_us=round(res["two"] - us, 2) if fused else ""))
             print(rows[-1], flush=True)
         del pair
         torch.cuda.empty_cache()
@@ -255,18 +254,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    name = torch.cuda.get_device_name(0)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     rows = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"stage_fusion_{name.replace(' ', '-')}_{date}")
-    meta = f"# device: {name}; torch {torch.__version__}; triton {triton.__version__}; date {date}\n"
-    with open(stem + ".csv", "w", newline="") as f:
-        f.write(meta)
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, stem + ".png", meta[2:].strip())
+    stem, meta = write_result_csv(args.out, "stage_fusion", rows, "")
+    plot(rows, stem + ".png", meta)
     print("wrote", stem + ".csv")
 
 
