@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from fusedlis._env import env_flag
 from fusedlis.model import KVCache, LlamaForCausalLM, load_model, resolve_checkpoint
 from fusedlis.sampling import sample
 from fusedlis.tokenizer import Tokenizer, load_tokenizer
@@ -104,7 +105,7 @@ def build_comm(allreduce: str, dtype: torch.dtype, max_bytes: int):
         return base
     backend = "auto" if allreduce == "fused" else allreduce
     # FUSEDLIS_FUSE_NORM=0 keeps the RMSNorm after each all-reduce a separate kernel (for A/B timing).
-    fuse_norm = os.environ.get("FUSEDLIS_FUSE_NORM", "1").strip().lower() not in ("0", "off", "false", "no")
+    fuse_norm = env_flag("FUSEDLIS_FUSE_NORM", True)
     return _Collectives(AllReduce(backend=backend, max_bytes=max_bytes, dtype=dtype, fuse_norm=fuse_norm), base)
 
 

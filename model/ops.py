@@ -6,11 +6,10 @@ chooses the implementation. Shapes: activations are [..., features]; attention t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from fusedlis._env import env_flag
 from fusedlis.model.rope import apply_rope
 
 
@@ -85,7 +84,7 @@ class TritonOps(TorchOps):
         # Decode steps rotate q / k and write the cache inside decode_attention (one launch fewer per layer;
         # 8B TP=2 fused: -2.3% per token at batch 1, -9.5% at batch 8, 2xH200 run 10:12). FUSEDLIS_FUSE_ROPE=0:
         # the rope kernel instead.
-        self.fuse_rope = os.environ.get("FUSEDLIS_FUSE_ROPE", "1").strip().lower() in ("1", "on", "true", "yes")
+        self.fuse_rope = env_flag("FUSEDLIS_FUSE_ROPE", True)
 
     def linear(self, x, w, *, activation=None):
         shape = x.shape

@@ -11,18 +11,18 @@ Set FUSEDLIS_PDL=0 to turn it off (every kernel then launches normally and the w
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedlis._env import env_flag
 
 _CACHE: dict[int, bool] = {}
 
 
 def pdl_enabled(device: torch.device) -> bool:
     """True if kernels on `device` should use PDL: CUDA, compute capability >= 9, Triton with GDC, not disabled."""
-    if device.type != "cuda" or os.environ.get("FUSEDLIS_PDL", "1") == "0":
+    if device.type != "cuda" or not env_flag("FUSEDLIS_PDL", True):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CACHE:

@@ -49,6 +49,7 @@ _MIN_BLOCK_C = 128
 _MIN_SPLIT_ROOM = 8  # rows of partials a (parity, source) slot holds at least: split-K 8 at M = 1
 
 
+from fusedlis._env import env_flag
 from fusedlis.comm.kernels import _clock, _ll_encode, _spent, uses_gpu_clock, wait_budget
 from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_weight_lines
 
@@ -993,7 +994,7 @@ def linear_allreduce(x: torch.Tensor, w_shard: torch.Tensor, comm, residual: tor
         raise TypeError(f"partial_dtype {part} not supported")
     out, res_out = _alloc_out(x, N, norm_weight, out)
     _launch(x, w_shard, out, res_out, residual, norm_weight, ws, cfg, part, eps)
-    if os.environ.get("FUSEDLIS_CHECK_COMM") == "1":
+    if env_flag("FUSEDLIS_CHECK_COMM", False):
         ws.check()
     return _result(out, res_out, norm_weight)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from typing import Any
 
+from fusedlis._env import env_flag
 from fusedlis.tuning import cache as _cache
 from fusedlis.tuning import fingerprint as _fp
 from fusedlis.tuning.keys import NormKey, bucket_distance, normalize_key, split_bucketed
@@ -52,7 +52,7 @@ def _warn_once(msg: str) -> None:
 
 def _load() -> _Index:
     idx = _Index()
-    if os.environ.get("FUSEDLIS_TUNING", "1").strip().lower() in ("0", "off", "false", "no"):
+    if not env_flag("FUSEDLIS_TUNING", True):
         return idx
     path = _cache.default_path()
     try:
