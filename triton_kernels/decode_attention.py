@@ -6,7 +6,8 @@ over its slice of positions and writes an fp32 partial output and its log-sum-ex
 Pass 2 (`_decode_attention_reduce_kernel`): one program per (sequence, q head) merges the splits.
 With ``config["FUSED_REDUCE"]`` the last-arriving split program of each (sequence, kv head) merges
 instead (per-tile arrival counter, as in `linear`'s split-K), saving the second launch; opt-in (slower in the
-engine on 2xH200 when the merge walks the heads one by one; VEC_MERGE merges them as one tile, untimed).
+engine on 2xH200 when the merge walks the heads one by one; VEC_MERGE, merging them as one tile, is closer but
+still not faster: docs/kernels.md).
 Cache layout: `[max_batch, Hkv, max_seq_len, D]`; sequence b uses cache row b and positions
 `[0, seq_lens[b])`. Splits are sized from max_seq_len (no host sync on seq_lens), so programs whose slice
 lies past a sequence's length exit after writing an empty partial.
