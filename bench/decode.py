@@ -190,7 +190,11 @@ def free_memory() -> None:
 EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "1"), "-norope": ("FUSEDLIS_FUSE_ROPE", "0", "1"),
                "-lpdl": ("FUSEDLIS_LINEAR_PDL", "0.5,evict", ""), "-fpdl": ("FUSEDLIS_FUSED_PDL", "1,pf=4", "0"),
                "-ared": ("FUSEDLIS_ATTN_ONE_LAUNCH", "1", "0"), "-avec": ("FUSEDLIS_ATTN_ONE_LAUNCH", "vec", "0"),
-               "-a1": ("FUSEDLIS_ATTN_MAX_SPLITS", "1", "")}
+               "-a1": ("FUSEDLIS_ATTN_MAX_SPLITS", "1", ""),
+               # one GPU per logical node (the inter-node path over NVLink); None: leave the mode's own split alone
+               "-ln": ("FUSEDLIS_GPUS_PER_NODE", "1", None),
+               # the fused kernel's inter-node rounds as NVSHMEM puts with signal (the transport between hosts)
+               "-put": ("FUSEDLIS_FUSED_TRANSPORT", "put", "auto")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:
@@ -209,7 +213,8 @@ def experiment_env(mode: str) -> dict[str, str]:
     """The environment an engine of `mode` is built with for the experiment switches (all of them, on or off)."""
     _, suffix = split_variant(mode)
     present = suffix.split("-")[1:]
-    env = {var: off for var, _, off in EXPERIMENTS.values()}  # suffixes sharing a variable share its default
+    # suffixes sharing a variable share its default
+    env = {var: off for var, _, off in EXPERIMENTS.values() if off is not None}
     for sfx, (var, on, _) in EXPERIMENTS.items():
         if sfx[1:] in present:
             env[var] = os.environ.get(var + "_AB", on)

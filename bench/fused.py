@@ -33,7 +33,8 @@ def _rmsnorm_torch(h, w, eps):
     return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(h.dtype)
 
 
-def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scratch=None, norm_cfg=None):
+def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scratch=None, norm_cfg=None,
+                   ws_put=None):
     """name -> (setup() -> state, step(state, i)) ; every step is one layer call on copy i."""
     import triton
 
@@ -144,6 +145,10 @@ def build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, cfg=None, ws_scra
     v["fused_auto"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, out=outs[1], config=cfg)
     v["fused_auto+res+norm"] = lambda i: linear_allreduce(xs[i], ws_[i], ws, res, nw, eps, out=(outs[1], outs[0]),
                                                           config=norm_cfg or cfg)
+    if ws_put is not None:  # inter-node rounds as NVSHMEM puts with signal (the transport between hosts)
+        v["fused_put_auto"] = lambda i: linear_allreduce(xs[i], ws_[i], ws_put, out=outs[1], config=cfg)
+        v["fused_put_auto+res+norm"] = lambda i: linear_allreduce(xs[i], ws_[i], ws_put, res, nw, eps,
+                                                                  out=(outs[1], outs[0]), config=norm_cfg or cfg)
     gcfg = la._pick_config(M, N, K, ws, dt, None, cfg)
     part = la._part_dtype(M, gcfg, dt, None)
     # GEMM + tile pushes only (no reduction, no step bump): what the epilogue costs over a plain GEMM. On a
@@ -238,6 +243,9 @@ def main() -> None:
                     help="comma-separated variant names or shell patterns to time (default: all); e.g. "
                          "'fusedlis_ar_only,fusedlis_ar+res+norm_only*' for the all-reduce + norm comparison alone")
     ap.add_argument("--tune", action="store_true", help="sweep GEMM tile configs of the fused kernel first")
+    ap.add_argument("--put", action="store_true",
+                    help="also time the fused kernel with NVSHMEM put-with-signal inter-node rounds (fused_put_*; "
+                         "needs NVSHMEM and more than one (logical) node)")
     ap.add_argument("--tune-norm", action="store_true",
                     help="also sweep the configs with residual + RMSNorm fused (how the engine calls the kernel); "
                          "the picks get norm=1 keys")
@@ -251,6 +259,18 @@ def main() -> None:
     dt = torch.bfloat16
     ws = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
     ws_scratch = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
+    ws_put = None
+    if args.put:
+        from fusedlis.comm import SymmetricWorkspace, Topology
+        from fusedlis.triton_kernels.linear_allreduce import _Layout
+
+        topo = Topology(dist.get_world_size(), ws.local_size)
+        if topo.num_nodes > 1:
+            sw = SymmetricWorkspace(_Layout(128, 8192, topo.gpus_per_node, ws.rounds).offsets()["total"] + 4096, 64,
+                                    topology=topo, provider="nvshmem")
+            ws_put = FusedAllReduceWorkspace.from_symmetric(sw, 128, 8192, transport="put")
+        elif rank == 0:
+            print("--put: one node, no inter-node rounds to put; skipped", file=sys.stderr)
     symm_buf, group_name = None, dist.group.WORLD.group_name
     try:
         import torch.distributed._symmetric_memory as symm_mem
@@ -275,7 +295,7 @@ def main() -> None:
                     else:
                         best = best_
             variants, ncopy, _ = build_variants(ws, K, N, M, dev, dt, group_name, symm_buf, best, ws_scratch,
-                                                norm_cfg=best_norm)
+                                                norm_cfg=best_norm, ws_put=ws_put)
             if args.variants:
                 import fnmatch
 
@@ -291,6 +311,8 @@ def main() -> None:
                 if rank == 0:
                     print(f"{sname:9s} M={M:4d} {vname:32s} {us:8.2f} us", flush=True)
             ws.check()
+            if ws_put is not None:
+                ws_put.check()
             del variants
             torch.cuda.empty_cache()
         if rank == 0:  # partial results survive a time limit
@@ -327,7 +349,9 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
     timed_unfused = sorted({v for (_, _, _, _, v, _) in rows if unfused_pair(v)})
     lines = [meta, f"# best_unfused is the fastest of the unfused pairs timed in this run: {', '.join(timed_unfused)}",
              "shape M fused_us cublas+nccl_us best_unfused(name)_us speedup_vs_nccl speedup_vs_best "
-             "norm_extra_us ll_ar_norm_extra_us ar_then_triton_norm_extra_us"]
+             "norm_extra_us ll_ar_norm_extra_us ar_then_triton_norm_extra_us"
+             + (" put_us put_norm_us (fused, inter-node rounds as NVSHMEM puts)"
+                if any(r[4].startswith("fused_put") for r in rows) else "")]
     for (s, M), d in table.items():
         fused = min(d.get(k, float("inf")) for k in ("fused_one_shot", "fused_two_shot", "fused_auto"))
         unf = {k: v for k, v in d.items() if unfused_pair(k) and v == v}
@@ -338,7 +362,10 @@ def write_results(rows, out_dir, ws, triton_version, tune_rows=()):
         sep_extra = d.get("fusedlis_ar+triton_res+norm_only", float("nan")) - d.get("fusedlis_ar_only", float("nan"))
         lines.append(f"{s} {M} {fused:.2f} {nccl:.2f} {best}:{unf.get(best, float('nan')):.2f} "
                      f"{nccl / fused:.2f} {unf.get(best, float('nan')) / fused:.2f} {extra:+.2f} {ll_extra:+.2f} "
-                     f"{sep_extra:+.2f}")
+                     f"{sep_extra:+.2f}"
+                     + (" {:.2f} {:.2f}".format(d.get("fused_put_auto", float("nan")),
+                                                  d.get("fused_put_auto+res+norm", float("nan")))
+                        if any(k.startswith("fused_put") for k in d) else ""))
     if tune_rows:
         lines.append("tuned config of the fused kernel (shape M config tuned_us default_us; '+norm': tuned with "
                      "residual + RMSNorm):")

@@ -120,27 +120,64 @@ def _hosts() -> list[str]:
     return names
 
 
+FUSED_TRANSPORT_ENV = "FUSEDLIS_FUSED_TRANSPORT"
+
+
+def fused_transport() -> str:
+    """`FUSEDLIS_FUSED_TRANSPORT`: how the fused kernel's inter-node rounds reach the rail partner. "auto"
+    (default: peer stores inside one host, NVSHMEM put-with-signal across hosts), "ptr" or "put" (NVSHMEM even
+    inside one host: runs the cross-host code path over NVLink)."""
+    val = os.environ.get(FUSED_TRANSPORT_ENV, "auto").strip().lower() or "auto"
+    if val not in ("auto", "ptr", "put"):
+        raise ValueError(f"{FUSED_TRANSPORT_ENV}={val!r}: expected auto, ptr or put")
+    return val
+
+
+def _fused_workspace(max_m: int, max_n: int, hosts: int):
+    """The fused kernel's workspace: torch symmetric memory inside one host; across hosts (or with
+    FUSEDLIS_FUSED_TRANSPORT=put) an NVSHMEM workspace whose inter-node rounds are puts with signal.
+    None (with a warning) where neither can work."""
+    import torch.distributed as dist
+
+    from fusedlis.comm import SymmetricWorkspace, Topology
+    from fusedlis.comm.symmetric import nvshmem_available, warn_once
+    from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace, _Layout
+
+    transport = fused_transport()
+    if hosts == 1 and transport != "put":
+        return FusedAllReduceWorkspace.from_torch_symm(max_m, max_n)
+    if not nvshmem_available():
+        if transport == "put":
+            raise RuntimeError(f"{FUSED_TRANSPORT_ENV}=put needs NVSHMEM (nvshmem4py and libnvshmem_device.bc)")
+        warn_once(f"allreduce='fused' across {hosts} hosts needs NVSHMEM for the inter-node rounds, which is not "
+                  "installed; the row-parallel layers use fusedlis' all-reduce (auto) instead")
+        return None
+    topo = Topology(dist.get_world_size())
+    rounds = (topo.num_nodes - 1).bit_length()
+    sw = SymmetricWorkspace(_Layout(max_m, max_n, topo.gpus_per_node, rounds).offsets()["total"] + 4096, 64,
+                            topology=topo, provider="nvshmem")
+    try:
+        ws = FusedAllReduceWorkspace.from_symmetric(sw, max_m, max_n, transport=transport)
+    except NotImplementedError as e:  # e.g. a "node" of FUSEDLIS_GPUS_PER_NODE GPUs that spans two hosts
+        warn_once(f"allreduce='fused': {e}; the row-parallel layers use fusedlis' all-reduce (auto) instead")
+        return None
+    return ws  # ws.symmetric keeps the NVSHMEM allocation alive
+
+
 def _fused_row_linear(model: LlamaForCausalLM, max_m: int):
     """row_linear hook running fusedlis.triton_kernels.linear_allreduce for decode-sized M (else declines).
 
     It also declines shapes where the plain GEMM + fusedlis' all-reduce measured faster on this GPU model
     (`unfused_measured_faster`: 8B TP=2 at 33-64 rows on H200); those run exactly as in `allreduce="auto"`.
 
-    None (with a warning) when the ranks span several hosts: the kernel stores straight into peer GPU memory,
-    which needs every GPU in one host (logical nodes of one host are fine); the row-parallel layers then use the
-    engine's communicator (fusedlis' auto all-reduce: NVRAR with NVSHMEM puts between hosts, NCCL without)."""
-    from fusedlis.comm.symmetric import warn_once
-    from fusedlis.triton_kernels.linear_allreduce import (FusedAllReduceWorkspace, linear_allreduce,
-                                                          unfused_measured_faster)
+    Inside one host the kernel stores into peer memory (torch symmetric memory). Across hosts the GPUs of a node
+    still exchange tiles by peer stores, and the inter-node rounds are NVSHMEM puts with signal; without NVSHMEM
+    this returns None (with a warning) and the row-parallel layers use the engine's communicator."""
+    from fusedlis.triton_kernels.linear_allreduce import linear_allreduce, unfused_measured_faster
 
-    hosts = len(set(_hosts()))
-    if hosts > 1:
-        warn_once(f"allreduce='fused': the fused GEMM + all-reduce kernel needs every GPU in one host (it stores into "
-                  f"peer memory); this run spans {hosts} hosts, so the row-parallel layers use fusedlis' all-reduce "
-                  "(auto) instead")
+    ws = _fused_workspace(max_m, model.config.hidden_size, len(set(_hosts())))
+    if ws is None:
         return None
-
-    ws = FusedAllReduceWorkspace.from_torch_symm(max_m, model.config.hidden_size)
 
     def row_linear(x: torch.Tensor, w: torch.Tensor, residual=None, norm_weight=None, eps: float = 1e-5):
         if x.shape[0] > max_m or x.dtype != w.dtype:

@@ -67,7 +67,12 @@ def test_variants():
         "nccl-lpdl", "auto-unfusednorm-rope"]
     assert decode.experiment_env("nccl") == {"FUSEDLIS_FUSE_ROPE": "1", "FUSEDLIS_LINEAR_PDL": "",
                                              "FUSEDLIS_FUSED_PDL": "0", "FUSEDLIS_ATTN_ONE_LAUNCH": "0",
-                                             "FUSEDLIS_ATTN_MAX_SPLITS": ""}
+                                             "FUSEDLIS_ATTN_MAX_SPLITS": "", "FUSEDLIS_FUSED_TRANSPORT": "auto"}
+    # "-ln": one GPU per logical node; absent, the mode's own split is left alone (no FUSEDLIS_GPUS_PER_NODE)
+    assert decode.split_variant("fused-ln-put") == ("fused", "-ln-put")
+    assert decode.experiment_env("fused-ln-put")["FUSEDLIS_GPUS_PER_NODE"] == "1"
+    assert decode.experiment_env("fused-ln-put")["FUSEDLIS_FUSED_TRANSPORT"] == "put"
+    assert "FUSEDLIS_GPUS_PER_NODE" not in decode.experiment_env("fused-put")
     # rope inside attention is the default; "-norope" is the A/B against the rope kernel
     assert decode.split_variant("fused-norope-lpdl") == ("fused", "-norope-lpdl")
     assert decode.experiment_env("fused-norope-lpdl")["FUSEDLIS_FUSE_ROPE"] == "0"

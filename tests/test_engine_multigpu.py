@@ -46,6 +46,11 @@ def test_tp4_engine_all_allreduce_modes(tmp_path):
 def test_tp2_engine_all_allreduce_modes(tmp_path):
     res = _run_engine_modes(tmp_path, 2)
     assert {e["allreduce"] for e in res} >= {"nccl", "auto", "nvrar", "fused"}
+    from fusedlis.comm.symmetric import nvshmem_available
+
+    if nvshmem_available():  # the fused kernel's cross-host transport (NVSHMEM puts), over NVLink here
+        put = [e for e in res if e["allreduce"] == "fused" and e.get("transport") == "put"]
+        assert put and all(e["fused_transport"] == "put" for e in put), put
     for e in res:
         assert e["ok"], e
         assert min(e["exact"]) >= 24, e

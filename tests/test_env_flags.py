@@ -39,3 +39,18 @@ def test_switches_of_the_library_use_it(monkeypatch):
     monkeypatch.setenv("FUSEDLIS_TUNING", "nope")
     with pytest.raises(ValueError, match="FUSEDLIS_TUNING"):
         _lookup._load()
+
+
+@pytest.mark.parametrize("raw,expect", [(None, "auto"), ("", "auto"), ("put", "put"), (" PTR ", "ptr"),
+                                        ("auto", "auto")])
+def test_fused_transport(monkeypatch, raw, expect):
+    from fusedlis.engine import fused_transport
+
+    if raw is None:
+        monkeypatch.delenv("FUSEDLIS_FUSED_TRANSPORT", raising=False)
+    else:
+        monkeypatch.setenv("FUSEDLIS_FUSED_TRANSPORT", raw)
+    assert fused_transport() == expect
+    monkeypatch.setenv("FUSEDLIS_FUSED_TRANSPORT", "ib")
+    with pytest.raises(ValueError, match="FUSEDLIS_FUSED_TRANSPORT='ib'"):
+        fused_transport()

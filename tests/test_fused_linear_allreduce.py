@@ -174,6 +174,50 @@ def test_on_comm_symmetric_workspace():
     _check(la.simulate_linear_allreduce(xs, ws, wss, r, nw, one_shot=False), xs, ws, r, nw, torch.float32)
 
 
+@settings(max_examples=6, deadline=None)
+@given(topo=st.sampled_from([(2, 1), (4, 1), (4, 2), (8, 2)]), M=st.integers(1, 9), nblk=st.integers(1, 3),
+       one_shot=st.booleans(), mode=st.sampled_from(["plain", "norm"]), seed=st.integers(0, 2 ** 16))
+def test_put_transport_rounds(topo, M, nblk, one_shot, mode, seed):
+    """Inter-node rounds through the put-with-signal branch (the interpreter emulates the NVSHMEM put at the
+    same symmetric offsets): same results as the reference, bitwise equal on every rank."""
+    W, G = topo
+    N = 64 * G * nblk
+    gen = torch.Generator().manual_seed(seed)
+    xs, ws, r, nw = _inputs(W, M, N, 40, torch.float32, mode == "norm", mode == "norm", gen)
+    wss = la.FusedAllReduceWorkspace.simulate(W, G, 16, 512, transport="put")
+    assert all(w_.transport == "put" for w_ in wss)
+    for _ in range(2):  # both parities of the slots and signal words
+        outs = la.simulate_linear_allreduce(xs, ws, wss, r, nw, one_shot=one_shot)
+        for w_ in wss:
+            w_.check()
+        _check(outs, xs, ws, r, nw, torch.float32)
+
+
+def test_transport_choice_and_errors():
+    """from_symmetric picks peer stores where rail partners are reachable and refuses what cannot work."""
+    from fusedlis.comm.symmetric import SymmetricWorkspace
+
+    W, G, nbytes, words = 4, 2, 4 << 20, 256
+    shared = torch.zeros(SymmetricWorkspace.shared_size(W, nbytes, words), dtype=torch.uint8)
+    sws = [SymmetricWorkspace.from_shared(shared, r, W, G, nbytes, words) for r in range(W)]
+    assert la.FusedAllReduceWorkspace.from_symmetric(sws[0], 8, 256).transport == "ptr"
+    with pytest.raises(ValueError, match="NVSHMEM"):  # the shared CPU provider has no NVSHMEM
+        la.FusedAllReduceWorkspace.from_symmetric(sws[1], 8, 256, transport="put")
+    with pytest.raises(ValueError, match="transport"):
+        la.FusedAllReduceWorkspace.from_symmetric(sws[2], 8, 256, transport="ib")
+    sws[3].reachable = [True, True, True, False]  # a node whose GPUs do not reach each other
+    with pytest.raises(NotImplementedError, match="node"):
+        la.FusedAllReduceWorkspace.from_symmetric(sws[3], 8, 256)
+    buf = torch.zeros(1 << 22, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="rail partner"):  # a partner on another host, no put transport
+        la.FusedAllReduceWorkspace(rank=0, world_size=2, gpus_per_node=1, max_m=8, max_n=256, buffer=buf,
+                                   base_ptrs=[buf.data_ptr(), 0])
+    ws = la.FusedAllReduceWorkspace(rank=0, world_size=2, gpus_per_node=1, max_m=8, max_n=256, buffer=buf,
+                                    base_ptrs=[buf.data_ptr(), 0], transport="put")
+    table = ws.table.view(-1, ws.maxp)
+    assert int(table[la._ROW_PE.value, 0]) == 1 and int(table[la._ROW_X.value, 0]) == 0
+
+
 def test_single_rank_one_launch():
     """World of one: the real single-launch path (GEMM programs, finish programs, device step bump)."""
     ws = la.FusedAllReduceWorkspace.simulate(1, 1, 16, 512)[0]
@@ -246,16 +290,25 @@ sig.update({"table_ptr": "*i64", "seq_ptr": "*i32", "err_ptr": "*i32"})
 for n in ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "LOCAL_RANK", "shard_n", "MN_CAP", "M_CAP", "NC_CAP", "NC"):
     sig[n] = "i32"
 sig.update({"eps": "fp32", "budget": "i64", "n_gemm": "i32", "n_fin": "i32"})
-for one_shot, rounds, use_dot, split, pdl in ((True, 0, False, 1, False), (False, 1, True, 4, False),
-                                              (True, 0, True, 2, True)):
+from fusedlis.comm.symmetric import nvshmem_device_library
+lib = nvshmem_device_library()
+cases = [(True, 0, False, 1, False, False), (False, 1, True, 4, False, False), (True, 0, True, 2, True, False)]
+if lib:  # inter-node rounds by NVSHMEM put-with-signal (what a cluster of several hosts runs)
+    cases += [(True, 2, False, 1, False, True), (False, 1, True, 2, False, True)]
+for one_shot, rounds, use_dot, split, pdl, put in cases:
     c = dict(MAXP=8, LOCAL=2, LOCAL_P2=2, ROUNDS=rounds, ONE_SHOT=one_shot, PART=tl.bfloat16,
              BM=16 if use_dot else 1, BN=32, BK=128 if use_dot else 256, SPLIT=split, LS_P2=2 * split,
              USE_DOT=use_dot, EVEN_K=True, IEEE=False,
              HAS_RES=True, HAS_NORM=True, BLOCK_C=128, NC_P2=16, DO_GEMM=True, DO_FINISH=True,
-             W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True, PDL=pdl, PF_LINES=4 if pdl else 0)
+             W_BEGIN=0, W_END=1 << 20, FENCE=True, BUMP=True, PDL=pdl, PF_LINES=4 if pdl else 0, PUT=put)
     src = ASTSource(fn=la._linear_allreduce_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    opts = {"num_warps": 4, "num_stages": 3}
+    if put:
+        opts["extern_libs"] = {"libnvshmem_device": lib}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = k.asm["ptx"]
+    assert ("nvshmemx_putmem_signal_block" in ptx) == put, put
+    assert "%globaltimer" in ptx  # every wait bounded by time
     # PDL (opt-in): wait on the previous grid, let the next one launch, L2 prefetch of weights before the wait
     assert (("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
              and "prefetch.global.L2" in ptx) == pdl), pdl
@@ -264,7 +317,7 @@ for one_shot, rounds, use_dot, split, pdl in ((True, 0, False, 1, False), (False
         assert "fence.acq_rel.sys" in ptx and "atom" in ptx and "nanosleep" in ptx, "missing sync instructions"
     else:  # one-shot: LL words only, no system-scope fence anywhere
         assert "fence.acq_rel.sys" not in ptx and ".sys" not in ptx, "one-shot must not fence at system scope"
-print("COMPILED_OK")
+print("COMPILED_OK", len(cases))
 """
 
 

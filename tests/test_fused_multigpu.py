@@ -3,6 +3,8 @@
 pytest runs the worker below under `torchrun --nproc-per-node 2`, once as one node of 2 GPUs and once as
 2 logical nodes of 1 GPU (the inter-node recursive-doubling path over NVLink). Run the worker directly:
     torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 2 [--replays 10000]
+`--gpus-per-node 1 --transport put` runs the inter-node rounds as NVSHMEM puts with signal (the transport between
+hosts) over NVLink.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHME
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.parametrize("gpus_per_node", [2, 1])
-def test_fused_linear_allreduce_2gpu(gpus_per_node):
+@pytest.mark.parametrize("gpus_per_node,transport", [(2, "ptr"), (1, "ptr"), (1, "put")])
+def test_fused_linear_allreduce_2gpu(gpus_per_node, transport):
+    if transport == "put":
+        from fusedlis.comm.symmetric import nvshmem_available
+
+        if not nvshmem_available():
+            pytest.skip("needs nvshmem4py and libnvshmem_device.bc")
     env = {**os.environ, **ENV}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", __file__,
-           "--gpus-per-node", str(gpus_per_node), "--replays", "10000"]
+           "--gpus-per-node", str(gpus_per_node), "--transport", transport, "--replays", "10000"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
@@ -53,6 +60,9 @@ def main() -> int:  # noqa: C901 - one linear script of checks
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus-per-node", type=int, default=2)
     ap.add_argument("--replays", type=int, default=10000)
+    ap.add_argument("--transport", choices=("ptr", "put"), default="ptr",
+                    help="inter-node rounds: peer stores (torch symmetric memory) or NVSHMEM put-with-signal "
+                         "(an NVSHMEM workspace, what a cluster of several hosts uses)")
     args = ap.parse_args()
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
@@ -60,8 +70,18 @@ def main() -> int:  # noqa: C901 - one linear script of checks
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     dev = torch.device("cuda", torch.cuda.current_device())
-    ws = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
-    tag = f"[rank {rank} {ws.num_nodes}x{ws.local_size}]"
+    if args.transport == "put":
+        from fusedlis.comm import SymmetricWorkspace, Topology
+        from fusedlis.triton_kernels.linear_allreduce import _Layout
+
+        topo = Topology(dist.get_world_size(), args.gpus_per_node)
+        rounds = (topo.num_nodes - 1).bit_length()
+        sw = SymmetricWorkspace(_Layout(128, 8192, topo.gpus_per_node, rounds).offsets()["total"] + 4096, 64,
+                                topology=topo, provider="nvshmem")
+        ws = FusedAllReduceWorkspace.from_symmetric(sw, 128, 8192, transport="put")
+    else:
+        ws = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
+    tag = f"[rank {rank} {ws.num_nodes}x{ws.local_size} {ws.transport}]"
     gen = torch.Generator(device=dev).manual_seed(1234 + rank)  # per-rank x / w shards
     shared = torch.Generator(device=dev).manual_seed(99)  # residual / norm weight, same on every rank
     dt = torch.bfloat16

@@ -28,6 +28,7 @@ concurrently on different streams.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 # Table rows of peer / local addresses (int64), see FusedAllReduceWorkspace._build_table.
 (_ROW_RS, _ROW_SQW, _ROW_AG, _ROW_SQ, _ROW_AG_FLAG, _ROW_X, _ROW_X_FLAG,
- _ROW_LOCAL) = (tl.constexpr(i) for i in range(8))
-_N_ROWS = 8
+ _ROW_LOCAL, _ROW_PE) = (tl.constexpr(i) for i in range(9))
+_N_ROWS = 9
+TRANSPORTS = ("ptr", "put")  # inter-node rounds: peer stores, or NVSHMEM put-with-signal
 # Columns of the local row.
 _L_RS, _L_SQW, _L_AG, _L_SQ, _L_AG_FLAG, _L_X, _L_X_FLAG, _L_ACC = (tl.constexpr(i) for i in range(8))
 _MIN_BLOCK_C = 128
@@ -50,8 +52,11 @@ _MIN_SPLIT_ROOM = 8  # rows of partials a (parity, source) slot holds at least: 
 
 
 from fusedlis._env import env_flag
-from fusedlis.comm.kernels import _clock, _ll_encode, _spent, uses_gpu_clock, wait_budget
+from fusedlis.comm.kernels import NVSHMEM_SIGNAL_SET, _clock, _ll_encode, _spent, putmem_signal_block
+from fusedlis.comm.kernels import uses_gpu_clock, wait_budget
 from fusedlis.triton_kernels._pdl import pdl_launch, pdl_launch_dependents, pdl_wait, prefetch_weight_lines
+
+_SIGNAL_SET = tl.constexpr(NVSHMEM_SIGNAL_SET)
 
 try:  # one exception type for every communication timeout of the package
     from fusedlis.comm.symmetric import CommTimeoutError
@@ -233,13 +238,53 @@ def _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_p
 
 
 @triton.jit
+def _send_round(r, s, seq, parity, acc, row0, cols, cm, lo, sw, s0, xflag_slot, table_ptr, MN_CAP, M_CAP, NC_CAP,
+                MAXP: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_C: tl.constexpr, PUT: tl.constexpr,
+                FENCE: tl.constexpr):
+    """Inter-node round r: send the running fp32 chunk `s` (already stored at `acc + row0 + cols`) into slot
+    (parity, r) of the rail partner's x region and set its flag word there to seq."""
+    slot = parity * ROUNDS + r
+    if PUT:
+        # NVSHMEM addresses are this rank's own symmetric addresses; the put lands at the same offsets on the PE
+        # and sets the signal word after the data (a partner on another host has no load/store pointer).
+        xloc = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X).to(tl.pointer_type(tl.float32))
+        xfl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X_FLAG).to(tl.pointer_type(tl.int64))
+        dst = xloc + slot.to(tl.int64) * MN_CAP + row0 + s0 + lo
+        src = acc + row0 + s0 + lo
+        nval = tl.minimum(sw - lo, BLOCK_C)
+        sig = xfl + slot * (NC_CAP * M_CAP) + xflag_slot
+        tl.debug_barrier()  # the block put reads acc, which every thread of the program wrote
+        if FENCE:
+            pe = tl.load(table_ptr + _ROW_PE * MAXP + r)
+            putmem_signal_block(dst.to(tl.int64), src.to(tl.int64), (nval * 4).to(tl.int64), sig.to(tl.int64),
+                                seq.to(tl.uint64), _SIGNAL_SET, pe.to(tl.int32))
+        else:
+            # Interpreter: what the put does to a PE whose memory this process can reach (same offsets from
+            # that PE's region bases), so CPU simulations check the addresses the GPU put is given.
+            xp = tl.load(table_ptr + _ROW_X * MAXP + r)
+            xf = tl.load(table_ptr + _ROW_X_FLAG * MAXP + r)
+            i = tl.arange(0, BLOCK_C)
+            pdst = (dst.to(tl.int64) - xloc.to(tl.int64) + xp).to(tl.pointer_type(tl.float32))
+            tl.store(pdst + i, tl.load(src + i, mask=i < nval), mask=i < nval)
+            tl.debug_barrier()
+            psig = (sig.to(tl.int64) - xfl.to(tl.int64) + xf).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(psig, seq.to(tl.int64), sem="release", scope="sys")
+    else:
+        xp = tl.load(table_ptr + _ROW_X * MAXP + r).to(tl.pointer_type(tl.float32))
+        tl.store(xp + slot.to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
+        tl.debug_barrier()
+        xf = tl.load(table_ptr + _ROW_X_FLAG * MAXP + r).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(xf + slot * (NC_CAP * M_CAP) + xflag_slot, seq.to(tl.int64), sem="release", scope="sys")
+
+
+@triton.jit
 def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
             M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, budget,
             MAXP: tl.constexpr, LOCAL: tl.constexpr, LOCAL_P2: tl.constexpr, ROUNDS: tl.constexpr,
             ONE_SHOT: tl.constexpr, PART: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
             TILE_M: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, LS_P2: tl.constexpr,
             BLOCK_C: tl.constexpr, NC_P2: tl.constexpr, W_BEGIN: tl.constexpr, W_END: tl.constexpr,
-            FENCE: tl.constexpr):
+            FENCE: tl.constexpr, PUT: tl.constexpr = False):
     """Finish program (row m, column chunk c of this rank's shard): wait, reduce, rounds, residual, norm."""
     # Waits: 0 tile partials, 1..ROUNDS inter-node rounds, ROUNDS+1 all-gather / row norm (if any).
     # A launch runs segments [W_BEGIN, W_END); the CPU simulation runs one segment for every rank at a time.
@@ -276,19 +321,15 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
         s = tl.sum(v, axis=0)
         if ROUNDS > 0:
             tl.store(acc + row0 + cols, s, mask=cm)
-            xp = tl.load(table_ptr + _ROW_X * MAXP + 0).to(tl.pointer_type(tl.float32))
-            tl.store(xp + (parity * ROUNDS + 0).to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
-            tl.debug_barrier()
-            xf = tl.load(table_ptr + _ROW_X_FLAG * MAXP + 0).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(xf + (parity * ROUNDS + 0) * (NC_CAP * M_CAP) + xflag_slot, seq, sem="release",
-                           scope="sys")
+            _send_round(0, s, seq, parity, acc, row0, cols, cm, lo, sw, s0, xflag_slot, table_ptr, MN_CAP, M_CAP,
+                        NC_CAP, MAXP, ROUNDS, BLOCK_C, PUT, FENCE)
         else:
             hk = _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_ptr, table_ptr,
                                LOCAL_RANK, MN_CAP, M_CAP, NC_CAP, MAXP, LOCAL, ONE_SHOT, HAS_RES, HAS_NORM)
 
     for k in tl.static_range(1, ROUNDS + 1):
         if W_BEGIN <= k and W_END > k:
-            xfl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X_FLAG).to(tl.pointer_type(tl.int32))
+            xfl = tl.load(table_ptr + _ROW_LOCAL * MAXP + _L_X_FLAG).to(tl.pointer_type(tl.int64))
             one = tl.arange(0, 2)
             _wait_flags(xfl + (parity * ROUNDS + (k - 1)) * (NC_CAP * M_CAP) + xflag_slot + one * 0, one < 1,
                         seq, budget, err_ptr, k, FENCE)
@@ -297,12 +338,8 @@ def _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, 
                          mask=cm, other=0.0, cache_modifier=".cg")
             if k < ROUNDS:
                 tl.store(acc + row0 + cols, s, mask=cm)
-                xp = tl.load(table_ptr + _ROW_X * MAXP + k).to(tl.pointer_type(tl.float32))
-                tl.store(xp + (parity * ROUNDS + k).to(tl.int64) * MN_CAP + row0 + cols, s, mask=cm)
-                tl.debug_barrier()
-                xf = tl.load(table_ptr + _ROW_X_FLAG * MAXP + k).to(tl.pointer_type(tl.int32))
-                tl.atomic_xchg(xf + (parity * ROUNDS + k) * (NC_CAP * M_CAP) + xflag_slot, seq, sem="release",
-                               scope="sys")
+                _send_round(k, s, seq, parity, acc, row0, cols, cm, lo, sw, s0, xflag_slot, table_ptr, MN_CAP,
+                            M_CAP, NC_CAP, MAXP, ROUNDS, BLOCK_C, PUT, FENCE)
             else:
                 hk = _finish_chunk(s, seq, parity, m, c, cols, cm, N, out_ptr, res_out_ptr, res_ptr, table_ptr,
                                    LOCAL_RANK, MN_CAP, M_CAP, NC_CAP, MAXP, LOCAL, ONE_SHOT, HAS_RES, HAS_NORM)
@@ -386,7 +423,7 @@ def _linear_allreduce_kernel(
     IEEE: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr,
     NC_P2: tl.constexpr, DO_GEMM: tl.constexpr, DO_FINISH: tl.constexpr, W_BEGIN: tl.constexpr,
     W_END: tl.constexpr, FENCE: tl.constexpr, BUMP: tl.constexpr, PDL: tl.constexpr = False,
-    PF_LINES: tl.constexpr = 0,
+    PF_LINES: tl.constexpr = 0, PUT: tl.constexpr = False,
 ):
     # GEMM programs never wait, and they come first in the grid, so the (spinning) finish programs are
     # dispatched after every GEMM program already holds an SM: no deadlock with in-order block dispatch.
@@ -411,7 +448,7 @@ def _linear_allreduce_kernel(
             _finish(fid, seq, parity, out_ptr, res_out_ptr, res_ptr, nw_ptr, table_ptr, err_ptr,
                     M, N, LOCAL_RANK, shard_n, MN_CAP, M_CAP, NC_CAP, NC, eps, budget,
                     MAXP, LOCAL, LOCAL_P2, ROUNDS, ONE_SHOT, PART, HAS_RES, HAS_NORM, BM, BN, SPLIT, LS_P2,
-                    BLOCK_C, NC_P2, W_BEGIN, W_END, FENCE)
+                    BLOCK_C, NC_P2, W_BEGIN, W_END, FENCE, PUT)
     if BUMP and DO_FINISH:
         # The last finish program to arrive advances the step for the next call. Only finish programs count:
         # each ends after consuming partials that GEMM programs stored at seq's parity, and together they
@@ -462,7 +499,7 @@ class _Layout:
             "sqw": self.nc_cap * self.max_m * 8,
             "sq": 2 * L * self.nc_cap * self.max_m * 4,
             "ag_flag": 2 * L * self.nc_cap * self.max_m * 4,
-            "x_flag": 2 * R * self.nc_cap * self.max_m * 4,
+            "x_flag": 2 * R * self.nc_cap * self.max_m * 8,  # int64: NVSHMEM signal words
         }
         off, pos = {}, 0
         for k, v in sizes.items():
@@ -482,7 +519,10 @@ class FusedAllReduceWorkspace:
     """
 
     def __init__(self, *, rank: int, world_size: int, gpus_per_node: int, max_m: int, max_n: int,
-                 buffer: torch.Tensor, base_ptrs: list[int], max_spins: int | None = None) -> None:
+                 buffer: torch.Tensor, base_ptrs: list[int], max_spins: int | None = None,
+                 transport: str = "ptr") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if world_size % gpus_per_node:
             raise ValueError(f"world_size={world_size} is not a multiple of gpus_per_node={gpus_per_node}")
         nodes = world_size // gpus_per_node
@@ -493,6 +533,13 @@ class FusedAllReduceWorkspace:
         self.rank, self.world_size, self.local_size = rank, world_size, gpus_per_node
         self.local_rank, self.node, self.num_nodes = rank % gpus_per_node, rank // gpus_per_node, nodes
         self.rounds = int(math.log2(nodes))
+        # "put": the inter-node rounds use NVSHMEM put-with-signal (GPU; emulated in the interpreter)
+        self.transport = transport
+        node_peers = [self.node * gpus_per_node + d for d in range(gpus_per_node)]
+        if len(base_ptrs) == world_size and not all(base_ptrs[p] for p in node_peers):
+            raise ValueError("every GPU of this rank's node needs a load/store address (base_ptrs[p] != 0)")
+        if transport == "ptr" and len(base_ptrs) == world_size and not all(base_ptrs[p] for p in self.partners()):
+            raise ValueError("transport='ptr' needs a load/store address for every rail partner; use 'put'")
         self.layout = _Layout(max_m, max_n, gpus_per_node, self.rounds)
         off = self.layout.offsets()
         if buffer.numel() * buffer.element_size() < off["total"]:
@@ -510,6 +557,10 @@ class FusedAllReduceWorkspace:
         # [0]: 1 after a timeout, [1]: stage, [2]: step.
         self.err = torch.zeros(4, dtype=torch.int32, device=self.device)
 
+    def partners(self) -> list[int]:
+        """Rail partner of each inter-node round: the same local rank on node `node ^ 2**k`."""
+        return [(self.node ^ (1 << k)) * self.local_size + self.local_rank for k in range(self.rounds)]
+
     def _build_table(self) -> torch.Tensor:
         off, L = self.layout.offsets(), self.local_size
         t = torch.zeros(_N_ROWS, self.maxp, dtype=torch.int64)
@@ -518,10 +569,11 @@ class FusedAllReduceWorkspace:
             for row, key in ((_ROW_RS, "rs"), (_ROW_SQW, "sqw"), (_ROW_AG, "ag"), (_ROW_SQ, "sq"),
                              (_ROW_AG_FLAG, "ag_flag")):
                 t[row.value, d] = base + off[key]
-        for k in range(self.rounds):
-            partner = (self.node ^ (1 << k)) * L + self.local_rank
-            t[_ROW_X.value, k] = self.base_ptrs[partner] + off["x"]
-            t[_ROW_X_FLAG.value, k] = self.base_ptrs[partner] + off["x_flag"]
+        for k, partner in enumerate(self.partners()):
+            base = self.base_ptrs[partner]  # 0: another host, reached by NVSHMEM puts only
+            t[_ROW_X.value, k] = base + off["x"] if base else 0
+            t[_ROW_X_FLAG.value, k] = base + off["x_flag"] if base else 0
+            t[_ROW_PE.value, k] = partner
         me = self.base_ptrs[self.rank]
         for col, key in ((_L_RS, "rs"), (_L_SQW, "sqw"), (_L_AG, "ag"), (_L_SQ, "sq"),
                          (_L_AG_FLAG, "ag_flag"), (_L_X, "x"), (_L_X_FLAG, "x_flag"), (_L_ACC, "acc")):
@@ -553,23 +605,35 @@ class FusedAllReduceWorkspace:
         return ws
 
     @classmethod
-    def from_symmetric(cls, sw, max_m: int, max_n: int) -> "FusedAllReduceWorkspace":
+    def from_symmetric(cls, sw, max_m: int, max_n: int, transport: str = "auto") -> "FusedAllReduceWorkspace":
         """Carve the buffers out of a `fusedlis.comm.SymmetricWorkspace` (collective on GPUs).
 
-        Every peer must be load/store reachable (torch provider, or NVSHMEM peers on one NVLink domain).
+        The GPUs of a node must reach each other by load/store (NVLink). `transport` is how the inter-node
+        rounds reach the rail partner: "ptr" (peer stores: logical nodes of one host, or one NVLink domain),
+        "put" (NVSHMEM put-with-signal: needs an NVSHMEM workspace; what a cluster of several hosts uses), or
+        "auto" ("ptr" where every rail partner is reachable, else "put").
         """
-        if not all(sw.reachable):
-            raise NotImplementedError("fused linear_allreduce needs load/store access to every peer; NVSHMEM "
-                                      "puts to unreachable peers are not wired in yet")
+        if transport not in TRANSPORTS + ("auto",):
+            raise ValueError(f"transport must be 'auto', 'ptr' or 'put', got {transport!r}")
         g = sw.topology.gpus_per_node
+        node = sw.rank // g
+        if not all(sw.reachable[node * g + d] for d in range(g)):
+            raise NotImplementedError(f"fused linear_allreduce needs load/store access to the {g} GPUs of a node "
+                                      "(NVLink); this node's GPUs do not all reach each other")
+        nodes = sw.world_size // g
+        partners = [(node ^ (1 << k)) * g + sw.rank % g for k in range(int(math.log2(max(nodes, 1))))]
+        if transport == "auto":
+            transport = "ptr" if all(sw.reachable[p] for p in partners) else "put"
+        if transport == "put" and not getattr(sw, "uses_nvshmem", False):
+            raise ValueError(f"transport='put' needs an NVSHMEM workspace (provider {sw.provider!r})")
         lay = _Layout(max_m, max_n, g, int(math.log2(max(sw.world_size // g, 1))))
         total = lay.offsets()["total"]
         off = sw.alloc_bytes(total)
         region = sw.buffer[off:off + total]
         region.zero_()
-        bases = [int(p) + off for p in sw.peer_ptrs.tolist()]
+        bases = [int(p) + off if int(p) else 0 for p in sw.peer_ptrs.tolist()]
         ws = cls(rank=sw.rank, world_size=sw.world_size, gpus_per_node=g, max_m=max_m, max_n=max_n,
-                 buffer=region, base_ptrs=bases)
+                 buffer=region, base_ptrs=bases, transport=transport)
         if region.is_cuda:
             import torch.distributed as dist
 
@@ -580,14 +644,17 @@ class FusedAllReduceWorkspace:
 
     @classmethod
     def simulate(cls, world_size: int, gpus_per_node: int, max_m: int, max_n: int,
-                 max_spins: int = 2000) -> list["FusedAllReduceWorkspace"]:
-        """One workspace per rank over CPU buffers of one process (for `simulate_linear_allreduce`)."""
+                 max_spins: int = 2000, transport: str = "ptr") -> list["FusedAllReduceWorkspace"]:
+        """One workspace per rank over CPU buffers of one process (for `simulate_linear_allreduce`).
+
+        `transport="put"` runs the inter-node rounds' put-with-signal branch, emulated by the interpreter."""
         nodes = world_size // max(gpus_per_node, 1)
         lay = _Layout(max_m, max_n, gpus_per_node, int(math.log2(max(nodes, 1))))
         bufs = [torch.zeros(lay.offsets()["total"], dtype=torch.uint8) for _ in range(world_size)]
         ptrs = [b.data_ptr() for b in bufs]
         return [cls(rank=r, world_size=world_size, gpus_per_node=gpus_per_node, max_m=max_m, max_n=max_n,
-                    buffer=bufs[r], base_ptrs=ptrs, max_spins=max_spins) for r in range(world_size)]
+                    buffer=bufs[r], base_ptrs=ptrs, max_spins=max_spins, transport=transport)
+                for r in range(world_size)]
 
     def check(self) -> None:
         """Raise CommTimeoutError if a spin-wait of an earlier call timed out (synchronises)."""
@@ -865,7 +932,13 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
     # PDL (opt-in, no gain in the engine on 2xH200: config "PDL" or FUSEDLIS_FUSED_PDL): launched while the previous kernel drains, the
     # GEMM programs prefetch PF_LINES weight lines, then every program waits for it before anything else
     pdl = pdl_launch(x.device) if cfg.get("PDL", False) and uses_gpu_clock(x.device) else {"PDL": False}
-    _linear_allreduce_kernel[(n_total,)](
+    put = ws.transport == "put" and ws.rounds > 0 and finish
+    launch = _linear_allreduce_kernel[(n_total,)]
+    if put and uses_gpu_clock(x.device):
+        from fusedlis.comm.device import launch_nvshmem_kernel
+
+        launch = functools.partial(launch_nvshmem_kernel, _linear_allreduce_kernel, (n_total,))
+    launch(
         x, w, out, res_out if res_out is not None else out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else out, ws.table, ws.seq, ws.err,
         M, N, K, k_per_split, x.stride(0), w.stride(0), ws.local_rank, N // L, ws.layout.mn_cap,
@@ -877,7 +950,7 @@ def _launch(x, w, out, res_out, residual, norm_weight, ws, cfg, part_dtype, eps,
         NC_P2=_pow2(nc), DO_GEMM=gemm, DO_FINISH=finish, W_BEGIN=w_begin, W_END=w_end,
         FENCE=uses_gpu_clock(x.device), BUMP=bump,
         PF_LINES=int(cfg.get("PF_LINES", 0)) if pdl["PDL"] and gemm else 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PUT=put, **pdl,
     )
 
 

@@ -20,13 +20,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import fusedlis  # noqa: E402
 from tests.engine_check import check_against_reference  # noqa: E402
 
-def modes(world: int) -> list[tuple[str, str | None]]:
-    """(allreduce mode, FUSEDLIS_GPUS_PER_NODE or None for one node) pairs to check at this world size."""
-    out = [("nccl", None), ("auto", None), ("one_shot", None), ("two_shot", None), ("nvrar", "1"), ("fused", None),
-           ("fused", "1")]
+def modes(world: int) -> list[tuple[str, str | None, str]]:
+    """(allreduce mode, FUSEDLIS_GPUS_PER_NODE or None for one node, FUSEDLIS_FUSED_TRANSPORT) to check at this
+    world size. "put": the fused kernel's inter-node rounds as NVSHMEM puts (the transport between hosts)."""
+    from fusedlis.comm.symmetric import nvshmem_available
+
+    out = [("nccl", None, "auto"), ("auto", None, "auto"), ("one_shot", None, "auto"), ("two_shot", None, "auto"),
+           ("nvrar", "1", "auto"), ("fused", None, "auto"), ("fused", "1", "auto")]
+    if nvshmem_available():
+        out.append(("fused", "1", "put"))
     if world >= 4 and world % 2 == 0:
         half = str(world // 2)
-        out += [("nvrar", half), ("auto", half), ("fused", half)]
+        out += [("nvrar", half, "auto"), ("auto", half, "auto"), ("fused", half, "auto")]
+        if nvshmem_available():
+            out.append(("fused", half, "put"))
     return out
 
 
@@ -34,15 +41,18 @@ def main() -> int:
     ckpt, out_json = sys.argv[1], sys.argv[2]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     results, failed = [], False
-    for mode, gpn in modes(world):
+    for mode, gpn, transport in modes(world):
         if gpn:
             os.environ["FUSEDLIS_GPUS_PER_NODE"] = gpn
         else:
             os.environ.pop("FUSEDLIS_GPUS_PER_NODE", None)
-        entry = {"allreduce": mode, "gpus_per_node": int(gpn or world)}
+        os.environ["FUSEDLIS_FUSED_TRANSPORT"] = transport
+        entry = {"allreduce": mode, "gpus_per_node": int(gpn or world), "transport": transport}
         try:
             eng = fusedlis.Engine.from_pretrained(ckpt, device="cuda", max_batch_size=4, max_seq_len=256,
                                                   allreduce=mode, progress=False)
+            ws = getattr(getattr(eng.model.tp, "row_linear", None), "workspace", None)
+            entry["fused_transport"] = getattr(ws, "transport", None)  # what the fused kernel really ran
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(0, eng.config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 1)]
             res = eng.generate(prompts, max_new_tokens=32, stop_at_eos=False)
