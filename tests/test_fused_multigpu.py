@@ -13,6 +13,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -89,9 +90,12 @@ def main() -> int:  # noqa: C901 - one linear script of checks
     failures = 0
     worst = 0.0
     # (K per rank, N): Llama-3.1-8B o_proj / down_proj at TP=2, and a small odd one.
+    t0 = time.time()
     for K, N in ((2048, 4096), (7168, 4096), (320, 512)):
         w = (torch.randn(N, K, device=dev, dtype=dt, generator=gen) / K ** 0.5).contiguous()
         for M in (1, 5, 37, 64, 128):
+            if rank == 0:  # progress: a new config compiles first (seconds with NVSHMEM linked in)
+                print(f"{tag} K={K} N={N} M={M} ({time.time() - t0:.0f} s)", flush=True)
             for one_shot in (True, False):
                 for mode in ("plain", "res", "norm"):
                     x = torch.randn(M, K, device=dev, dtype=dt, generator=gen)
