@@ -2,7 +2,8 @@
 # One 2xH200 device call for the fused GEMM + all-reduce's NVSHMEM put-with-signal inter-node rounds (the transport
 # between hosts), run over NVLink as 2 logical nodes x 1 GPU, next to the peer-store rounds. From the repo root:
 #     OUT=dir bash bench/gpu_put.sh          (PARTS=X,F,E,D,L by default; BUDGET_S=560)
-# X: tests/test_fused_multigpu.py 2x1 with --transport put (10,000 graph replays), then ptr 2x1 and 1x2 (1,000)
+# X: tests/test_fused_multigpu.py 2x1 with --transport put (M 1,5,37: ~5 s a compile with NVSHMEM linked in; 10,000
+#    graph replays), then ptr 2x1 and 1x2 (1,000); X1: the put test alone
 # F: bench/fused.py --gpus-per-node 1 --put: cuBLAS + NCCL, fused (peer stores), fused (puts), four TP=2 shapes
 # E: tests/test_engine_multigpu.py -k tp2 (every allreduce mode, fused with FUSEDLIS_FUSED_TRANSPORT=put included)
 # D: decode 8B TP=2: fused (1 node), fused-ln (2 logical nodes, peer stores), fused-ln-put (2 logical nodes, puts)
@@ -31,12 +32,12 @@ step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.lo
   echo "commit ${FUSEDLIS_SOURCE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   python3 -c "import torch, triton; from fusedlis.comm.symmetric import nvshmem_available as a; \
 print('torch', torch.__version__, 'triton', triton.__version__, 'nvshmem', a())"
-  if want X; then
-    TAIL=8 FUSEDLIS_COMM_TIMEOUT_S=5 step fused_put_2x1 170 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py \
-      --gpus-per-node 1 --transport put --replays 10000
-    TAIL=6 step fused_ptr_2x1 80 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 1 \
+  if want X || want X1; then
+    TAIL=8 FUSEDLIS_COMM_TIMEOUT_S=5 step fused_put_2x1 ${XP_CAP:-300} torchrun --nproc-per-node 2 \
+      tests/test_fused_multigpu.py --gpus-per-node 1 --transport put --replays 10000 --ms "${XP_MS:-1,5,37}"
+    want X && TAIL=6 step fused_ptr_2x1 80 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 1 \
       --replays 1000
-    TAIL=6 step fused_ptr_1x2 80 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 2 \
+    want X && TAIL=6 step fused_ptr_1x2 80 torchrun --nproc-per-node 2 tests/test_fused_multigpu.py --gpus-per-node 2 \
       --replays 1000
   fi
   want F && TAIL=70 step fused_bench 170 torchrun --nproc-per-node 2 bench/fused.py --out "$R" --gpus-per-node 1 --put \
