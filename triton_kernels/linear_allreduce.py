@@ -20,10 +20,10 @@ so consecutive calls (any layer, any shape within the workspace's capacity) reus
 sync; the whole call is CUDA-graph capturable. Every spin is bounded; a timeout sets an error word that
 `FusedAllReduceWorkspace.check()` turns into `CommTimeoutError` naming rank, step and stage.
 
-Caveats: the number of logical nodes must be a power of two; peers must be reachable by pointer (NVLink
-inside a host, which includes "logical nodes" carved out of one host). A real cross-host transport
-(NVSHMEM put-with-signal over IB/Slingshot) is not wired in yet. Do not run two calls on one workspace
-concurrently on different streams.
+Caveats: the number of logical nodes must be a power of two; the GPUs of a node must reach each other by
+pointer (NVLink). Rail partners on another host are reached by NVSHMEM put-with-signal (workspace
+`transport="put"`, from an NVSHMEM `SymmetricWorkspace`); not run on a real multi-host fabric here. Do not run
+two calls on one workspace concurrently on different streams.
 """
 
 from __future__ import annotations
