@@ -182,34 +182,62 @@ def test_help_everywhere(cmd):
     assert "usage:" in r.stdout and "unavailable" not in r.stdout
 
 
-def test_fused_mode_declines_across_hosts(monkeypatch):
-    """allreduce='fused' on ranks of several hosts: no fused hook (peer stores need one host) and a warning, so the
-    row-parallel layers keep the communicator and no workspace is allocated; on one host the hook is built."""
-    import fusedlis.engine as eng
-
-    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a", "node-a", "node-b", "node-b"])
-    with pytest.warns(RuntimeWarning, match="spans 2 hosts"):
-        assert eng._fused_row_linear(object(), 8) is None
-    built = []
-
-    class FakeWS:
-        @staticmethod
-        def from_torch_symm(max_m, hidden):
-            built.append((max_m, hidden))
-            return "ws"
-
+def test_fused_mode_across_hosts(monkeypatch):
+    """allreduce='fused' on ranks of several hosts: without NVSHMEM no fused hook and a warning (the row-parallel
+    layers keep the communicator); with NVSHMEM an NVSHMEM workspace whose inter-node rounds are puts. On one host
+    the hook uses torch symmetric memory unless FUSEDLIS_FUSED_TRANSPORT=put."""
     import importlib
 
-    la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
-    monkeypatch.setattr(la, "FusedAllReduceWorkspace", FakeWS)
-    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a"] * 4)
+    import fusedlis.comm.symmetric as symmetric
+    import fusedlis.engine as eng
 
     class Model:
         class config:
             hidden_size = 64
 
+    built = []
+
+    class FakeWS:
+        @staticmethod
+        def from_torch_symm(max_m, hidden):
+            built.append(("torch", max_m, hidden))
+            return "ws-torch"
+
+        @staticmethod
+        def from_symmetric(sw, max_m, hidden, transport):
+            built.append(("nvshmem", max_m, hidden, transport, sw.provider))
+            return "ws-nvshmem"
+
+    class FakeSymmetric:
+        def __init__(self, nbytes, flag_words, topology, provider):
+            assert nbytes > 0 and topology.world_size == 4
+            self.provider = provider
+
+    la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
+    comm = importlib.import_module("fusedlis.comm")
+    monkeypatch.setattr(la, "FusedAllReduceWorkspace", FakeWS)
+    monkeypatch.setattr(comm, "SymmetricWorkspace", FakeSymmetric)
+    monkeypatch.setattr("torch.distributed.get_world_size", lambda *a: 4)
+    monkeypatch.delenv("FUSEDLIS_FUSED_TRANSPORT", raising=False)
+    monkeypatch.setenv("FUSEDLIS_GPUS_PER_NODE", "2")
+
+    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a", "node-a", "node-b", "node-b"])
+    monkeypatch.setattr(symmetric, "nvshmem_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="across 2 hosts needs NVSHMEM"):
+        assert eng._fused_row_linear(Model(), 8) is None
+    assert built == []
+    monkeypatch.setattr(symmetric, "nvshmem_available", lambda: True)
     hook = eng._fused_row_linear(Model(), 8)
-    assert callable(hook) and hook.workspace == "ws" and built == [(8, 64)]
+    assert hook.workspace == "ws-nvshmem" and built == [("nvshmem", 8, 64, "auto", "nvshmem")]
+
+    built.clear()
+    monkeypatch.setattr(eng, "_hosts", lambda: ["node-a"] * 4)
+    assert eng._fused_row_linear(Model(), 8).workspace == "ws-torch" and built == [("torch", 8, 64)]
+    monkeypatch.setenv("FUSEDLIS_FUSED_TRANSPORT", "put")
+    assert eng._fused_row_linear(Model(), 8).workspace == "ws-nvshmem" and built[-1][3] == "put"
+    monkeypatch.setattr(symmetric, "nvshmem_available", lambda: False)
+    with pytest.raises(RuntimeError, match="FUSEDLIS_FUSED_TRANSPORT=put needs NVSHMEM"):
+        eng._fused_row_linear(Model(), 8)
 
 
 def test_fused_hook_declines_where_unfused_measured_faster(monkeypatch):
