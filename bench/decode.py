@@ -51,18 +51,34 @@ WARMUP = 3
 
 # ---- floor ------------------------------------------------------------------------------------------------
 def hbm_read_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 10) -> float:
-    """Memory read bandwidth (bytes/s): median time of an fp32-accumulated sum over `nbytes` of bf16.
+    """Memory read bandwidth (bytes/s): the best median time over `nbytes` of bf16 of an fp32-accumulated
+    torch sum and, on GPUs, of a few configs of bench/launch_floor.py's flat Triton read kernel.
 
     A read probe, not a copy: decode streams weights in and writes almost nothing, and a copy's read + write
     traffic (or a copy-engine memcpy inside a graph) measures something else.
     """
     a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    for _ in range(3):
-        a.sum(dtype=torch.float32)
-    ts = [timed_ms(lambda: a.sum(dtype=torch.float32), device) for _ in range(reps)]
+    probes = {"torch.sum": lambda: a.sum(dtype=torch.float32)}
+    if device.type == "cuda":
+        # torch's reduction read 4.13 TB/s on an H200 where this flat Triton read of the step's weights reached
+        # 4.70 (bench/launch_floor.py, 2026-11-22): the floor is the best read measured, not one probe's
+        try:
+            import launch_floor as lf
+
+            out = torch.empty(lf.read_programs(a.numel(), lf.ReadConfig(2048, 1, 4)), dtype=torch.float32,
+                              device=device)
+            for cfg in (lf.ReadConfig(4096, 8, 4), lf.ReadConfig(4096, 1, 8), lf.ReadConfig(2048, 8, 8)):
+                probes[f"triton read {cfg}"] = lambda cfg=cfg: lf.read(a, out, cfg)
+        except Exception as e:  # noqa: BLE001 - the torch probe still gives a floor
+            print(f"Triton read probe unavailable ({type(e).__name__}: {e}); floor from torch.sum", file=sys.stderr)
+    best = float("inf")
+    for fn in probes.values():
+        for _ in range(3):
+            fn()
+        best = min(best, statistics.median(timed_ms(fn, device) for _ in range(reps)))
     del a
     free_memory()
-    return nbytes / (statistics.median(ts) / 1e3)
+    return nbytes / (best / 1e3)
 
 
 def weight_bytes_per_gpu(cfg: LlamaConfig, tp: int) -> int:
