@@ -228,6 +228,72 @@ def tune_read(buf: torch.Tensor, layout: list[View], out: torch.Tensor, budget_s
 
 
 # ----------------------------------------------------------------------------------------------------
+# Flat-row GEMV (experiment): M = 1, each program owns R whole rows of W and streams them like the read kernel
+
+
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, N, K, R: tl.constexpr, BK: tl.constexpr):
+    """y[0, n] = sum_k x[0, k] * w[n, k] for the R rows n of program p: its [R, BK] weight tiles are R*BK
+    contiguous elements when BK >= K (whole rows), so the weight stream is as flat as the read kernel's."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    rmask = rows < N
+    acc = tl.zeros([R, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+class RowsConfig(NamedTuple):
+    rows: int
+    block_k: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"R{self.rows}xK{self.block_k}w{self.num_warps}"
+
+
+ROWS_CANDIDATES = [RowsConfig(r, k, w) for r, k in ((1, 4096), (2, 2048), (2, 4096), (4, 1024), (4, 2048),
+                                                     (8, 512), (8, 1024), (16, 512)) for w in (4, 8)]
+
+
+def gemv_rows(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: RowsConfig) -> torch.Tensor:
+    """y[1, N] = x[1, K] @ w[N, K].T with `_gemv_rows_kernel` (contiguous inputs; fp32 accumulation)."""
+    if x.shape[0] != 1 or not (x.is_contiguous() and w.is_contiguous() and y.is_contiguous()):
+        raise ValueError("gemv_rows: x [1, K], w [N, K], y [1, N], all contiguous")
+    n, k = w.shape
+    _gemv_rows_kernel[(triton.cdiv(n, cfg.rows),)](x, w, y, n, k, R=cfg.rows, BK=cfg.block_k,
+                                                   num_warps=cfg.num_warps)
+    return y
+
+
+def tune_gemv_rows(buf: torch.Tensor, layout: list[View], budget_s: float) -> tuple[dict, list[str]]:
+    """Best RowsConfig per distinct (N, K) of the layout, by do_bench medians within `budget_s`."""
+    from triton.testing import do_bench
+
+    t0 = time.perf_counter()
+    best, log = {}, []
+    for v in {(v.n, v.k): v for v in layout}.values():
+        w = buf[v.offset:v.offset + v.numel].view(v.n, v.k)
+        x = torch.randn(1, v.k, dtype=buf.dtype, device=buf.device)
+        y = torch.empty(1, v.n, dtype=buf.dtype, device=buf.device)
+        ms = {}
+        for cfg in ROWS_CANDIDATES:
+            if time.perf_counter() - t0 > budget_s:
+                break
+            ms[cfg] = do_bench(lambda cfg=cfg: gemv_rows(x, w, y, cfg), warmup=5, rep=20, return_mode="median")
+        best[(v.n, v.k)] = min(ms, key=ms.get) if ms else RowsConfig(4, 1024, 4)
+        timed = ", ".join(f"{c}={t * 1e3:.1f}us" for c, t in sorted(ms.items(), key=lambda ct: ct[1])[:3])
+        log.append(f"gemv_rows [{v.n},{v.k}]: {best[(v.n, v.k)]}  (best timed: {timed})")
+    log.append(f"gemv_rows tuning took {time.perf_counter() - t0:.1f} s")
+    return best, log
+
+
+# ----------------------------------------------------------------------------------------------------
 # Variants
 
 
@@ -261,7 +327,7 @@ def _linear_configs(layout: list[View], x_dtype: torch.dtype, device: torch.devi
 
 
 def build_variants(buf: torch.Tensor, layout: list[View], read_cfg: Callable[[int], ReadConfig],
-                   want: list[str]) -> tuple[list[Variant], list[str]]:
+                   want: list[str], rows_cfg: dict | None = None) -> tuple[list[Variant], list[str]]:
     """The variants named in `want` (those that can be built here) over `buf`, and notes on what was skipped
     or how `linear` resolved its configs."""
     dev = buf.device
@@ -306,6 +372,11 @@ def build_variants(buf: torch.Tensor, layout: list[View], read_cfg: Callable[[in
         out.append(read_variant(f"read_gemm_{len(layout)}", "weight"))
     if "cublas_129" in want:
         out.append(gemm_variant(f"cublas_{len(layout)}", lambda x, w, y: torch.mm(x, w.t(), out=y)))
+    if "gemv_rows_129" in want:
+        rc = rows_cfg or {}
+        desc = "; ".join(f"[{n},{k}] {c}" for (n, k), c in rc.items())
+        out.append(gemm_variant(f"gemv_rows_{len(layout)}", lambda x, w, y: gemv_rows(
+            x, w, y, rc.get((w.shape[0], w.shape[1]), RowsConfig(4, 1024, 4))), desc))
     if "linear_129" in want or "linear_triton_129" in want:
         try:
             from fusedlis.triton_kernels.linear import linear, linear_default_config, linear_key, _num_sms
@@ -442,7 +513,12 @@ def run(args) -> tuple[list[dict], list[str]]:
     log += tlog
     print("\n".join(tlog), flush=True)
 
-    variants, notes = build_variants(buf, layout, lambda k: best.get(k, DEFAULT_READ), args.variants)
+    rows_best = {}
+    if "gemv_rows_129" in args.variants:
+        rows_best, rlog = tune_gemv_rows(buf, layout, max(args.tune_s, 5.0))
+        log += rlog
+        print("\n".join(rlog), flush=True)
+    variants, notes = build_variants(buf, layout, lambda k: best.get(k, DEFAULT_READ), args.variants, rows_best)
     log += notes
     print("\n".join(notes), flush=True)
     graphs = {}
@@ -509,7 +585,7 @@ def summarize(rows: list[dict], nbytes: int) -> list[str]:
         lines.append(f"kernel boundaries alone: {gemm_read['variant']} - read_all_1 = {b * 1e3:.1f} us per step "
                      f"({b / floor * 100:.1f}% of the floor, {gemm_read['us_per_extra_launch']} us per boundary)")
     for r in rows:
-        if r["variant"].startswith(("cublas", "linear")):
+        if r["variant"].startswith(("cublas", "linear", "gemv")):
             above = r["ms_median"] - floor
             share = f"; boundaries explain {b / above * 100:.0f}% of it" if gemm_read and above > 0 else ""
             lines.append(f"{r['variant']}: {above * 1e3:.1f} us above the floor "
@@ -592,7 +668,8 @@ def smoke() -> None:
 
 
 def main(argv=None) -> None:
-    all_variants = ["read_all_1", "read_layer_33", "read_gemm_129", "cublas_129", "linear_129", "linear_triton_129"]
+    all_variants = ["read_all_1", "read_layer_33", "read_gemm_129", "cublas_129", "linear_129", "linear_triton_129",
+                    "gemv_rows_129"]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/results", help="folder of the CSV, PNG and summary")
     p.add_argument("--layers", type=int, default=32, help="layers of the model (fewer for quick checks)")

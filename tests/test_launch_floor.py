@@ -81,3 +81,19 @@ def test_layout_refuses_bad_arguments():
         lf.weight_layout(1, shrink=3)
     with pytest.raises(ValueError):
         lf.read_spans(lf.weight_layout(1), "row")
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.float16]),
+       cfg=st.sampled_from([lf.RowsConfig(1, 64, 1), lf.RowsConfig(4, 32, 2), lf.RowsConfig(8, 128, 4)]),
+       seed=st.integers(0, 2**31 - 1))
+def test_gemv_rows_matches_float64(n, k, dtype, cfg, seed):
+    """The flat-row GEMV experiment: odd N and K (ragged row blocks and K tiles), NaN-poisoned output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    y = torch.full((1, n), float("nan"), dtype=dtype)
+    lf.gemv_rows(x, w, y, cfg)
+    ref = x.double() @ w.double().T
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert not y.isnan().any() and err <= {torch.float32: 1e-5, torch.float16: 2e-3}[dtype], (n, k, cfg, err)
