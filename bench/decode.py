@@ -210,7 +210,9 @@ EXPERIMENTS = {"-rope": ("FUSEDLIS_FUSE_ROPE", "1", "1"), "-norope": ("FUSEDLIS_
                # one GPU per logical node (the inter-node path over NVLink); None: leave the mode's own split alone
                "-ln": ("FUSEDLIS_GPUS_PER_NODE", "1", None),
                # the fused kernel's inter-node rounds as NVSHMEM puts with signal (the transport between hosts)
-               "-put": ("FUSEDLIS_FUSED_TRANSPORT", "put", "auto")}
+               "-put": ("FUSEDLIS_FUSED_TRANSPORT", "put", "auto"),
+               # M = 1 GEMMs through the tiled kernel / lookup instead of the flat-row GEMV
+               "-norows": ("FUSEDLIS_LINEAR_ROWS", "0", "1")}
 
 
 def split_variant(mode: str) -> tuple[str, str]:

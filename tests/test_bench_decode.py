@@ -67,7 +67,8 @@ def test_variants():
         "nccl-lpdl", "auto-unfusednorm-rope"]
     assert decode.experiment_env("nccl") == {"FUSEDLIS_FUSE_ROPE": "1", "FUSEDLIS_LINEAR_PDL": "",
                                              "FUSEDLIS_FUSED_PDL": "0", "FUSEDLIS_ATTN_ONE_LAUNCH": "0",
-                                             "FUSEDLIS_ATTN_MAX_SPLITS": "", "FUSEDLIS_FUSED_TRANSPORT": "auto"}
+                                             "FUSEDLIS_ATTN_MAX_SPLITS": "", "FUSEDLIS_FUSED_TRANSPORT": "auto",
+                                             "FUSEDLIS_LINEAR_ROWS": "1"}
     # "-ln": one GPU per logical node; absent, the mode's own split is left alone (no FUSEDLIS_GPUS_PER_NODE)
     assert decode.split_variant("fused-ln-put") == ("fused", "-ln-put")
     assert decode.experiment_env("fused-ln-put")["FUSEDLIS_GPUS_PER_NODE"] == "1"

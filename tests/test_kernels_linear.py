@@ -204,3 +204,42 @@ def test_linear_pdl_experiment_knob(monkeypatch):
     y = linear(x, w, config=cfg)
     ref = linear_ref(x.double(), w.double())
     assert float((y.double() - ref).norm() / ref.norm()) <= 1e-5
+
+
+@given(N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.float16]),
+       act=st.sampled_from([None, "swiglu"]), res=st.booleans(), rows=st.sampled_from([1, 2, 4]),
+       bk=st.sampled_from([16, 64, 256]), seed=st.integers(0, 2**16))
+def test_linear_rows_backend(N, K, dtype, act, res, rows, bk, seed):
+    """The flat-row GEMV (M = 1): ragged row blocks and K steps, SwiGLU and residual epilogues."""
+    cfg = {"backend": "rows", "ROWS": rows, "BLOCK_K": bk, "num_warps": 2}
+    N = 2 * N if act else N
+    assert run_case(1, N, K, dtype, act, res and act is None, cfg, device="cpu", seed=seed) < TOL[dtype]
+
+
+def test_linear_rows_dispatch(monkeypatch):
+    """GPU M = 1 takes the rows config first (FUSEDLIS_LINEAR_ROWS=0: the lookup); other M and CPU never do."""
+    from fusedlis.triton_kernels import linear as lin_mod
+
+    lin = importlib.import_module("fusedlis.triton_kernels.linear")
+    x1 = torch.empty(1, 64)
+    assert not lin._rows_enabled(x1)  # CPU
+    fake = type("T", (), {"shape": (1, 64), "device": torch.device("cuda", 0)})()
+    assert lin._rows_enabled(fake)
+    monkeypatch.setenv("FUSEDLIS_LINEAR_ROWS", "0")
+    assert not lin._rows_enabled(fake)
+    fake.shape = (2, 64)
+    monkeypatch.delenv("FUSEDLIS_LINEAR_ROWS")
+    assert not lin._rows_enabled(fake)
+    assert lin.rows_config(4096) == {"backend": "rows", "ROWS": 2, "BLOCK_K": 2048, "num_warps": 8}
+    assert lin.rows_config(7168)["BLOCK_K"] == 4096 and lin.rows_config(4096, "swiglu")["ROWS"] == 1
+    del lin_mod
+    with pytest.raises(ValueError, match="M = 1"):
+        linear(torch.randn(2, 8), torch.randn(4, 8), config={"backend": "rows"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(3072, 4096), (4096, 2048), (4096, 7168), (14336, 4096), (4100, 1000)])
+def test_linear_gpu_bf16_rows_m1(N, K):
+    """M = 1 on a GPU runs the flat-row GEMV by default (the decode step's shapes and a ragged one)."""
+    assert run_case(1, N, K, torch.bfloat16, None, False, None, device="cuda", seed=N) < 1e-2
+    assert run_case(1, N, K, torch.bfloat16, "swiglu", False, None, device="cuda", seed=K) < 1e-2
