@@ -13,17 +13,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1
 START=$(date +%s); BUDGET_S=${BUDGET_S:-560}; PARTS=${PARTS:-X,F,E,D,L}; DTAG=${DTAG:-8b-put}
 OUTD=${OUT:-/tmp/gpu_put_out}; mkdir -p "$OUTD"; R=$(mktemp -d); LOG="$OUTD/gpu_put_log.txt"
-want() { [[ ",$PARTS," == *",$1,"* ]]; }
-step() {  # step NAME CAP CMD...: timeout min(CAP, time left), log to $R/NAME.log, tail to stdout
-  local name=$1 cap=$2 t; shift 2
-  t=$(( BUDGET_S - 15 - ($(date +%s) - START) )); (( t > cap )) && t=$cap
-  if (( t < 25 )); then echo "== $name: skipped (${t}s left)"; return 125; fi
-  echo "== $name (timeout ${t}s): $*"; local t0=$(date +%s)
-  timeout -k 10 "$t" "$@" >"$R/$name.log" 2>&1; local rc=$?
-  grep -v -E "Warning|warn\(|_warn_once|^W[0-9]{4} |\*{20}|OMP_NUM_THREADS|it/s\]|s/it\]" "$R/$name.log" \
-    | tail -n "${TAIL:-30}" | cut -c1-240
-  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"; return $rc
-}
+. "$(dirname "$0")/_gpu_step.sh"  # want, step
 {
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
