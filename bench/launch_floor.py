@@ -8,8 +8,10 @@ of it, so every variant reads exactly the same bytes. Each variant is one CUDA g
 - `read_layer_33`: one read kernel per layer (its 4 weights are contiguous) + one for lm_head;
 - `read_gemm_129`: one read kernel per weight;
 - `cublas_129`: `torch.mm(x, W.t(), out=y)` per weight, x [1, K] bf16;
-- `linear_129`: fusedlis `linear(x, W, out=y)` per weight (its own config lookup: it dispatches to cuBLAS where
-  the measured table says so, e.g. o_proj on H200);
+- `linear_129`: fusedlis `linear(x, W, out=y)` per weight as it dispatches: on GPUs at M = 1 its flat-row GEMV
+  (since commit f7fe3e3; the committed `launch_floor_NVIDIA-H200_…` run predates it); with FUSEDLIS_LINEAR_ROWS=0
+  its config lookup (cuBLAS where the measured table says so, e.g. o_proj on H200, else the tiled kernel);
+- `gemv_rows_129`: that flat-row GEMV with R, BLOCK_K and warps swept per shape here;
 - `linear_triton_129`: the same with the Triton kernel forced where that lookup says cuBLAS (only when it does).
 
 Timing: 3 warm-up replays, then 15 replays queued back to back, each between two CUDA events (the GPU time of a
@@ -228,24 +230,8 @@ def tune_read(buf: torch.Tensor, layout: list[View], out: torch.Tensor, budget_s
 
 
 # ----------------------------------------------------------------------------------------------------
-# Flat-row GEMV (experiment): M = 1, each program owns R whole rows of W and streams them like the read kernel
-
-
-@triton.jit
-def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, N, K, R: tl.constexpr, BK: tl.constexpr):
-    """y[0, n] = sum_k x[0, k] * w[n, k] for the R rows n of program p: its [R, BK] weight tiles are R*BK
-    contiguous elements when BK >= K (whole rows), so the weight stream is as flat as the read kernel's."""
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    rmask = rows < N
-    acc = tl.zeros([R, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rmask)
+# Flat-row GEMV (`linear`'s "rows" backend): M = 1, each program owns R whole rows of W and streams them like
+# the read kernel; swept here over R, BLOCK_K and warps
 
 
 class RowsConfig(NamedTuple):
@@ -262,13 +248,12 @@ ROWS_CANDIDATES = [RowsConfig(r, k, w) for r, k in ((1, 4096), (2, 2048), (2, 40
 
 
 def gemv_rows(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: RowsConfig) -> torch.Tensor:
-    """y[1, N] = x[1, K] @ w[N, K].T with `_gemv_rows_kernel` (contiguous inputs; fp32 accumulation)."""
-    if x.shape[0] != 1 or not (x.is_contiguous() and w.is_contiguous() and y.is_contiguous()):
-        raise ValueError("gemv_rows: x [1, K], w [N, K], y [1, N], all contiguous")
-    n, k = w.shape
-    _gemv_rows_kernel[(triton.cdiv(n, cfg.rows),)](x, w, y, n, k, R=cfg.rows, BK=cfg.block_k,
-                                                   num_warps=cfg.num_warps)
-    return y
+    """y[1, N] = x[1, K] @ w[N, K].T through `linear`'s flat-row GEMV (its "rows" backend) with this R, BLOCK_K
+    and warp count."""
+    from fusedlis.triton_kernels.linear import linear
+
+    return linear(x, w, out=y, config={"backend": "rows", "ROWS": cfg.rows, "BLOCK_K": cfg.block_k,
+                                       "num_warps": cfg.num_warps})
 
 
 def tune_gemv_rows(buf: torch.Tensor, layout: list[View], budget_s: float) -> tuple[dict, list[str]]:
@@ -309,11 +294,16 @@ class Variant:
 def _linear_configs(layout: list[View], x_dtype: torch.dtype, device: torch.device) -> dict:
     """{(N, K): (source, config)} as `linear` resolves it (tuning cache, measured table, default)."""
     from fusedlis import tuning
-    from fusedlis.triton_kernels.linear import _num_sms, linear_default_config, linear_key, measured_config
+    from fusedlis.triton_kernels.linear import (_num_sms, _rows_enabled, linear_default_config, linear_key,
+                                                measured_config, rows_config)
 
     res = {}
+    rows = _rows_enabled(torch.empty(1, 0, device=device))
     for v in layout:
         if (v.n, v.k) in res:
+            continue
+        if rows:  # what `linear` runs at M = 1 before any lookup
+            res[(v.n, v.k)] = ("rows", rows_config(v.k))
             continue
         key = linear_key(1, v.n, v.k, x_dtype, None, False)
         cfg, src = tuning.lookup("linear", key), "tuned"
@@ -408,6 +398,8 @@ def build_variants(buf: torch.Tensor, layout: list[View], read_cfg: Callable[[in
 def _fmt_cfg(c: dict) -> str:
     if c.get("backend") == "torch":
         return "cuBLAS"
+    if c.get("backend") == "rows":
+        return f"rows R{c['ROWS']} K{c['BLOCK_K']} w{c['num_warps']}"
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "SPLIT_K": "S", "num_warps": "w", "num_stages": "s"}
     head = "dot" if c.get("USE_DOT", True) else "gemv"
     return " ".join([head] + [f"{short.get(k, k)}{v}" for k, v in c.items() if k != "USE_DOT"])
