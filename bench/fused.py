@@ -261,14 +261,11 @@ def main() -> None:
     ws_scratch = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
     ws_put = None
     if args.put:
-        from fusedlis.comm import SymmetricWorkspace, Topology
-        from fusedlis.triton_kernels.linear_allreduce import _Layout
+        from fusedlis.comm import Topology
 
         topo = Topology(dist.get_world_size(), ws.local_size)
         if topo.num_nodes > 1:
-            sw = SymmetricWorkspace(_Layout(128, 8192, topo.gpus_per_node, ws.rounds).offsets()["total"] + 4096, 64,
-                                    topology=topo, provider="nvshmem")
-            ws_put = FusedAllReduceWorkspace.from_symmetric(sw, 128, 8192, transport="put")
+            ws_put = FusedAllReduceWorkspace.from_nvshmem(128, 8192, topology=topo, transport="put")
         elif rank == 0:
             print("--put: one node, no inter-node rounds to put; skipped", file=sys.stderr)
     symm_buf, group_name = None, dist.group.WORLD.group_name

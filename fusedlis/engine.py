@@ -137,11 +137,8 @@ def _fused_workspace(max_m: int, max_n: int, hosts: int):
     """The fused kernel's workspace: torch symmetric memory inside one host; across hosts (or with
     FUSEDLIS_FUSED_TRANSPORT=put) an NVSHMEM workspace whose inter-node rounds are puts with signal.
     None (with a warning) where neither can work."""
-    import torch.distributed as dist
-
-    from fusedlis.comm import SymmetricWorkspace, Topology
     from fusedlis.comm.symmetric import nvshmem_available, warn_once
-    from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace, _Layout
+    from fusedlis.triton_kernels.linear_allreduce import FusedAllReduceWorkspace
 
     transport = fused_transport()
     if hosts == 1 and transport != "put":
@@ -152,12 +149,8 @@ def _fused_workspace(max_m: int, max_n: int, hosts: int):
         warn_once(f"allreduce='fused' across {hosts} hosts needs NVSHMEM for the inter-node rounds, which is not "
                   "installed; the row-parallel layers use fusedlis' all-reduce (auto) instead")
         return None
-    topo = Topology(dist.get_world_size())
-    rounds = (topo.num_nodes - 1).bit_length()
-    sw = SymmetricWorkspace(_Layout(max_m, max_n, topo.gpus_per_node, rounds).offsets()["total"] + 4096, 64,
-                            topology=topo, provider="nvshmem")
     try:
-        ws = FusedAllReduceWorkspace.from_symmetric(sw, max_m, max_n, transport=transport)
+        ws = FusedAllReduceWorkspace.from_nvshmem(max_m, max_n, transport=transport)
     except NotImplementedError as e:  # e.g. a "node" of FUSEDLIS_GPUS_PER_NODE GPUs that spans two hosts
         warn_once(f"allreduce='fused': {e}; the row-parallel layers use fusedlis' all-reduce (auto) instead")
         return None

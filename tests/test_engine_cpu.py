@@ -215,6 +215,8 @@ def test_fused_mode_across_hosts(monkeypatch):
 
     la = importlib.import_module("fusedlis.triton_kernels.linear_allreduce")
     comm = importlib.import_module("fusedlis.comm")
+    # the real sizing and carving, on the fake symmetric workspace and the fake from_symmetric
+    FakeWS.from_nvshmem = classmethod(la.FusedAllReduceWorkspace.from_nvshmem.__func__)
     monkeypatch.setattr(la, "FusedAllReduceWorkspace", FakeWS)
     monkeypatch.setattr(comm, "SymmetricWorkspace", FakeSymmetric)
     monkeypatch.setattr("torch.distributed.get_world_size", lambda *a: 4)

@@ -76,14 +76,10 @@ def main() -> int:  # noqa: C901 - one linear script of checks
     dist.init_process_group("nccl")
     dev = torch.device("cuda", torch.cuda.current_device())
     if args.transport == "put":
-        from fusedlis.comm import SymmetricWorkspace, Topology
-        from fusedlis.triton_kernels.linear_allreduce import _Layout
+        from fusedlis.comm import Topology
 
-        topo = Topology(dist.get_world_size(), args.gpus_per_node)
-        rounds = (topo.num_nodes - 1).bit_length()
-        sw = SymmetricWorkspace(_Layout(128, 8192, topo.gpus_per_node, rounds).offsets()["total"] + 4096, 64,
-                                topology=topo, provider="nvshmem")
-        ws = FusedAllReduceWorkspace.from_symmetric(sw, 128, 8192, transport="put")
+        ws = FusedAllReduceWorkspace.from_nvshmem(128, 8192, topology=Topology(dist.get_world_size(),
+                                                                               args.gpus_per_node), transport="put")
     else:
         ws = FusedAllReduceWorkspace.from_torch_symm(128, 8192, gpus_per_node=args.gpus_per_node)
     tag = f"[rank {rank} {ws.num_nodes}x{ws.local_size} {ws.transport}]"

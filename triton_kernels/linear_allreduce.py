@@ -605,6 +605,20 @@ class FusedAllReduceWorkspace:
         return ws
 
     @classmethod
+    def from_nvshmem(cls, max_m: int, max_n: int, *, topology=None,
+                     transport: str = "auto") -> "FusedAllReduceWorkspace":
+        """Collective: an NVSHMEM `fusedlis.comm.SymmetricWorkspace` sized for this layout (topology: default
+        `Topology(world size)`), carved by `from_symmetric`. What runs across hosts (inter-node rounds as puts)."""
+        import torch.distributed as dist
+
+        from fusedlis.comm import SymmetricWorkspace, Topology
+
+        topo = topology or Topology(dist.get_world_size())
+        lay = _Layout(max_m, max_n, topo.gpus_per_node, int(math.log2(topo.num_nodes)))
+        sw = SymmetricWorkspace(lay.offsets()["total"] + 4096, 64, topology=topo, provider="nvshmem")
+        return cls.from_symmetric(sw, max_m, max_n, transport=transport)
+
+    @classmethod
     def from_symmetric(cls, sw, max_m: int, max_n: int, transport: str = "auto") -> "FusedAllReduceWorkspace":
         """Carve the buffers out of a `fusedlis.comm.SymmetricWorkspace` (collective on GPUs).
 
